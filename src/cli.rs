@@ -1,0 +1,97 @@
+//! The command line: one binary, one subcommand per driver.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::app::{Needs, build_ingestor};
+use crate::config::Settings;
+use crate::summary::samples::collect_samples;
+use crate::summary::{extract, parse_summary, wanted_samples};
+
+#[derive(Debug, Parser)]
+#[command(name = "k6-ingest", version, about = "Turns finished k6 load tests into rows in PostgreSQL")]
+pub struct Cli {
+    /// A TOML settings file; K6_INGEST__SECTION__KEY variables override it.
+    #[arg(long, global = true, env = "K6_INGEST_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded database migrations.
+    Migrate,
+    /// Print the k6_performance_runs columns extracted from one summary file, as JSON.
+    Extract {
+        /// summary.json (handleSummary data), a --summary-export file, or a
+        /// machine-readable summary; gzip is accepted.
+        file: PathBuf,
+        /// k6's exit code, which decides the status together with the thresholds.
+        #[arg(long, allow_hyphen_values = true)]
+        exit_code: Option<i32>,
+        /// Raw samples (`--out json`, .ndjson or .ndjson.gz) to fill missing percentiles.
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Print the detail rows (metrics, thresholds, checks) too.
+        #[arg(long)]
+        details: bool,
+    },
+    /// Ingest message.json files (or directories holding them) without a broker.
+    Replay {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Fetch and extract, but upload and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Runs ingested at once (default: ingest.concurrency).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+}
+
+/// Runs a command; the returned code is the process exit code.
+pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Migrate => {
+            let applied = crate::db::migrate(&settings.database).await?;
+            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { format!("{applied:?}") });
+            Ok(0)
+        }
+        Command::Extract { file, exit_code, metrics, details } => run_extract(&settings, &file, exit_code, metrics.as_deref(), details),
+        Command::Replay { paths, dry_run, concurrency } => {
+            let roots = paths
+                .iter()
+                .map(|p| {
+                    let dir = if p.is_file() { p.parent().map(PathBuf::from).unwrap_or_default() } else { p.clone() };
+                    std::fs::canonicalize(&dir).with_context(|| format!("Failed to open {}", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let needs = Needs { database: !dry_run, s3: !dry_run };
+            let ingestor = build_ingestor(&settings, needs, roots).await?;
+            let concurrency = concurrency.unwrap_or(settings.ingest.concurrency);
+            let rows = crate::replay::replay(&ingestor, &paths, dry_run, concurrency, settings.amqp.max_message_bytes).await?;
+            print!("{}", crate::replay::render_table(&rows));
+            Ok(if rows.iter().any(crate::replay::ReplayRow::failed) { 1 } else { 0 })
+        }
+    }
+}
+
+fn run_extract(settings: &Settings, file: &std::path::Path, exit_code: Option<i32>, metrics: Option<&std::path::Path>, details: bool) -> anyhow::Result<i32> {
+    let uri = file.display().to_string();
+    let bytes = crate::artifact::read_maybe_gzip(&uri, file, settings.fetch.max_summary_bytes, settings.fetch.max_inflated_bytes)?;
+    let summary = parse_summary(&bytes).with_context(|| format!("Failed to read {uri}"))?;
+    let samples = match metrics {
+        Some(path) => {
+            let reader = crate::artifact::open_lines(path).with_context(|| format!("Failed to open {}", path.display()))?;
+            Some(collect_samples(reader, &wanted_samples(&summary), settings.fetch.max_samples)?)
+        }
+        None => None,
+    };
+    let extraction = extract(&summary, exit_code, samples.as_ref());
+    let out = if details { serde_json::to_value(&extraction)? } else { serde_json::to_value(&extraction.columns)? };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}

@@ -1,0 +1,291 @@
+//! Settings: compiled-in defaults, then an optional TOML file (`--config`), then
+//! `K6_INGEST__<SECTION>__<KEY>` environment variables. Bad values fail at start with
+//! the name of the setting; secrets are `SecretString` so they never reach a log line.
+
+use std::path::PathBuf;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid setting {setting} ({env}): {reason}")]
+    Invalid { setting: &'static str, env: &'static str, reason: String },
+    #[error("missing setting {setting}: set {env} or `{setting}` in the config file")]
+    Missing { setting: &'static str, env: &'static str },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub s3: S3Settings,
+    pub fetch: FetchSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+    pub ingest: IngestSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: Option<SecretString>,
+    /// A direct (not pooled) connection for `migrate`: sqlx's migrator takes a
+    /// session-level advisory lock, which a transaction pooler would orphan.
+    pub migrate_url: Option<SecretString>,
+    pub max_connections: u32,
+    pub acquire_timeout_secs: u64,
+}
+
+impl DatabaseSettings {
+    pub fn url(&self) -> Result<&str, ConfigError> {
+        self.url
+            .as_ref()
+            .map(|s| s.expose_secret())
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::Missing { setting: "database.url", env: "K6_INGEST__DATABASE__URL" })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChecksumMode {
+    /// The SDK's default: CRC32 on every upload, validated on download.
+    WhenSupported,
+    /// Only where the API requires it; for stores without trailer-checksum support.
+    WhenRequired,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub bucket: Option<String>,
+    pub prefix: String,
+    pub region: String,
+    pub force_path_style: bool,
+    pub checksum: ChecksumMode,
+    /// Uploads larger than this use multipart.
+    pub multipart_threshold_bytes: u64,
+    /// Every part but the last has exactly this size (R2 requires equal parts).
+    pub part_size_bytes: u64,
+    /// A summary up to this size is inlined in `summary_json`; above it only its S3 URI is kept.
+    pub inline_summary_max_bytes: u64,
+    /// Where `submit` stages a runner's artifacts.
+    pub staging_prefix: String,
+}
+
+impl S3Settings {
+    pub fn bucket(&self) -> Result<&str, ConfigError> {
+        self.bucket
+            .as_deref()
+            .filter(|b| !b.is_empty())
+            .ok_or(ConfigError::Missing { setting: "s3.bucket", env: "K6_INGEST__S3__BUCKET" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FetchSettings {
+    /// Directories `file://` URIs may point into.
+    pub allowed_roots: Vec<PathBuf>,
+    /// Hosts `http(s)://` URIs may point at.
+    pub allowed_hosts: Vec<String>,
+    pub timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub max_summary_bytes: u64,
+    pub max_artifact_bytes: u64,
+    /// Cap on the inflated size of a gzip-compressed summary (zip bombs).
+    pub max_inflated_bytes: u64,
+    /// Cap on raw samples read from metrics.ndjson for percentiles.
+    pub max_samples: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    pub url: Option<SecretString>,
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub prefetch: u16,
+    pub declare: bool,
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub max_message_bytes: u64,
+}
+
+impl AmqpSettings {
+    pub fn url(&self) -> Result<&str, ConfigError> {
+        self.url
+            .as_ref()
+            .map(|s| s.expose_secret())
+            .filter(|s| !s.is_empty())
+            .ok_or(ConfigError::Missing { setting: "amqp.url", env: "K6_INGEST__AMQP__URL" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    pub bind: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    /// `None` picks pretty on a terminal and JSON lines otherwise.
+    pub format: Option<LogFormat>,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShutdownSettings {
+    pub grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IngestSettings {
+    /// Runs ingested at once by `replay`.
+    pub concurrency: usize,
+}
+
+const DEFAULTS: &str = r#"
+[database]
+max_connections = 10
+acquire_timeout_secs = 10
+
+[s3]
+prefix = "k6-runs"
+region = "us-east-1"
+force_path_style = false
+checksum = "when_supported"
+multipart_threshold_bytes = 16777216
+part_size_bytes = 16777216
+inline_summary_max_bytes = 1048576
+staging_prefix = "k6-staging"
+
+[fetch]
+allowed_roots = []
+allowed_hosts = []
+timeout_secs = 60
+connect_timeout_secs = 5
+max_summary_bytes = 67108864
+max_artifact_bytes = 10737418240
+max_inflated_bytes = 268435456
+max_samples = 20000000
+
+[amqp]
+exchange = "k6.runs"
+queue = "k6-ingest.run-completed"
+routing_key = "run.completed"
+prefetch = 8
+declare = true
+max_attempts = 5
+retry_base_ms = 1000
+retry_max_ms = 60000
+max_message_bytes = 1048576
+
+[http]
+bind = "127.0.0.1:8080"
+
+[log]
+level = "info"
+
+[shutdown]
+grace_secs = 25
+
+[ingest]
+concurrency = 4
+"#;
+
+impl Settings {
+    /// Loads settings from defaults, `file`, and the process environment.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path.to_path_buf()).format(FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("K6_INGEST")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("fetch.allowed_roots")
+                .with_list_parse_key("fetch.allowed_hosts"),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        const MIN_PART: u64 = 5 * 1024 * 1024;
+        if self.s3.part_size_bytes < MIN_PART || self.s3.part_size_bytes > 5 * 1024 * 1024 * 1024 {
+            return Err(ConfigError::Invalid {
+                setting: "s3.part_size_bytes",
+                env: "K6_INGEST__S3__PART_SIZE_BYTES",
+                reason: format!("{} is outside S3's part size limits (5 MiB to 5 GiB)", self.s3.part_size_bytes),
+            });
+        }
+        if self.s3.multipart_threshold_bytes < self.s3.part_size_bytes {
+            return Err(ConfigError::Invalid {
+                setting: "s3.multipart_threshold_bytes",
+                env: "K6_INGEST__S3__MULTIPART_THRESHOLD_BYTES",
+                reason: "must be at least s3.part_size_bytes".into(),
+            });
+        }
+        if let Some(endpoint) = &self.s3.endpoint {
+            if url::Url::parse(endpoint).is_err() {
+                return Err(ConfigError::Invalid {
+                    setting: "s3.endpoint",
+                    env: "K6_INGEST__S3__ENDPOINT",
+                    reason: format!("{endpoint:?} is not a URL"),
+                });
+            }
+        }
+        if self.s3.prefix.starts_with('/') || self.s3.prefix.ends_with('/') {
+            return Err(ConfigError::Invalid {
+                setting: "s3.prefix",
+                env: "K6_INGEST__S3__PREFIX",
+                reason: "must not start or end with '/'".into(),
+            });
+        }
+        if self.amqp.prefetch == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "amqp.prefetch",
+                env: "K6_INGEST__AMQP__PREFETCH",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.ingest.concurrency == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "ingest.concurrency",
+                env: "K6_INGEST__INGEST__CONCURRENCY",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                setting: "http.bind",
+                env: "K6_INGEST__HTTP__BIND",
+                reason: format!("{:?} is not an address like 0.0.0.0:8080", self.http.bind),
+            });
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::Invalid {
+                setting: "log.level",
+                env: "K6_INGEST__LOG__LEVEL",
+                reason: format!("{:?} is not a log filter such as info or k6_ingest=debug", self.log.level),
+            });
+        }
+        Ok(())
+    }
+}

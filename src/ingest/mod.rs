@@ -1,0 +1,397 @@
+//! `ingest_one`: the step every driver (consumer, replay, tests) calls for one run.
+//!
+//! fetch summary → (fetch other artifacts, read raw samples if they fill a gap) →
+//! extract (pure) → upload artifacts to S3 → one transaction. A run already stored is
+//! recognised before any artifact is touched, so redelivery costs one query.
+
+pub mod error;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+pub use error::{Disposition, IngestError};
+
+use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, open_lines};
+use crate::db::{self, NewRun, Stored};
+use crate::message::RunCompleted;
+use crate::s3::{ArtifactStore, content_type_for};
+use crate::summary::samples::{SampleSets, collect_samples};
+use crate::summary::parse::parse_summary_value;
+use crate::summary::{Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples};
+
+/// How a driver wants one run handled.
+#[derive(Debug, Clone, Default)]
+pub struct IngestContext {
+    /// The message file's directory (replay): relative artifact paths resolve here.
+    pub base_dir: Option<PathBuf>,
+    /// Fetch and extract, but upload and write nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ingested,
+    /// An earlier `error` record without a summary was replaced.
+    Replaced,
+    AlreadyPresent,
+    DryRun,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingested => "ingested",
+            Self::Replaced => "replaced",
+            Self::AlreadyPresent => "already present",
+            Self::DryRun => "dry run",
+        }
+    }
+}
+
+/// The headline numbers of a run, as the replay table and logs show them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunLine {
+    pub status: Option<String>,
+    pub p95_ms: Option<i64>,
+    /// Requests per second × 100.
+    pub request_rate: Option<i64>,
+    pub thresholds_total: Option<i32>,
+    pub thresholds_failed: Option<i32>,
+    pub checks_total: Option<i64>,
+    pub checks_passed: Option<i64>,
+}
+
+impl RunLine {
+    fn from_extraction(e: &Extraction) -> Self {
+        let c = &e.columns;
+        Self {
+            status: Some(c.status.as_str().to_string()),
+            p95_ms: c.p95_response_time_ms,
+            request_rate: c.request_rate,
+            thresholds_total: c.thresholds_total,
+            thresholds_failed: c.thresholds_failed,
+            checks_total: c.checks_total,
+            checks_passed: c.checks_passed,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestReport {
+    pub run_id: Uuid,
+    pub outcome: Outcome,
+    pub line: RunLine,
+    pub bytes_uploaded: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Everything `ingest_one` needs; cheap to clone (pools and clients are shared).
+#[derive(Clone)]
+pub struct Ingestor {
+    pool: Option<PgPool>,
+    store: Option<ArtifactStore>,
+    fetcher: Fetcher,
+    inline_summary_max: u64,
+}
+
+/// The summary after fetching and parsing, or why there is none.
+enum SummaryLoad {
+    Parsed { size: u64, doc: Value, summary: Box<Summary>, file_name: String, bytes: Vec<u8> },
+    Missing { reason: String },
+    Unreadable { reason: String, bytes: Vec<u8>, file_name: String },
+}
+
+/// k6 writes its summaries for these exit codes; a missing summary then is a fault of
+/// the pipeline, not of the test (SPEC section 6 and k6-formats §12).
+/// Without an exit code nothing says the summary may be missing, so it is expected.
+fn summary_expected(exit_code: Option<i32>) -> bool {
+    matches!(exit_code, None | Some(0 | 99 | 100 | 101 | 102 | 103 | 108 | 110))
+}
+
+impl Ingestor {
+    pub fn new(pool: Option<PgPool>, store: Option<ArtifactStore>, fetcher: Fetcher, inline_summary_max: u64) -> Self {
+        Self { pool, store, fetcher, inline_summary_max }
+    }
+
+    pub fn pool(&self) -> Option<&PgPool> {
+        self.pool.as_ref()
+    }
+
+    /// Ingests one run. `Ok` means the run is stored (now or before) or, in a dry run,
+    /// that it could be; `Err` says what went wrong and, through `disposition`, what to do.
+    #[tracing::instrument(name = "ingest", skip_all, fields(run.id = %msg.run_id, event.id = %msg.event_id,
+        organization.id = %msg.organization_id, project.id = %msg.project_id))]
+    pub async fn ingest_one(&self, msg: &RunCompleted, ctx: &IngestContext) -> Result<IngestReport, IngestError> {
+        let run_id = msg.run_id;
+        let store_err = |source| IngestError::Store { run_id, source };
+        let existing = match &self.pool {
+            Some(pool) => Some(db::existing(pool, run_id).await.map_err(|e| store_err(db::StoreError::Db(e)))?),
+            None => None,
+        };
+        if let Some(ex) = &existing {
+            ex.check_tenant(msg).map_err(store_err)?;
+            if ex.performance_has_summary == Some(true) {
+                return self.already_present(run_id).await;
+            }
+        }
+
+        let load = self.load_summary(msg, ctx).await?;
+        let has_summary = matches!(load, SummaryLoad::Parsed { .. });
+        if existing.as_ref().is_some_and(|ex| ex.is_final(has_summary)) {
+            return self.already_present(run_id).await;
+        }
+
+        let mut warnings: Vec<String> = Vec::new();
+        let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
+        for (role, uri) in [
+            ("logs", &msg.artifacts.logs),
+            ("report_html", &msg.artifacts.report_html),
+            ("metrics", &msg.artifacts.metrics),
+        ] {
+            let Some(uri) = uri.as_deref() else { continue };
+            match self.fetch_local(uri, ctx).await {
+                Ok((source, local)) => locals.push((role, uri.to_string(), source, local)),
+                Err(e) if e.is_transient() => return Err(IngestError::Fetch { run_id, artifact: role, source: e }),
+                Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
+            }
+        }
+
+        let samples = match &load {
+            SummaryLoad::Parsed { summary, .. } => {
+                let metrics_file = locals.iter().find(|l| l.0 == "metrics").map(|l| l.3.path.clone());
+                self.read_samples(summary, metrics_file, self.fetcher.settings().max_samples, &mut warnings).await
+            }
+            _ => None,
+        };
+
+        let (mut extraction, summary_reason) = match &load {
+            SummaryLoad::Parsed { summary, .. } => {
+                let summary = summary.clone();
+                let exit_code = msg.exit_code;
+                let extraction = tokio::task::spawn_blocking(move || extract(&summary, exit_code, samples.as_ref()))
+                    .await
+                    .map_err(|e| IngestError::Config { run_id, message: format!("extraction task failed: {e}") })?;
+                (extraction, None)
+            }
+            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => {
+                (extract_without_summary(msg.exit_code, reason), Some(reason.clone()))
+            }
+        };
+        extraction.columns.warnings.extend(warnings);
+
+        if ctx.dry_run {
+            let line = RunLine::from_extraction(&extraction);
+            return Ok(IngestReport { run_id, outcome: Outcome::DryRun, line, bytes_uploaded: 0, warnings: extraction.columns.warnings });
+        }
+
+        let Some(pool) = &self.pool else {
+            return Err(IngestError::Config { run_id, message: "no database configured (database.url)".into() });
+        };
+
+        // --- uploads: deterministic keys, so a retry overwrites ---
+        let mut bytes_uploaded = 0u64;
+        let mut artifact_paths = BTreeMap::<String, Value>::new();
+        let mut logs_s3_url = None;
+        let mut summary_json = None;
+        let mut summary_s3_url = None;
+        let mut taken_names: Vec<String> = Vec::new();
+        for (role, uri, source, local) in &locals {
+            let name = unique_name(&source.file_name(), role, &mut taken_names);
+            let uri_s3 = self.upload(msg, &name, local, &mut bytes_uploaded).await?;
+            if *role == "logs" {
+                logs_s3_url = Some(uri_s3.clone());
+            }
+            artifact_paths.insert((*role).to_string(), json!({"source": uri, "s3": uri_s3, "bytes": local.size}));
+        }
+        match load {
+            SummaryLoad::Parsed { size, doc, file_name, bytes, .. } => {
+                let source_uri = msg.artifacts.summary.clone().unwrap_or_default();
+                if size <= self.inline_summary_max {
+                    summary_json = Some(doc);
+                    artifact_paths.insert("summary".into(), json!({"source": source_uri, "inline": true, "bytes": size}));
+                } else {
+                    let name = unique_name(&file_name, "summary", &mut taken_names);
+                    let s3_uri = self.upload_bytes(msg, &name, bytes, &mut bytes_uploaded).await?;
+                    artifact_paths.insert("summary".into(), json!({"source": source_uri, "s3": s3_uri, "bytes": size}));
+                    summary_s3_url = Some(s3_uri);
+                }
+            }
+            SummaryLoad::Unreadable { bytes, file_name, .. } => {
+                // Keep the unreadable file where a person can look at it.
+                let name = unique_name(&file_name, "summary", &mut taken_names);
+                let s3_uri = self.upload_bytes(msg, &name, bytes, &mut bytes_uploaded).await?;
+                artifact_paths.insert("summary".into(), json!({"source": msg.artifacts.summary, "s3": s3_uri, "unreadable": true}));
+            }
+            SummaryLoad::Missing { .. } => {}
+        }
+
+        let duration_ms = extraction.columns.duration_ms.or_else(|| msg.wall_duration_ms());
+        let new = NewRun {
+            msg,
+            extraction: &extraction,
+            has_summary,
+            duration_ms,
+            artifact_paths: Value::Object(artifact_paths.into_iter().collect()),
+            logs_s3_url,
+            summary_json,
+            summary_s3_url,
+        };
+        let stored = db::store_run(pool, &new).await.map_err(store_err)?;
+        let outcome = match stored {
+            Stored::Inserted { .. } => Outcome::Ingested,
+            Stored::Replaced { .. } => Outcome::Replaced,
+            Stored::AlreadyPresent => return self.already_present(run_id).await,
+        };
+        tracing::info!(outcome = outcome.as_str(), status = extraction.columns.status.as_str(), bytes_uploaded, "run stored");
+        if let Some(reason) = summary_reason {
+            if summary_expected(msg.exit_code) {
+                return Err(IngestError::SummaryUnusable { run_id, reason });
+            }
+        }
+        Ok(IngestReport {
+            run_id,
+            outcome,
+            line: RunLine::from_extraction(&extraction),
+            bytes_uploaded,
+            warnings: extraction.columns.warnings.clone(),
+        })
+    }
+
+    async fn already_present(&self, run_id: Uuid) -> Result<IngestReport, IngestError> {
+        let line = match &self.pool {
+            Some(pool) => stored_line(pool, run_id).await.map_err(|e| IngestError::Store { run_id, source: e.into() })?,
+            None => RunLine::default(),
+        };
+        Ok(IngestReport { run_id, outcome: Outcome::AlreadyPresent, line, bytes_uploaded: 0, warnings: Vec::new() })
+    }
+
+    async fn fetch_local(&self, uri: &str, ctx: &IngestContext) -> Result<(Source, LocalArtifact), FetchError> {
+        let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
+        let local = self.fetcher.fetch_to_local(uri, &source, self.fetcher.settings().max_artifact_bytes).await?;
+        Ok((source, local))
+    }
+
+    async fn load_summary(&self, msg: &RunCompleted, ctx: &IngestContext) -> Result<SummaryLoad, IngestError> {
+        let run_id = msg.run_id;
+        let Some(uri) = msg.artifacts.summary.as_deref() else {
+            return Ok(SummaryLoad::Missing { reason: "the message names no summary artifact".into() });
+        };
+        let fetched = async {
+            let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
+            let bytes = self.fetcher.fetch_summary(uri, &source).await?;
+            Ok::<_, FetchError>((source, bytes))
+        }
+        .await;
+        let (source, bytes) = match fetched {
+            Ok(v) => v,
+            Err(e) if e.is_transient() => return Err(IngestError::Fetch { run_id, artifact: "summary", source: e }),
+            Err(e) => return Ok(SummaryLoad::Missing { reason: format!("summary unavailable: {e}") }),
+        };
+        let file_name = source.file_name();
+        let size = bytes.len() as u64;
+        let parsed = tokio::task::spawn_blocking(move || {
+            let result = serde_json::from_slice::<Value>(&bytes)
+                .map_err(|e| SummaryError::Json(e.to_string()))
+                .and_then(|doc| parse_summary_value(&doc).map(|s| (doc, s)));
+            (result, bytes)
+        })
+        .await
+        .map_err(|e| IngestError::Config { run_id, message: format!("summary parser task failed: {e}") })?;
+        match parsed {
+            (Ok((doc, summary)), bytes) => Ok(SummaryLoad::Parsed { size, doc, summary: Box::new(summary), file_name, bytes }),
+            (Err(e), bytes) => Ok(SummaryLoad::Unreadable { reason: format!("summary {uri}: {e}"), bytes, file_name }),
+        }
+    }
+
+    async fn read_samples(&self, summary: &Summary, metrics_file: Option<PathBuf>, max_samples: usize, warnings: &mut Vec<String>) -> Option<SampleSets> {
+        let requests = wanted_samples(summary);
+        let path = metrics_file?;
+        if requests.is_empty() {
+            return None;
+        }
+        let result = tokio::task::spawn_blocking(move || {
+            let reader = open_lines(&path)?;
+            collect_samples(reader, &requests, max_samples)
+        })
+        .await;
+        match result {
+            Ok(Ok(sets)) => {
+                if sets.bad_lines > 0 {
+                    warnings.push(format!("metrics samples: {} lines were not valid JSON and were skipped", sets.bad_lines));
+                }
+                if sets.truncated {
+                    warnings.push(format!("metrics samples: stopped at {max_samples} samples; percentiles not computed"));
+                }
+                Some(sets)
+            }
+            Ok(Err(e)) => {
+                warnings.push(format!("metrics samples unreadable: {e}"));
+                None
+            }
+            Err(e) => {
+                warnings.push(format!("metrics samples reader failed: {e}"));
+                None
+            }
+        }
+    }
+
+    fn store_for(&self, run_id: Uuid) -> Result<&ArtifactStore, IngestError> {
+        self.store
+            .as_ref()
+            .ok_or_else(|| IngestError::Config { run_id, message: "artifacts need S3, but s3.bucket is not set".into() })
+    }
+
+    async fn upload(&self, msg: &RunCompleted, name: &str, local: &LocalArtifact, total: &mut u64) -> Result<String, IngestError> {
+        let store = self.store_for(msg.run_id)?;
+        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
+        let n = store
+            .upload_file(&local.path, &key, content_type_for(name))
+            .await
+            .map_err(|source| IngestError::Upload { run_id: msg.run_id, source })?;
+        *total += n;
+        Ok(store.uri(&key))
+    }
+
+    async fn upload_bytes(&self, msg: &RunCompleted, name: &str, bytes: Vec<u8>, total: &mut u64) -> Result<String, IngestError> {
+        let store = self.store_for(msg.run_id)?;
+        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
+        let n = store
+            .upload_bytes(bytes, &key, content_type_for(name))
+            .await
+            .map_err(|source| IngestError::Upload { run_id: msg.run_id, source })?;
+        *total += n;
+        Ok(store.uri(&key))
+    }
+}
+
+/// A file name unique among this run's artifacts (two roles may share a source name).
+fn unique_name(name: &str, role: &str, taken: &mut Vec<String>) -> String {
+    let base = if name.is_empty() { role.to_string() } else { name.to_string() };
+    let name = if taken.contains(&base) { format!("{role}-{base}") } else { base };
+    taken.push(name.clone());
+    name
+}
+
+/// The headline numbers of a stored run.
+pub async fn stored_line(pool: &PgPool, run_id: Uuid) -> Result<RunLine, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT status, p95_response_time_ms, request_rate, thresholds_total, thresholds_failed, checks_total, \
+         checks_passed FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map_or_else(RunLine::default, |r| RunLine {
+        status: r.get(0),
+        p95_ms: r.get(1),
+        request_rate: r.get(2),
+        thresholds_total: r.get(3),
+        thresholds_failed: r.get(4),
+        checks_total: r.get(5),
+        checks_passed: r.get(6),
+    }))
+}

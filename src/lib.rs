@@ -1,0 +1,22 @@
+//! k6-ingest: turns finished k6 load tests into rows in PostgreSQL.
+//!
+//! - [`summary`]: pure parsing and extraction of k6 summaries;
+//! - [`message`]: the run-completed message (wire type);
+//! - [`config`]: settings from defaults, a file and `K6_INGEST__*` variables;
+//! - [`artifact`]: fetching artifacts from files, HTTP(S) and S3 with limits;
+//! - [`s3`]: streamed uploads under deterministic keys;
+//! - [`db`]: migrations and the one-transaction write;
+//! - [`ingest`]: `ingest_one`, the step every driver calls;
+//! - [`replay`]: the backfill driver over message files.
+
+pub mod app;
+pub mod artifact;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod ingest;
+pub mod message;
+pub mod replay;
+pub mod s3;
+pub mod summary;
+pub mod telemetry;

@@ -1,0 +1,258 @@
+//! Artifact uploads to S3 under deterministic keys, streamed from files.
+//!
+//! The key is `<prefix>/<organization_id>/<project_id>/<run_id>/<file name>`, so a retry
+//! overwrites instead of duplicating. Bodies are read from disk part by part: a file
+//! above the multipart threshold goes up in equal parts of `part_size_bytes` (R2 needs
+//! equal parts), and memory stays flat whatever the file size.
+
+use std::path::Path;
+
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use uuid::Uuid;
+
+use crate::config::{ChecksumMode, S3Settings};
+
+#[derive(Debug, thiserror::Error)]
+#[error("S3 upload of {key} failed: {message}")]
+pub struct UploadError {
+    pub key: String,
+    pub message: String,
+    pub transient: bool,
+}
+
+/// Builds an S3 client from the settings and the standard AWS credential chain.
+pub async fn build_client(s: &S3Settings) -> aws_sdk_s3::Client {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(s.region.clone()))
+        .load()
+        .await;
+    let mut b = aws_sdk_s3::config::Builder::from(&shared).force_path_style(s.force_path_style);
+    if let Some(endpoint) = &s.endpoint {
+        b = b.endpoint_url(endpoint);
+    }
+    if s.checksum == ChecksumMode::WhenRequired {
+        b = b
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    }
+    aws_sdk_s3::Client::from_conf(b.build())
+}
+
+/// (transient, not_found) for an SDK error: throttling, 5xx, timeouts and connection
+/// failures are worth retrying; a missing key or bucket, or access denied, are not.
+pub fn classify_sdk_error<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> (bool, bool) {
+    match e {
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or_default();
+            let not_found = matches!(code, "NoSuchKey" | "NoSuchBucket" | "NotFound");
+            let transient = matches!(
+                code,
+                "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" | "Throttling" | "ThrottlingException"
+            );
+            (transient, not_found)
+        }
+        SdkError::ResponseError(_) | SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (true, false),
+        _ => (false, false),
+    }
+}
+
+pub fn describe_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(e: &SdkError<E, R>) -> String {
+    match e {
+        SdkError::ServiceError(se) => format!(
+            "{}: {}",
+            se.err().code().unwrap_or("service error"),
+            se.err().message().unwrap_or_default()
+        ),
+        SdkError::DispatchFailure(d) => format!("cannot reach S3: {d:?}"),
+        SdkError::TimeoutError(_) => "request timed out".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// The bucket and layout artifacts are stored with.
+#[derive(Clone)]
+pub struct ArtifactStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    multipart_threshold: u64,
+    part_size: u64,
+    checksum: ChecksumMode,
+}
+
+impl ArtifactStore {
+    pub fn new(client: aws_sdk_s3::Client, s: &S3Settings, bucket: &str) -> Self {
+        Self {
+            client,
+            bucket: bucket.to_string(),
+            prefix: s.prefix.clone(),
+            multipart_threshold: s.multipart_threshold_bytes,
+            part_size: s.part_size_bytes,
+            checksum: s.checksum,
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The deterministic key of a run's artifact.
+    pub fn key_for(&self, organization_id: Uuid, project_id: Uuid, run_id: Uuid, file_name: &str) -> String {
+        let tail = format!("{organization_id}/{project_id}/{run_id}/{file_name}");
+        if self.prefix.is_empty() { tail } else { format!("{}/{tail}", self.prefix) }
+    }
+
+    pub fn uri(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+
+    /// Uploads a local file under `key`, streaming it; returns the bytes sent.
+    pub async fn upload_file(&self, path: &Path, key: &str, content_type: &str) -> Result<u64, UploadError> {
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| UploadError { key: key.into(), message: format!("cannot read {}: {e}", path.display()), transient: false })?
+            .len();
+        if size > self.multipart_threshold {
+            self.upload_multipart(path, size, key, content_type).await?;
+        } else {
+            let body = ByteStream::read_from()
+                .path(path)
+                .length(Length::Exact(size))
+                .build()
+                .await
+                .map_err(|e| UploadError { key: key.into(), message: e.to_string(), transient: false })?;
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .content_type(content_type)
+                .content_length(size as i64)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.sdk_error(key, &e))?;
+        }
+        Ok(size)
+    }
+
+    /// Uploads bytes already in memory (small documents such as a corrupt summary).
+    pub async fn upload_bytes(&self, bytes: Vec<u8>, key: &str, content_type: &str) -> Result<u64, UploadError> {
+        let size = bytes.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(bytes))
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(key, &e))?;
+        Ok(size)
+    }
+
+    async fn upload_multipart(&self, path: &Path, size: u64, key: &str, content_type: &str) -> Result<(), UploadError> {
+        let mut create = self.client.create_multipart_upload().bucket(&self.bucket).key(key).content_type(content_type);
+        if self.checksum == ChecksumMode::WhenSupported {
+            create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let created = create.send().await.map_err(|e| self.sdk_error(key, &e))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| UploadError { key: key.into(), message: "no upload id in CreateMultipartUpload".into(), transient: true })?
+            .to_string();
+        match self.upload_parts(path, size, key, &upload_id).await {
+            Ok(parts) => {
+                let done = self
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(&upload_id)
+                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .send()
+                    .await;
+                if let Err(e) = done {
+                    self.abort(key, &upload_id).await;
+                    return Err(self.sdk_error(key, &e));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Abort so the store does not keep (and bill for) orphaned parts.
+                self.abort(key, &upload_id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(&self, path: &Path, size: u64, key: &str, upload_id: &str) -> Result<Vec<CompletedPart>, UploadError> {
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 1i32;
+        while offset < size {
+            let len = self.part_size.min(size - offset);
+            let body = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(Length::Exact(len))
+                .build()
+                .await
+                .map_err(|e| UploadError { key: key.into(), message: e.to_string(), transient: false })?;
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(len as i64)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| self.sdk_error(key, &e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
+                    .build(),
+            );
+            offset += len;
+            number += 1;
+        }
+        Ok(parts)
+    }
+
+    async fn abort(&self, key: &str, upload_id: &str) {
+        if let Err(e) = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await {
+            tracing::warn!(s3.key = key, error = %describe_sdk_error(&e), "could not abort a failed multipart upload");
+        }
+    }
+
+    fn sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(&self, key: &str, e: &SdkError<E, R>) -> UploadError {
+        let (transient, _) = classify_sdk_error(e);
+        UploadError { key: key.into(), message: describe_sdk_error(e), transient }
+    }
+}
+
+/// The content type stored with an artifact, from its role.
+pub fn content_type_for(file_name: &str) -> &'static str {
+    if file_name.ends_with(".gz") {
+        "application/gzip"
+    } else if file_name.ends_with(".json") {
+        "application/json"
+    } else if file_name.ends_with(".ndjson") {
+        "application/x-ndjson"
+    } else if file_name.ends_with(".html") || file_name.ends_with(".htm") {
+        "text/html; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
+    }
+}

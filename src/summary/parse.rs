@@ -1,0 +1,355 @@
+//! Detects which summary format a document is and normalises it into [`Summary`].
+//!
+//! Every number goes through `f64`: k6 writes JavaScript numbers, so integers beyond
+//! 2^64 (`100000000000000000000`), exponents and `null` for non-finite values all occur.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use super::model::{Check, Contains, Metric, MetricType, Summary, SummaryFormat, Threshold};
+use super::selector::parse_metric_key;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SummaryError {
+    #[error("summary is not valid JSON: {0}")]
+    Json(String),
+    #[error("summary is not a k6 summary: {0}")]
+    NotASummary(String),
+    #[error("unsupported machine-readable summary version {0:?} (supported: 1.x)")]
+    UnsupportedVersion(String),
+}
+
+/// Parses summary bytes of any supported format.
+pub fn parse_summary(bytes: &[u8]) -> Result<Summary, SummaryError> {
+    let doc: Value = serde_json::from_slice(bytes).map_err(|e| SummaryError::Json(e.to_string()))?;
+    parse_summary_value(&doc)
+}
+
+pub fn parse_summary_value(doc: &Value) -> Result<Summary, SummaryError> {
+    let obj = doc
+        .as_object()
+        .ok_or_else(|| SummaryError::NotASummary(format!("top level is {}, not an object", kind(doc))))?;
+    match detect(obj)? {
+        SummaryFormat::HandleSummary => parse_handle_summary(obj),
+        SummaryFormat::LegacyExport => parse_legacy(obj),
+        SummaryFormat::MachineReadable => parse_machine_readable(obj),
+    }
+}
+
+/// Decides the format from the document's shape alone.
+pub fn detect(obj: &Map<String, Value>) -> Result<SummaryFormat, SummaryError> {
+    if let Some(version) = obj.get("version") {
+        if obj.contains_key("results") {
+            let v = version.as_str().unwrap_or_default();
+            if v.split('.').next() != Some("1") {
+                return Err(SummaryError::UnsupportedVersion(version.to_string()));
+            }
+            return Ok(SummaryFormat::MachineReadable);
+        }
+    }
+    let metrics = match obj.get("metrics") {
+        Some(Value::Object(m)) => m,
+        Some(other) => {
+            return Err(SummaryError::NotASummary(format!("`metrics` is {}, not an object", kind(other))));
+        }
+        None => {
+            return Err(SummaryError::NotASummary(
+                "no `metrics` object and no machine-readable `version`/`results`".into(),
+            ));
+        }
+    };
+    let typed = metrics
+        .values()
+        .any(|m| m.get("type").is_some_and(Value::is_string) && m.get("values").is_some_and(Value::is_object));
+    if typed || (metrics.is_empty() && (obj.contains_key("state") || obj.contains_key("options"))) {
+        Ok(SummaryFormat::HandleSummary)
+    } else {
+        Ok(SummaryFormat::LegacyExport)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The value at a path of object keys.
+fn at<'a>(obj: &'a Map<String, Value>, path: &[&str]) -> Option<&'a Value> {
+    let (first, rest) = path.split_first()?;
+    rest.iter().try_fold(obj.get(*first)?, |v, k| v.get(*k))
+}
+
+/// A JSON number as a finite f64; `null`, strings and non-finite values give `None`.
+fn number(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|f| f.is_finite())
+}
+
+fn values_map(obj: &Map<String, Value>, skip: &[&str], warnings: &mut Vec<String>, metric: &str) -> BTreeMap<String, Option<f64>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in obj {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        match v {
+            Value::Number(_) | Value::Null => {
+                out.insert(k.clone(), number(v));
+            }
+            other => warnings.push(format!("{metric}: stat {k:?} is {}, ignored", kind(other))),
+        }
+    }
+    out
+}
+
+fn finish(mut metrics: Vec<Metric>, format: SummaryFormat, duration: Option<f64>, trend_stats: Option<Vec<String>>, checks: Vec<Check>, warnings: Vec<String>) -> Summary {
+    metrics.sort_by(|a, b| a.name.cmp(&b.name));
+    Summary { format, test_run_duration_ms: duration, trend_stats, metrics, checks, warnings }
+}
+
+fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
+    let mut warnings = Vec::new();
+    let mut metrics = Vec::new();
+    let empty = Map::new();
+    let metric_objs = obj.get("metrics").and_then(Value::as_object).unwrap_or(&empty);
+    for (name, m) in metric_objs {
+        let Some(m) = m.as_object() else {
+            warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
+            continue;
+        };
+        let (base_name, tags) = parse_metric_key(name);
+        let metric_type = m.get("type").and_then(Value::as_str).and_then(MetricType::parse);
+        let contains = m.get("contains").and_then(Value::as_str).and_then(Contains::parse);
+        let values = m
+            .get("values")
+            .and_then(Value::as_object)
+            .map(|v| values_map(v, &[], &mut warnings, name))
+            .unwrap_or_default();
+        let mut thresholds = Vec::new();
+        if let Some(t) = m.get("thresholds").and_then(Value::as_object) {
+            for (expr, res) in t {
+                match res.get("ok").and_then(Value::as_bool) {
+                    Some(ok) => thresholds.push(Threshold { expression: expr.clone(), ok }),
+                    None => warnings.push(format!("{name}: threshold {expr:?} has no boolean `ok`, skipped")),
+                }
+            }
+        }
+        metrics.push(Metric { name: name.clone(), base_name, tags, metric_type, contains, values, thresholds });
+    }
+    let duration = at(obj, &["state", "testRunDurationMs"]).and_then(number);
+    let trend_stats = at(obj, &["options", "summaryTrendStats"]).and_then(Value::as_array).map(|a| {
+        a.iter().filter_map(Value::as_str).map(str::to_string).collect()
+    });
+    let mut checks = Vec::new();
+    if let Some(root) = obj.get("root_group") {
+        walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
+    }
+    Ok(finish(metrics, SummaryFormat::HandleSummary, duration, trend_stats, checks, warnings))
+}
+
+/// Visits a group: its checks first, then its subgroups, each in the order k6 gave them.
+/// Groups and checks are arrays in summary.json and name-keyed objects in the legacy
+/// export; both are accepted. The root group contributes no name to the path.
+fn walk_group(group: &Value, path: &mut Vec<String>, out: &mut Vec<Check>, warnings: &mut Vec<String>, is_root: bool) {
+    let Some(g) = group.as_object() else {
+        warnings.push(format!("group is {}, skipped", kind(group)));
+        return;
+    };
+    if !is_root {
+        path.push(g.get("name").and_then(Value::as_str).unwrap_or_default().to_string());
+    }
+    for check in children(g.get("checks")) {
+        let Some(c) = check.as_object() else { continue };
+        out.push(Check {
+            group_path: path.clone(),
+            path: c.get("path").and_then(Value::as_str).unwrap_or_default().to_string(),
+            name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+            passes: c.get("passes").and_then(number),
+            fails: c.get("fails").and_then(number),
+        });
+    }
+    for sub in children(g.get("groups")) {
+        walk_group(sub, path, out, warnings, false);
+    }
+    if !is_root {
+        path.pop();
+    }
+}
+
+fn children(v: Option<&Value>) -> Vec<&Value> {
+    match v {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(Value::Object(o)) => o.values().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Built-in metrics whose unit the legacy export dropped but k6 documents.
+fn builtin_contains(base: &str) -> Option<Contains> {
+    match base {
+        "data_sent" | "data_received" => Some(Contains::Data),
+        "http_req_duration" | "http_req_blocked" | "http_req_connecting" | "http_req_tls_handshaking"
+        | "http_req_sending" | "http_req_waiting" | "http_req_receiving" | "iteration_duration"
+        | "group_duration" | "ws_connecting" | "ws_session_duration" | "ws_ping" | "grpc_req_duration" => {
+            Some(Contains::Time)
+        }
+        "http_reqs" | "http_req_failed" | "iterations" | "dropped_iterations" | "vus" | "vus_max" | "checks"
+        | "ws_msgs_sent" | "ws_msgs_received" | "ws_sessions" => Some(Contains::Default),
+        _ => None,
+    }
+}
+
+/// The legacy export drops `type`; the key set is the only evidence left.
+fn infer_legacy_type(keys: &[&str]) -> MetricType {
+    let has = |k: &str| keys.contains(&k);
+    if keys.len() == 2 && has("count") && has("rate") {
+        MetricType::Counter
+    } else if keys.len() == 3 && has("value") && has("min") && has("max") {
+        MetricType::Gauge
+    } else if keys.len() == 3 && has("passes") && has("fails") && has("value") {
+        MetricType::Rate
+    } else {
+        MetricType::Trend
+    }
+}
+
+fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
+    let mut warnings = Vec::new();
+    let mut metrics = Vec::new();
+    let empty = Map::new();
+    let metric_objs = obj.get("metrics").and_then(Value::as_object).unwrap_or(&empty);
+    for (name, m) in metric_objs {
+        let Some(m) = m.as_object() else {
+            warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
+            continue;
+        };
+        let (base_name, tags) = parse_metric_key(name);
+        let keys: Vec<&str> = m.keys().map(String::as_str).filter(|k| *k != "thresholds").collect();
+        let metric_type = infer_legacy_type(&keys);
+        let mut values = values_map(m, &["thresholds"], &mut warnings, name);
+        if metric_type == MetricType::Rate {
+            if let Some(v) = values.remove("value") {
+                values.insert("rate".into(), v);
+            }
+        }
+        let mut thresholds = Vec::new();
+        if let Some(t) = m.get("thresholds").and_then(Value::as_object) {
+            for (expr, failed) in t {
+                // In the export `true` means the threshold was crossed (failed).
+                match failed.as_bool() {
+                    Some(failed) => thresholds.push(Threshold { expression: expr.clone(), ok: !failed }),
+                    None => warnings.push(format!("{name}: threshold {expr:?} is not a boolean, skipped")),
+                }
+            }
+        }
+        let contains = builtin_contains(&base_name);
+        metrics.push(Metric { name: name.clone(), base_name, tags, metric_type: Some(metric_type), contains, values, thresholds });
+    }
+    let mut checks = Vec::new();
+    if let Some(root) = obj.get("root_group") {
+        walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
+    }
+    Ok(finish(metrics, SummaryFormat::LegacyExport, None, None, checks, warnings))
+}
+
+fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
+    let mut warnings = Vec::new();
+    let mut metrics = Vec::new();
+    let results = obj.get("results").and_then(Value::as_object);
+    let listed = results.and_then(|r| r.get("metrics")).and_then(Value::as_array);
+    let check_metrics = results.and_then(|r| at(r, &["checks", "metrics"])).and_then(Value::as_array);
+    for m in listed.into_iter().flatten().chain(check_metrics.into_iter().flatten()) {
+        let Some(m) = m.as_object() else { continue };
+        let Some(name) = m.get("name").and_then(Value::as_str) else {
+            warnings.push("metric without a name, skipped".into());
+            continue;
+        };
+        let (base_name, tags) = parse_metric_key(name);
+        let metric_type = m.get("type").and_then(Value::as_str).and_then(MetricType::parse);
+        let contains = m.get("contains").and_then(Value::as_str).and_then(Contains::parse);
+        let mut values = m
+            .get("values")
+            .and_then(Value::as_object)
+            .map(|v| values_map(v, &[], &mut warnings, name))
+            .unwrap_or_default();
+        // Version 1 rates carry matches/total; keep k6's handleSummary names as well.
+        if metric_type == Some(MetricType::Rate) {
+            if let (Some(Some(matches)), Some(Some(total))) = (values.get("matches").copied(), values.get("total").copied()) {
+                values.insert("passes".into(), Some(matches));
+                values.insert("fails".into(), Some(total - matches));
+            }
+        }
+        metrics.push(Metric { name: name.to_string(), base_name, tags, metric_type, contains, values, thresholds: Vec::new() });
+    }
+    metrics.dedup_by(|a, b| a.name == b.name);
+    let duration = at(obj, &["config", "duration"]).and_then(number).map(|s| s * 1000.0);
+    let mut checks = Vec::new();
+    if let Some(list) = results.and_then(|r| at(r, &["checks", "results"])).and_then(Value::as_array) {
+        for c in list {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+            checks.push(Check {
+                group_path: Vec::new(),
+                path: format!("::{name}"),
+                name,
+                passes: c.get("passes").and_then(number),
+                fails: c.get("fails").and_then(number),
+            });
+        }
+    }
+    // Counters in version 1 carry only `count`; derive k6's per-second `rate`.
+    if let Some(d) = duration.filter(|d| *d > 0.0) {
+        for m in &mut metrics {
+            if m.metric_type == Some(MetricType::Counter) && !m.values.contains_key("rate") {
+                let rate = m.value("count").map(|c| c / (d / 1000.0));
+                m.values.insert("rate".into(), rate);
+            }
+        }
+    }
+    warnings.push("machine-readable summary v1 carries no thresholds".into());
+    Ok(finish(metrics, SummaryFormat::MachineReadable, duration, None, checks, warnings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_non_objects_and_garbage() {
+        assert!(matches!(parse_summary(b"[1,2]"), Err(SummaryError::NotASummary(_))));
+        assert!(matches!(parse_summary(b"{\"a\":1}"), Err(SummaryError::NotASummary(_))));
+        assert!(matches!(parse_summary(b"{not json"), Err(SummaryError::Json(_))));
+        assert!(matches!(
+            parse_summary(br#"{"version":"2.0.0","results":{}}"#),
+            Err(SummaryError::UnsupportedVersion(_))
+        ));
+    }
+
+    #[test]
+    fn legacy_threshold_true_means_failed() {
+        let s = parse_summary(
+            br#"{"metrics":{"http_req_failed":{"passes":36,"fails":72,"value":0.33,"thresholds":{"rate<0.01":true}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.format, SummaryFormat::LegacyExport);
+        let m = s.metric("http_req_failed").unwrap();
+        assert_eq!(m.metric_type, Some(MetricType::Rate));
+        assert_eq!(m.value("rate"), Some(0.33));
+        assert!(!m.thresholds[0].ok);
+    }
+
+    #[test]
+    fn huge_integers_and_nulls() {
+        let s = parse_summary(
+            br#"{"metrics":{"c":{"type":"counter","contains":"default","values":{"count":100000000000000000000,"rate":null}}},"state":{"testRunDurationMs":1}}"#,
+        )
+        .unwrap();
+        let m = s.metric("c").unwrap();
+        assert_eq!(m.value("count"), Some(1e20));
+        assert_eq!(m.values.get("rate"), Some(&None));
+    }
+}
