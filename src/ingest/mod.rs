@@ -246,7 +246,7 @@ impl Ingestor {
             Stored::Replaced { .. } => Outcome::Replaced,
             Stored::AlreadyPresent => return self.already_present(run_id).await,
         };
-        tracing::info!(outcome = outcome.as_str(), status = extraction.columns.status.as_str(), bytes_uploaded, "run stored");
+        tracing::debug!(outcome = outcome.as_str(), status = extraction.columns.status.as_str(), bytes_uploaded, "run stored");
         if let Some(reason) = summary_reason {
             if summary_expected(msg.exit_code) {
                 return Err(IngestError::SummaryUnusable { run_id, reason });
