@@ -14,18 +14,35 @@ pub struct Needs {
     pub s3: bool,
 }
 
-pub async fn build_ingestor(settings: &Settings, needs: Needs, extra_roots: Vec<PathBuf>) -> anyhow::Result<Ingestor> {
+pub async fn build_ingestor(
+    settings: &Settings,
+    needs: Needs,
+    extra_roots: Vec<PathBuf>,
+) -> anyhow::Result<Ingestor> {
     let pool = if needs.database || settings.database.url.is_some() {
         Some(crate::db::connect(&settings.database).await?)
     } else {
         None
     };
     let s3_configured = settings.s3.bucket.as_deref().is_some_and(|b| !b.is_empty());
-    let client = if needs.s3 || s3_configured { Some(build_client(&settings.s3).await) } else { None };
+    let client = if needs.s3 || s3_configured {
+        Some(build_client(&settings.s3).await)
+    } else {
+        None
+    };
     let store = match (&client, needs.s3 || s3_configured) {
-        (Some(c), true) => Some(ArtifactStore::new(c.clone(), &settings.s3, settings.s3.bucket()?)),
+        (Some(c), true) => Some(ArtifactStore::new(
+            c.clone(),
+            &settings.s3,
+            settings.s3.bucket()?,
+        )),
         _ => None,
     };
     let fetcher = Fetcher::new(&settings.fetch, client)?.with_roots(extra_roots);
-    Ok(Ingestor::new(pool, store, fetcher, settings.s3.inline_summary_max_bytes))
+    Ok(Ingestor::new(
+        pool,
+        store,
+        fetcher,
+        settings.s3.inline_summary_max_bytes,
+    ))
 }

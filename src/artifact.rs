@@ -39,7 +39,11 @@ pub enum FetchError {
         source: std::io::Error,
     },
     #[error("artifact {uri}: S3 error: {message}")]
-    S3 { uri: String, message: String, transient: bool },
+    S3 {
+        uri: String,
+        message: String,
+        transient: bool,
+    },
 }
 
 impl FetchError {
@@ -49,7 +53,10 @@ impl FetchError {
             Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             Self::Timeout { .. } | Self::Transport { .. } | Self::Io { .. } => true,
             Self::S3 { transient, .. } => *transient,
-            Self::Refused { .. } | Self::NotFound { .. } | Self::TooLarge { .. } | Self::Corrupt { .. } => false,
+            Self::Refused { .. }
+            | Self::NotFound { .. }
+            | Self::TooLarge { .. }
+            | Self::Corrupt { .. } => false,
         }
     }
 }
@@ -66,13 +73,26 @@ impl Source {
     /// The artifact's file name, for its S3 key.
     pub fn file_name(&self) -> String {
         let raw = match self {
-            Self::File(p) => p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            Self::Http(u) => u.path_segments().and_then(|mut s| s.next_back()).unwrap_or_default().to_string(),
+            Self::File(p) => p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            Self::Http(u) => u
+                .path_segments()
+                .and_then(|mut s| s.next_back())
+                .unwrap_or_default()
+                .to_string(),
             Self::S3 { key, .. } => key.rsplit('/').next().unwrap_or_default().to_string(),
         };
         let clean: String = raw
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         clean.trim_start_matches('.').to_string()
     }
@@ -82,21 +102,35 @@ impl Source {
 ///
 /// `base_dir` is the message file's directory during replay: relative paths resolve
 /// against it and must stay inside it. Without it relative paths are refused.
-pub fn resolve(uri: &str, base_dir: Option<&Path>, roots: &[PathBuf], hosts: &[String]) -> Result<Source, FetchError> {
-    let refused = |reason: &str| FetchError::Refused { uri: uri.to_string(), reason: reason.to_string() };
+pub fn resolve(
+    uri: &str,
+    base_dir: Option<&Path>,
+    roots: &[PathBuf],
+    hosts: &[String],
+) -> Result<Source, FetchError> {
+    let refused = |reason: &str| FetchError::Refused {
+        uri: uri.to_string(),
+        reason: reason.to_string(),
+    };
     if uri.trim().is_empty() {
         return Err(refused("empty URI"));
     }
     match Url::parse(uri) {
         Ok(url) => match url.scheme() {
             "s3" => {
-                let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| refused("s3 URI without a bucket"))?;
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| refused("s3 URI without a bucket"))?;
                 let key = url.path().trim_start_matches('/');
                 if key.is_empty() {
                     return Err(refused("s3 URI without a key"));
                 }
                 let key = percent_decode(key);
-                Ok(Source::S3 { bucket: bucket.to_string(), key })
+                Ok(Source::S3 {
+                    bucket: bucket.to_string(),
+                    key,
+                })
             }
             "http" | "https" => {
                 let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
@@ -108,14 +142,20 @@ pub fn resolve(uri: &str, base_dir: Option<&Path>, roots: &[PathBuf], hosts: &[S
                 if allowed {
                     Ok(Source::Http(url))
                 } else {
-                    Err(refused(&format!("host {host:?} is not in fetch.allowed_hosts")))
+                    Err(refused(&format!(
+                        "host {host:?} is not in fetch.allowed_hosts"
+                    )))
                 }
             }
             "file" => {
-                let path = url.to_file_path().map_err(|()| refused("file URI is not a local absolute path"))?;
+                let path = url
+                    .to_file_path()
+                    .map_err(|()| refused("file URI is not a local absolute path"))?;
                 under_roots(uri, &path, roots)
             }
-            other => Err(refused(&format!("unsupported scheme {other:?} (use s3, https, http or file)"))),
+            other => Err(refused(&format!(
+                "unsupported scheme {other:?} (use s3, https, http or file)"
+            ))),
         },
         Err(_) => {
             let path = Path::new(uri);
@@ -123,7 +163,9 @@ pub fn resolve(uri: &str, base_dir: Option<&Path>, roots: &[PathBuf], hosts: &[S
                 return under_roots(uri, path, roots);
             }
             let Some(base) = base_dir else {
-                return Err(refused("relative paths are only accepted when replaying message files"));
+                return Err(refused(
+                    "relative paths are only accepted when replaying message files",
+                ));
             };
             under_roots(uri, &base.join(path), &[base.to_path_buf()])
         }
@@ -158,12 +200,22 @@ fn under_roots(uri: &str, path: &Path, roots: &[PathBuf]) -> Result<Source, Fetc
             // Still refuse paths outside the roots before saying "not found".
             let lexical_ok = roots.iter().any(|r| lexically_under(path, r));
             return Err(if lexical_ok {
-                FetchError::NotFound { uri: uri.to_string() }
+                FetchError::NotFound {
+                    uri: uri.to_string(),
+                }
             } else {
-                FetchError::Refused { uri: uri.to_string(), reason: "path is outside fetch.allowed_roots".into() }
+                FetchError::Refused {
+                    uri: uri.to_string(),
+                    reason: "path is outside fetch.allowed_roots".into(),
+                }
             });
         }
-        Err(e) => return Err(FetchError::Io { uri: uri.to_string(), source: e }),
+        Err(e) => {
+            return Err(FetchError::Io {
+                uri: uri.to_string(),
+                source: e,
+            });
+        }
     };
     let ok = roots
         .iter()
@@ -172,7 +224,10 @@ fn under_roots(uri: &str, path: &Path, roots: &[PathBuf]) -> Result<Source, Fetc
     if ok {
         Ok(Source::File(real))
     } else {
-        Err(FetchError::Refused { uri: uri.to_string(), reason: "path is outside fetch.allowed_roots".into() })
+        Err(FetchError::Refused {
+            uri: uri.to_string(),
+            reason: "path is outside fetch.allowed_roots".into(),
+        })
     }
 }
 
@@ -217,7 +272,12 @@ impl Fetcher {
             .timeout(Duration::from_secs(settings.timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Self { http, s3, settings: settings.clone(), extra_roots: Vec::new() })
+        Ok(Self {
+            http,
+            s3,
+            settings: settings.clone(),
+            extra_roots: Vec::new(),
+        })
     }
 
     /// Adds directories local paths may point into (the paths given to `replay`).
@@ -245,34 +305,65 @@ impl Fetcher {
         let uri_owned = uri.to_string();
         tokio::task::spawn_blocking(move || read_maybe_gzip(&uri_owned, &path, limit, inflate_cap))
             .await
-            .map_err(|e| FetchError::Transport { uri: uri.to_string(), message: format!("reader task failed: {e}") })?
+            .map_err(|e| FetchError::Transport {
+                uri: uri.to_string(),
+                message: format!("reader task failed: {e}"),
+            })?
     }
 
     /// The artifact as a local file, copied into a temporary file when remote.
-    pub async fn fetch_to_local(&self, uri: &str, source: &Source, limit: u64) -> Result<LocalArtifact, FetchError> {
+    pub async fn fetch_to_local(
+        &self,
+        uri: &str,
+        source: &Source,
+        limit: u64,
+    ) -> Result<LocalArtifact, FetchError> {
         match source {
             Source::File(path) => {
-                let meta = tokio::fs::metadata(path).await.map_err(|e| io_error(uri, e))?;
+                let meta = tokio::fs::metadata(path)
+                    .await
+                    .map_err(|e| io_error(uri, e))?;
                 if !meta.is_file() {
-                    return Err(FetchError::Refused { uri: uri.into(), reason: "not a regular file".into() });
+                    return Err(FetchError::Refused {
+                        uri: uri.into(),
+                        reason: "not a regular file".into(),
+                    });
                 }
                 if meta.len() > limit {
-                    return Err(FetchError::TooLarge { uri: uri.into(), limit });
+                    return Err(FetchError::TooLarge {
+                        uri: uri.into(),
+                        limit,
+                    });
                 }
-                Ok(LocalArtifact { path: path.clone(), size: meta.len(), _temp: None })
+                Ok(LocalArtifact {
+                    path: path.clone(),
+                    size: meta.len(),
+                    _temp: None,
+                })
             }
             Source::Http(url) => self.fetch_http(uri, url, limit).await,
             Source::S3 { bucket, key } => self.fetch_s3(uri, bucket, key, limit).await,
         }
     }
 
-    async fn fetch_http(&self, uri: &str, url: &Url, limit: u64) -> Result<LocalArtifact, FetchError> {
+    async fn fetch_http(
+        &self,
+        uri: &str,
+        url: &Url,
+        limit: u64,
+    ) -> Result<LocalArtifact, FetchError> {
         let secs = self.settings.timeout_secs;
         let map = |e: reqwest::Error| {
             if e.is_timeout() {
-                FetchError::Timeout { uri: uri.into(), secs }
+                FetchError::Timeout {
+                    uri: uri.into(),
+                    secs,
+                }
             } else {
-                FetchError::Transport { uri: uri.into(), message: e.to_string() }
+                FetchError::Transport {
+                    uri: uri.into(),
+                    message: e.to_string(),
+                }
             }
         };
         let resp = self.http.get(url.clone()).send().await.map_err(map)?;
@@ -281,10 +372,16 @@ impl Fetcher {
             return Err(FetchError::NotFound { uri: uri.into() });
         }
         if !status.is_success() {
-            return Err(FetchError::Status { uri: uri.into(), status: status.as_u16() });
+            return Err(FetchError::Status {
+                uri: uri.into(),
+                status: status.as_u16(),
+            });
         }
         if resp.content_length().is_some_and(|n| n > limit) {
-            return Err(FetchError::TooLarge { uri: uri.into(), limit });
+            return Err(FetchError::TooLarge {
+                uri: uri.into(),
+                limit,
+            });
         }
         let (mut file, temp) = temp_file(uri).await?;
         let mut size = 0u64;
@@ -293,45 +390,81 @@ impl Fetcher {
             let chunk = chunk.map_err(map)?;
             size += chunk.len() as u64;
             if size > limit {
-                return Err(FetchError::TooLarge { uri: uri.into(), limit });
+                return Err(FetchError::TooLarge {
+                    uri: uri.into(),
+                    limit,
+                });
             }
             file.write_all(&chunk).await.map_err(|e| io_error(uri, e))?;
         }
         file.flush().await.map_err(|e| io_error(uri, e))?;
-        Ok(LocalArtifact { path: temp.to_path_buf(), size, _temp: Some(temp) })
+        Ok(LocalArtifact {
+            path: temp.to_path_buf(),
+            size,
+            _temp: Some(temp),
+        })
     }
 
-    async fn fetch_s3(&self, uri: &str, bucket: &str, key: &str, limit: u64) -> Result<LocalArtifact, FetchError> {
+    async fn fetch_s3(
+        &self,
+        uri: &str,
+        bucket: &str,
+        key: &str,
+        limit: u64,
+    ) -> Result<LocalArtifact, FetchError> {
         let Some(client) = &self.s3 else {
-            return Err(FetchError::Refused { uri: uri.into(), reason: "no S3 client configured (set s3.* settings)".into() });
+            return Err(FetchError::Refused {
+                uri: uri.into(),
+                reason: "no S3 client configured (set s3.* settings)".into(),
+            });
         };
-        let out = client.get_object().bucket(bucket).key(key).send().await.map_err(|e| {
-            let (transient, not_found) = crate::s3::classify_sdk_error(&e);
-            if not_found {
-                FetchError::NotFound { uri: uri.into() }
-            } else {
-                FetchError::S3 { uri: uri.into(), message: crate::s3::describe_sdk_error(&e), transient }
-            }
-        })?;
+        let out = client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| {
+                let (transient, not_found) = crate::s3::classify_sdk_error(&e);
+                if not_found {
+                    FetchError::NotFound { uri: uri.into() }
+                } else {
+                    FetchError::S3 {
+                        uri: uri.into(),
+                        message: crate::s3::describe_sdk_error(&e),
+                        transient,
+                    }
+                }
+            })?;
         if out.content_length().is_some_and(|n| n as u64 > limit) {
-            return Err(FetchError::TooLarge { uri: uri.into(), limit });
+            return Err(FetchError::TooLarge {
+                uri: uri.into(),
+                limit,
+            });
         }
         let (mut file, temp) = temp_file(uri).await?;
         let mut body = out.body;
         let mut size = 0u64;
-        while let Some(chunk) = body
-            .try_next()
-            .await
-            .map_err(|e| FetchError::S3 { uri: uri.into(), message: e.to_string(), transient: true })?
-        {
+        while let Some(chunk) = body.try_next().await.map_err(|e| FetchError::S3 {
+            uri: uri.into(),
+            message: e.to_string(),
+            transient: true,
+        })? {
             size += chunk.len() as u64;
             if size > limit {
-                return Err(FetchError::TooLarge { uri: uri.into(), limit });
+                return Err(FetchError::TooLarge {
+                    uri: uri.into(),
+                    limit,
+                });
             }
             file.write_all(&chunk).await.map_err(|e| io_error(uri, e))?;
         }
         file.flush().await.map_err(|e| io_error(uri, e))?;
-        Ok(LocalArtifact { path: temp.to_path_buf(), size, _temp: Some(temp) })
+        Ok(LocalArtifact {
+            path: temp.to_path_buf(),
+            size,
+            _temp: Some(temp),
+        })
     }
 }
 
@@ -339,7 +472,10 @@ fn io_error(uri: &str, e: std::io::Error) -> FetchError {
     if e.kind() == std::io::ErrorKind::NotFound {
         FetchError::NotFound { uri: uri.into() }
     } else {
-        FetchError::Io { uri: uri.into(), source: e }
+        FetchError::Io {
+            uri: uri.into(),
+            source: e,
+        }
     }
 }
 
@@ -349,17 +485,32 @@ async fn temp_file(uri: &str) -> Result<(tokio::fs::File, tempfile::TempPath), F
         .tempfile()
         .map_err(|e| io_error(uri, e))?
         .into_temp_path();
-    let file = tokio::fs::OpenOptions::new().write(true).truncate(true).open(&temp).await.map_err(|e| io_error(uri, e))?;
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&temp)
+        .await
+        .map_err(|e| io_error(uri, e))?;
     Ok((file, temp))
 }
 
 /// Reads a file whole, inflating gzip (detected by its magic bytes) up to `inflate_cap`.
-pub fn read_maybe_gzip(uri: &str, path: &Path, limit: u64, inflate_cap: u64) -> Result<Vec<u8>, FetchError> {
+pub fn read_maybe_gzip(
+    uri: &str,
+    path: &Path,
+    limit: u64,
+    inflate_cap: u64,
+) -> Result<Vec<u8>, FetchError> {
     let file = std::fs::File::open(path).map_err(|e| io_error(uri, e))?;
     let mut raw = Vec::new();
-    file.take(limit + 1).read_to_end(&mut raw).map_err(|e| io_error(uri, e))?;
+    file.take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| io_error(uri, e))?;
     if raw.len() as u64 > limit {
-        return Err(FetchError::TooLarge { uri: uri.into(), limit });
+        return Err(FetchError::TooLarge {
+            uri: uri.into(),
+            limit,
+        });
     }
     if !is_gzip(&raw) {
         return Ok(raw);
@@ -368,9 +519,15 @@ pub fn read_maybe_gzip(uri: &str, path: &Path, limit: u64, inflate_cap: u64) -> 
     flate2::read::MultiGzDecoder::new(raw.as_slice())
         .take(inflate_cap + 1)
         .read_to_end(&mut out)
-        .map_err(|e| FetchError::Corrupt { uri: uri.into(), message: e.to_string() })?;
+        .map_err(|e| FetchError::Corrupt {
+            uri: uri.into(),
+            message: e.to_string(),
+        })?;
     if out.len() as u64 > inflate_cap {
-        return Err(FetchError::TooLarge { uri: uri.into(), limit: inflate_cap });
+        return Err(FetchError::TooLarge {
+            uri: uri.into(),
+            limit: inflate_cap,
+        });
     }
     Ok(out)
 }
@@ -392,7 +549,10 @@ pub fn open_lines(path: &Path) -> std::io::Result<Box<dyn std::io::BufRead + Sen
             flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)),
         )))
     } else {
-        Ok(Box::new(std::io::BufReader::with_capacity(256 * 1024, file)))
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            256 * 1024,
+            file,
+        )))
     }
 }
 
@@ -406,22 +566,61 @@ mod tests {
         let root = dir.path().to_path_buf();
         std::fs::write(root.join("a.json"), b"{}").unwrap();
         let roots = vec![root.clone()];
-        let hosts = vec!["artifacts.internal".to_string(), "127.0.0.1:9000".to_string()];
+        let hosts = vec![
+            "artifacts.internal".to_string(),
+            "127.0.0.1:9000".to_string(),
+        ];
         let ok = |u: &str| resolve(u, Some(&root), &roots, &hosts);
         assert!(matches!(ok("a.json"), Ok(Source::File(_))));
-        assert!(matches!(ok(&format!("file://{}/a.json", root.display())), Ok(Source::File(_))));
-        assert!(matches!(ok("../../etc/passwd"), Err(FetchError::Refused { .. })));
-        assert!(matches!(ok("file:///etc/passwd"), Err(FetchError::Refused { .. })));
+        assert!(matches!(
+            ok(&format!("file://{}/a.json", root.display())),
+            Ok(Source::File(_))
+        ));
+        assert!(matches!(
+            ok("../../etc/passwd"),
+            Err(FetchError::Refused { .. })
+        ));
+        assert!(matches!(
+            ok("file:///etc/passwd"),
+            Err(FetchError::Refused { .. })
+        ));
         assert!(matches!(ok("/etc/passwd"), Err(FetchError::Refused { .. })));
-        assert!(matches!(ok("missing.json"), Err(FetchError::NotFound { .. })));
-        assert!(matches!(ok("https://evil.example/x.json"), Err(FetchError::Refused { .. })));
-        assert!(matches!(ok("https://artifacts.internal/x/summary.json"), Ok(Source::Http(_))));
-        assert!(matches!(ok("http://127.0.0.1:9000/s.json"), Ok(Source::Http(_))));
-        assert!(matches!(ok("http://127.0.0.1:9001/s.json"), Err(FetchError::Refused { .. })));
-        assert!(matches!(ok("ftp://artifacts.internal/x"), Err(FetchError::Refused { .. })));
-        assert_eq!(ok("s3://bkt/a/b%20c.json").unwrap(), Source::S3 { bucket: "bkt".into(), key: "a/b c.json".into() });
+        assert!(matches!(
+            ok("missing.json"),
+            Err(FetchError::NotFound { .. })
+        ));
+        assert!(matches!(
+            ok("https://evil.example/x.json"),
+            Err(FetchError::Refused { .. })
+        ));
+        assert!(matches!(
+            ok("https://artifacts.internal/x/summary.json"),
+            Ok(Source::Http(_))
+        ));
+        assert!(matches!(
+            ok("http://127.0.0.1:9000/s.json"),
+            Ok(Source::Http(_))
+        ));
+        assert!(matches!(
+            ok("http://127.0.0.1:9001/s.json"),
+            Err(FetchError::Refused { .. })
+        ));
+        assert!(matches!(
+            ok("ftp://artifacts.internal/x"),
+            Err(FetchError::Refused { .. })
+        ));
+        assert_eq!(
+            ok("s3://bkt/a/b%20c.json").unwrap(),
+            Source::S3 {
+                bucket: "bkt".into(),
+                key: "a/b c.json".into()
+            }
+        );
         assert!(matches!(ok("s3://bkt/"), Err(FetchError::Refused { .. })));
-        assert!(matches!(resolve("a.json", None, &roots, &hosts), Err(FetchError::Refused { .. })));
+        assert!(matches!(
+            resolve("a.json", None, &roots, &hosts),
+            Err(FetchError::Refused { .. })
+        ));
     }
 
     #[test]
@@ -432,10 +631,24 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         enc.write_all(&vec![b' '; 1_000_000]).unwrap();
         std::fs::write(&p, enc.finish().unwrap()).unwrap();
-        assert!(matches!(read_maybe_gzip("u", &p, 1_000_000, 1000), Err(FetchError::TooLarge { limit: 1000, .. })));
-        assert_eq!(read_maybe_gzip("u", &p, 1_000_000, 2_000_000).unwrap().len(), 1_000_000);
+        assert!(matches!(
+            read_maybe_gzip("u", &p, 1_000_000, 1000),
+            Err(FetchError::TooLarge { limit: 1000, .. })
+        ));
+        assert_eq!(
+            read_maybe_gzip("u", &p, 1_000_000, 2_000_000)
+                .unwrap()
+                .len(),
+            1_000_000
+        );
         std::fs::write(&p, [0x1f, 0x8b, 0, 1, 2, 3]).unwrap();
-        assert!(matches!(read_maybe_gzip("u", &p, 100, 100), Err(FetchError::Corrupt { .. })));
-        assert!(matches!(read_maybe_gzip("u", &p, 3, 100), Err(FetchError::TooLarge { limit: 3, .. })));
+        assert!(matches!(
+            read_maybe_gzip("u", &p, 100, 100),
+            Err(FetchError::Corrupt { .. })
+        ));
+        assert!(matches!(
+            read_maybe_gzip("u", &p, 3, 100),
+            Err(FetchError::TooLarge { limit: 3, .. })
+        ));
     }
 }

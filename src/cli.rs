@@ -11,7 +11,11 @@ use crate::summary::samples::collect_samples;
 use crate::summary::{extract, parse_summary, wanted_samples};
 
 #[derive(Debug, Parser)]
-#[command(name = "k6-ingest", version, about = "Turns finished k6 load tests into rows in PostgreSQL")]
+#[command(
+    name = "k6-ingest",
+    version,
+    about = "Turns finished k6 load tests into rows in PostgreSQL"
+)]
 pub struct Cli {
     /// A TOML settings file; K6_INGEST__SECTION__KEY variables override it.
     #[arg(long, global = true, env = "K6_INGEST_CONFIG")]
@@ -57,41 +61,96 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
     match cli.command {
         Command::Migrate => {
             let applied = crate::db::migrate(&settings.database).await?;
-            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { format!("{applied:?}") });
+            println!(
+                "migrations applied: {}",
+                if applied.is_empty() {
+                    "none (up to date)".to_string()
+                } else {
+                    format!("{applied:?}")
+                }
+            );
             Ok(0)
         }
-        Command::Extract { file, exit_code, metrics, details } => run_extract(&settings, &file, exit_code, metrics.as_deref(), details),
-        Command::Replay { paths, dry_run, concurrency } => {
+        Command::Extract {
+            file,
+            exit_code,
+            metrics,
+            details,
+        } => run_extract(&settings, &file, exit_code, metrics.as_deref(), details),
+        Command::Replay {
+            paths,
+            dry_run,
+            concurrency,
+        } => {
             let roots = paths
                 .iter()
                 .map(|p| {
-                    let dir = if p.is_file() { p.parent().map(PathBuf::from).unwrap_or_default() } else { p.clone() };
-                    std::fs::canonicalize(&dir).with_context(|| format!("Failed to open {}", p.display()))
+                    let dir = if p.is_file() {
+                        p.parent().map(PathBuf::from).unwrap_or_default()
+                    } else {
+                        p.clone()
+                    };
+                    std::fs::canonicalize(&dir)
+                        .with_context(|| format!("Failed to open {}", p.display()))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let needs = Needs { database: !dry_run, s3: !dry_run };
+            let needs = Needs {
+                database: !dry_run,
+                s3: !dry_run,
+            };
             let ingestor = build_ingestor(&settings, needs, roots).await?;
             let concurrency = concurrency.unwrap_or(settings.ingest.concurrency);
-            let rows = crate::replay::replay(&ingestor, &paths, dry_run, concurrency, settings.amqp.max_message_bytes).await?;
+            let rows = crate::replay::replay(
+                &ingestor,
+                &paths,
+                dry_run,
+                concurrency,
+                settings.amqp.max_message_bytes,
+            )
+            .await?;
             print!("{}", crate::replay::render_table(&rows));
-            Ok(if rows.iter().any(crate::replay::ReplayRow::failed) { 1 } else { 0 })
+            Ok(if rows.iter().any(crate::replay::ReplayRow::failed) {
+                1
+            } else {
+                0
+            })
         }
     }
 }
 
-fn run_extract(settings: &Settings, file: &std::path::Path, exit_code: Option<i32>, metrics: Option<&std::path::Path>, details: bool) -> anyhow::Result<i32> {
+fn run_extract(
+    settings: &Settings,
+    file: &std::path::Path,
+    exit_code: Option<i32>,
+    metrics: Option<&std::path::Path>,
+    details: bool,
+) -> anyhow::Result<i32> {
     let uri = file.display().to_string();
-    let bytes = crate::artifact::read_maybe_gzip(&uri, file, settings.fetch.max_summary_bytes, settings.fetch.max_inflated_bytes)?;
+    let bytes = crate::artifact::read_maybe_gzip(
+        &uri,
+        file,
+        settings.fetch.max_summary_bytes,
+        settings.fetch.max_inflated_bytes,
+    )?;
     let summary = parse_summary(&bytes).with_context(|| format!("Failed to read {uri}"))?;
     let samples = match metrics {
         Some(path) => {
-            let reader = crate::artifact::open_lines(path).with_context(|| format!("Failed to open {}", path.display()))?;
-            Some(collect_samples(reader, &wanted_samples(&summary), settings.fetch.max_samples)?)
+            let reader = crate::artifact::open_lines(path)
+                .with_context(|| format!("Failed to open {}", path.display()))?;
+            Some(collect_samples(
+                reader,
+                &wanted_samples(&summary),
+                settings.fetch.max_samples,
+            )?)
         }
         None => None,
     };
     let extraction = extract(&summary, exit_code, samples.as_ref());
-    let out = if details { serde_json::to_value(&extraction)? } else { serde_json::to_value(&extraction.columns)? };
+    let out = if details {
+        serde_json::to_value(&extraction)?
+    } else {
+        serde_json::to_value(&extraction.columns)?
+    };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(0)
 }

@@ -13,9 +13,16 @@ pub enum ConfigError {
     #[error("invalid configuration: {0}")]
     Load(#[from] config::ConfigError),
     #[error("invalid setting {setting} ({env}): {reason}")]
-    Invalid { setting: &'static str, env: &'static str, reason: String },
+    Invalid {
+        setting: &'static str,
+        env: &'static str,
+        reason: String,
+    },
     #[error("missing setting {setting}: set {env} or `{setting}` in the config file")]
-    Missing { setting: &'static str, env: &'static str },
+    Missing {
+        setting: &'static str,
+        env: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,7 +53,10 @@ impl DatabaseSettings {
             .as_ref()
             .map(|s| s.expose_secret())
             .filter(|s| !s.is_empty())
-            .ok_or(ConfigError::Missing { setting: "database.url", env: "K6_INGEST__DATABASE__URL" })
+            .ok_or(ConfigError::Missing {
+                setting: "database.url",
+                env: "K6_INGEST__DATABASE__URL",
+            })
     }
 }
 
@@ -82,7 +92,10 @@ impl S3Settings {
         self.bucket
             .as_deref()
             .filter(|b| !b.is_empty())
-            .ok_or(ConfigError::Missing { setting: "s3.bucket", env: "K6_INGEST__S3__BUCKET" })
+            .ok_or(ConfigError::Missing {
+                setting: "s3.bucket",
+                env: "K6_INGEST__S3__BUCKET",
+            })
     }
 }
 
@@ -122,7 +135,10 @@ impl AmqpSettings {
             .as_ref()
             .map(|s| s.expose_secret())
             .filter(|s| !s.is_empty())
-            .ok_or(ConfigError::Missing { setting: "amqp.url", env: "K6_INGEST__AMQP__URL" })
+            .ok_or(ConfigError::Missing {
+                setting: "amqp.url",
+                env: "K6_INGEST__AMQP__URL",
+            })
     }
 }
 
@@ -210,7 +226,11 @@ impl Settings {
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = file {
-            builder = builder.add_source(File::from(path.to_path_buf()).format(FileFormat::Toml).required(true));
+            builder = builder.add_source(
+                File::from(path.to_path_buf())
+                    .format(FileFormat::Toml)
+                    .required(true),
+            );
         }
         builder = builder.add_source(
             Environment::with_prefix("K6_INGEST")
@@ -232,7 +252,10 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 setting: "s3.part_size_bytes",
                 env: "K6_INGEST__S3__PART_SIZE_BYTES",
-                reason: format!("{} is outside S3's part size limits (5 MiB to 5 GiB)", self.s3.part_size_bytes),
+                reason: format!(
+                    "{} is outside S3's part size limits (5 MiB to 5 GiB)",
+                    self.s3.part_size_bytes
+                ),
             });
         }
         if self.s3.multipart_threshold_bytes < self.s3.part_size_bytes {
@@ -283,7 +306,10 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 setting: "log.level",
                 env: "K6_INGEST__LOG__LEVEL",
-                reason: format!("{:?} is not a log filter such as info or k6_ingest=debug", self.log.level),
+                reason: format!(
+                    "{:?} is not a log filter such as info or k6_ingest=debug",
+                    self.log.level
+                ),
             });
         }
         Ok(())

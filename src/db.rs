@@ -21,7 +21,9 @@ const ROWS_PER_INSERT: usize = 500;
 
 pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let url = s.url()?;
-    let options: PgConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("invalid database.url: {e}"))?;
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid database.url: {e}"))?;
     let pool = PgPoolOptions::new()
         .max_connections(s.max_connections)
         .acquire_timeout(Duration::from_secs(s.acquire_timeout_secs))
@@ -37,7 +39,9 @@ pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<Vec<i64>> {
         Some(u) if !u.expose_secret().is_empty() => u.expose_secret().to_string(),
         _ => s.url()?.to_string(),
     };
-    let options: PgConnectOptions = url.parse().map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
+    let options: PgConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid database URL: {e}"))?;
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(s.acquire_timeout_secs))
@@ -52,7 +56,9 @@ pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<Vec<i64>> {
 }
 
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
-    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(pool).await
+    sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(pool)
+        .await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +90,20 @@ impl StoreError {
 
 pub fn is_transient_db(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             // 40001 serialization_failure, 40P01 deadlock, 08* connection, 57P0* shutdown,
             // 53* insufficient resources.
             let code = db.code().unwrap_or_default();
-            code == "40001" || code == "40P01" || code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+            code == "40001"
+                || code == "40P01"
+                || code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
         }
         _ => false,
     }
@@ -109,13 +123,15 @@ impl Existing {
     /// The tenant check every write makes, usable before any artifact is touched.
     pub fn check_tenant(&self, msg: &RunCompleted) -> Result<(), StoreError> {
         match self.tenant {
-            Some((org, project)) if org != msg.organization_id || project != msg.project_id => Err(StoreError::TenantMismatch {
-                run_id: msg.run_id,
-                existing_organization: org,
-                existing_project: project,
-                organization: msg.organization_id,
-                project: msg.project_id,
-            }),
+            Some((org, project)) if org != msg.organization_id || project != msg.project_id => {
+                Err(StoreError::TenantMismatch {
+                    run_id: msg.run_id,
+                    existing_organization: org,
+                    existing_project: project,
+                    organization: msg.organization_id,
+                    project: msg.project_id,
+                })
+            }
             _ => Ok(()),
         }
     }
@@ -142,7 +158,10 @@ pub async fn existing(pool: &PgPool, run_id: Uuid) -> Result<Existing, sqlx::Err
     .bind(run_id)
     .fetch_optional(pool)
     .await?;
-    Ok(Existing { tenant, performance_has_summary })
+    Ok(Existing {
+        tenant,
+        performance_has_summary,
+    })
 }
 
 /// Everything one run writes.
@@ -159,9 +178,13 @@ pub struct NewRun<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
-    Inserted { k6_run_id: Uuid },
+    Inserted {
+        k6_run_id: Uuid,
+    },
     /// An earlier record without a summary was replaced by one with a summary.
-    Replaced { k6_run_id: Uuid },
+    Replaced {
+        k6_run_id: Uuid,
+    },
     AlreadyPresent,
 }
 
@@ -170,24 +193,31 @@ pub enum Stored {
 pub async fn store_run(pool: &PgPool, new: &NewRun<'_>) -> Result<Stored, StoreError> {
     let mut tx = pool.begin().await?;
     let msg = new.msg;
-    let tenant = sqlx::query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
-        .bind(msg.run_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
+    let tenant =
+        sqlx::query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(msg.run_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
     let prior = sqlx::query("SELECT id, summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1 FOR UPDATE")
         .bind(msg.run_id)
         .fetch_optional(&mut *tx)
         .await?
         .map(|r| (r.get::<Uuid, _>(0), r.get::<bool, _>(1)));
-    let existing = Existing { tenant, performance_has_summary: prior.map(|p| p.1) };
+    let existing = Existing {
+        tenant,
+        performance_has_summary: prior.map(|p| p.1),
+    };
     existing.check_tenant(msg)?;
     if existing.is_final(new.has_summary) {
         tx.rollback().await?;
         return Ok(Stored::AlreadyPresent);
     }
     let replaced = if let Some((old_id, _)) = prior {
-        sqlx::query("DELETE FROM k6_performance_runs WHERE id = $1").bind(old_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM k6_performance_runs WHERE id = $1")
+            .bind(old_id)
+            .execute(&mut *tx)
+            .await?;
         true
     } else {
         false
@@ -205,10 +235,17 @@ pub async fn store_run(pool: &PgPool, new: &NewRun<'_>) -> Result<Stored, StoreE
     insert_thresholds(&mut tx, new, k6_run_id).await?;
     insert_checks(&mut tx, new, k6_run_id).await?;
     tx.commit().await?;
-    Ok(if replaced { Stored::Replaced { k6_run_id } } else { Stored::Inserted { k6_run_id } })
+    Ok(if replaced {
+        Stored::Replaced { k6_run_id }
+    } else {
+        Stored::Inserted { k6_run_id }
+    })
 }
 
-async fn upsert_run(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>) -> Result<(), sqlx::Error> {
+async fn upsert_run(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewRun<'_>,
+) -> Result<(), sqlx::Error> {
     let msg = new.msg;
     let c = &new.extraction.columns;
     sqlx::query(
@@ -247,7 +284,11 @@ async fn upsert_run(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>) -> Res
     Ok(())
 }
 
-async fn insert_performance(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>, id: Uuid) -> Result<bool, sqlx::Error> {
+async fn insert_performance(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewRun<'_>,
+    id: Uuid,
+) -> Result<bool, sqlx::Error> {
     let msg = new.msg;
     let c = &new.extraction.columns;
     let row = sqlx::query(
@@ -307,7 +348,11 @@ async fn insert_performance(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>
     Ok(row.is_some())
 }
 
-async fn insert_metrics(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>, k6_run_id: Uuid) -> Result<(), sqlx::Error> {
+async fn insert_metrics(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewRun<'_>,
+    k6_run_id: Uuid,
+) -> Result<(), sqlx::Error> {
     let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
     for chunk in new.extraction.metrics.chunks(ROWS_PER_INSERT) {
         let mut qb = QueryBuilder::<Postgres>::new(
@@ -348,7 +393,11 @@ async fn insert_metrics(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>, k6
     Ok(())
 }
 
-async fn insert_thresholds(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>, k6_run_id: Uuid) -> Result<(), sqlx::Error> {
+async fn insert_thresholds(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewRun<'_>,
+    k6_run_id: Uuid,
+) -> Result<(), sqlx::Error> {
     for chunk in new.extraction.thresholds.chunks(ROWS_PER_INSERT) {
         let mut qb = QueryBuilder::<Postgres>::new(
             "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
@@ -373,7 +422,11 @@ async fn insert_thresholds(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>,
     Ok(())
 }
 
-async fn insert_checks(tx: &mut Transaction<'_, Postgres>, new: &NewRun<'_>, k6_run_id: Uuid) -> Result<(), sqlx::Error> {
+async fn insert_checks(
+    tx: &mut Transaction<'_, Postgres>,
+    new: &NewRun<'_>,
+    k6_run_id: Uuid,
+) -> Result<(), sqlx::Error> {
     for chunk in new.extraction.checks.chunks(ROWS_PER_INSERT) {
         let mut qb = QueryBuilder::<Postgres>::new(
             "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails) ",

@@ -101,20 +101,29 @@ pub struct RunCompleted {
 impl RunCompleted {
     /// Decodes a message body of any version this worker knows.
     pub fn decode(body: &[u8]) -> Result<Self, MessageError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
-        let version = value.get("schema_version").and_then(Value::as_i64).ok_or(MessageError::NoVersion)?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
+        let version = value
+            .get("schema_version")
+            .and_then(Value::as_i64)
+            .ok_or(MessageError::NoVersion)?;
         if version != 1 {
             return Err(MessageError::UnknownVersion(version));
         }
-        let msg: Self = serde_json::from_value(value).map_err(|e| MessageError::Invalid(e.to_string()))?;
+        let msg: Self =
+            serde_json::from_value(value).map_err(|e| MessageError::Invalid(e.to_string()))?;
         if let Some(loc) = &msg.location {
             if loc.chars().count() > 50 {
-                return Err(MessageError::Invalid(format!("location is longer than 50 characters: {loc:?}")));
+                return Err(MessageError::Invalid(format!(
+                    "location is longer than 50 characters: {loc:?}"
+                )));
             }
         }
         if let Some(done) = msg.completed_at {
             if done < msg.started_at {
-                return Err(MessageError::Invalid("completed_at is before started_at".into()));
+                return Err(MessageError::Invalid(
+                    "completed_at is before started_at".into(),
+                ));
             }
         }
         Ok(msg)
@@ -122,7 +131,8 @@ impl RunCompleted {
 
     /// Run duration from the message's own timestamps, for runs without a summary.
     pub fn wall_duration_ms(&self) -> Option<i64> {
-        self.completed_at.map(|c| (c - self.started_at).num_milliseconds())
+        self.completed_at
+            .map(|c| (c - self.started_at).num_milliseconds())
     }
 }
 
@@ -159,16 +169,25 @@ mod tests {
 
     #[test]
     fn names_what_is_wrong() {
-        assert!(matches!(RunCompleted::decode(b"nope"), Err(MessageError::NotJson(_))));
+        assert!(matches!(
+            RunCompleted::decode(b"nope"),
+            Err(MessageError::NotJson(_))
+        ));
         let mut v = valid();
         v["schema_version"] = 2.into();
-        assert_eq!(RunCompleted::decode(v.to_string().as_bytes()), Err(MessageError::UnknownVersion(2)));
+        assert_eq!(
+            RunCompleted::decode(v.to_string().as_bytes()),
+            Err(MessageError::UnknownVersion(2))
+        );
         let mut v = valid();
         v.as_object_mut().unwrap().remove("run_id");
         let err = RunCompleted::decode(v.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains("run_id"), "{err}");
         let mut v = valid();
         v["exit_code"] = "zero".into();
-        assert!(matches!(RunCompleted::decode(v.to_string().as_bytes()), Err(MessageError::Invalid(_))));
+        assert!(matches!(
+            RunCompleted::decode(v.to_string().as_bytes()),
+            Err(MessageError::Invalid(_))
+        ));
     }
 }

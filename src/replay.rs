@@ -32,16 +32,22 @@ impl ReplayRow {
 pub fn find_messages(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
     let mut out = Vec::new();
     for root in paths {
-        let meta = std::fs::metadata(root).with_context(|| format!("Failed to read {}", root.display()))?;
+        let meta = std::fs::metadata(root)
+            .with_context(|| format!("Failed to read {}", root.display()))?;
         if meta.is_file() {
-            let parent = root.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            let parent = root
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
             out.push((root.clone(), parent));
             continue;
         }
         let mut stack = vec![root.clone()];
         let mut found = Vec::new();
         while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir).with_context(|| format!("Failed to list {}", dir.display()))? {
+            for entry in std::fs::read_dir(&dir)
+                .with_context(|| format!("Failed to list {}", dir.display()))?
+            {
                 let entry = entry?;
                 let path = entry.path();
                 let ft = entry.file_type()?;
@@ -59,7 +65,13 @@ pub fn find_messages(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, PathBuf)
 }
 
 /// Replays the message files under `paths` with up to `concurrency` runs at once.
-pub async fn replay(ingestor: &Ingestor, paths: &[PathBuf], dry_run: bool, concurrency: usize, max_message_bytes: u64) -> anyhow::Result<Vec<ReplayRow>> {
+pub async fn replay(
+    ingestor: &Ingestor,
+    paths: &[PathBuf],
+    dry_run: bool,
+    concurrency: usize,
+    max_message_bytes: u64,
+) -> anyhow::Result<Vec<ReplayRow>> {
     let files = find_messages(paths)?;
     let bar = ProgressBar::with_draw_target(Some(files.len() as u64), ProgressDrawTarget::stderr());
     bar.set_style(
@@ -84,19 +96,49 @@ pub async fn replay(ingestor: &Ingestor, paths: &[PathBuf], dry_run: bool, concu
     Ok(rows)
 }
 
-async fn replay_file(ingestor: &Ingestor, file: &Path, root: &Path, dry_run: bool, max_message_bytes: u64) -> ReplayRow {
+async fn replay_file(
+    ingestor: &Ingestor,
+    file: &Path,
+    root: &Path,
+    dry_run: bool,
+    max_message_bytes: u64,
+) -> ReplayRow {
     let rel = file.strip_prefix(root).unwrap_or(file);
-    let label = rel.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(rel).display().to_string();
-    let label = if label.is_empty() { file.display().to_string() } else { label };
+    let label = rel
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(rel)
+        .display()
+        .to_string();
+    let label = if label.is_empty() {
+        file.display().to_string()
+    } else {
+        label
+    };
     let body = match read_limited(file, max_message_bytes) {
         Ok(b) => b,
-        Err(e) => return ReplayRow { label, run_id: None, result: Err(e) },
+        Err(e) => {
+            return ReplayRow {
+                label,
+                run_id: None,
+                result: Err(e),
+            };
+        }
     };
     let msg = match RunCompleted::decode(&body) {
         Ok(m) => m,
-        Err(e) => return ReplayRow { label, run_id: None, result: Err(e.to_string()) },
+        Err(e) => {
+            return ReplayRow {
+                label,
+                run_id: None,
+                result: Err(e.to_string()),
+            };
+        }
     };
-    let ctx = IngestContext { base_dir: file.parent().map(Path::to_path_buf), dry_run };
+    let ctx = IngestContext {
+        base_dir: file.parent().map(Path::to_path_buf),
+        dry_run,
+    };
     let result = ingestor.ingest_one(&msg, &ctx).await.map_err(|e| {
         let kind = match e.disposition() {
             crate::ingest::Disposition::Retry => " (transient: replay again later)",
@@ -104,13 +146,21 @@ async fn replay_file(ingestor: &Ingestor, file: &Path, root: &Path, dry_run: boo
         };
         format!("{e}{kind}")
     });
-    ReplayRow { label, run_id: Some(msg.run_id), result }
+    ReplayRow {
+        label,
+        run_id: Some(msg.run_id),
+        result,
+    }
 }
 
 fn read_limited(file: &Path, limit: u64) -> Result<Vec<u8>, String> {
-    let meta = std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let meta =
+        std::fs::metadata(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
     if meta.len() > limit {
-        return Err(format!("message file is {} bytes, over the limit of {limit} (amqp.max_message_bytes)", meta.len()));
+        return Err(format!(
+            "message file is {} bytes, over the limit of {limit} (amqp.max_message_bytes)",
+            meta.len()
+        ));
     }
     std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))
 }
@@ -144,8 +194,14 @@ pub fn render_table(rows: &[ReplayRow]) -> String {
                     (Some(p), Some(t)) => format!("{p}/{t}"),
                     _ => "-".to_string(),
                 };
-                let rate = l.request_rate.map(|r| format!("{}.{:02}", r / 100, (r % 100).abs()));
-                let note = if r.warnings.is_empty() { String::new() } else { format!("{} warning(s)", r.warnings.len()) };
+                let rate = l
+                    .request_rate
+                    .map(|r| format!("{}.{:02}", r / 100, (r % 100).abs()));
+                let note = if r.warnings.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} warning(s)", r.warnings.len())
+                };
                 table.push([
                     r.outcome.as_str().into(),
                     row.label.clone(),
@@ -169,7 +225,15 @@ pub fn render_table(rows: &[ReplayRow]) -> String {
             ]),
         }
     }
-    let widths: Vec<usize> = (0..7).map(|c| table.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..7)
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in &table {
         for (c, w) in widths.iter().enumerate() {
@@ -178,7 +242,11 @@ pub fn render_table(rows: &[ReplayRow]) -> String {
         out.push_str(r[7].trim_end());
         out.push('\n');
     }
-    let count = |o: Outcome| rows.iter().filter(|r| matches!(&r.result, Ok(x) if x.outcome == o)).count();
+    let count = |o: Outcome| {
+        rows.iter()
+            .filter(|r| matches!(&r.result, Ok(x) if x.outcome == o))
+            .count()
+    };
     let failed = rows.iter().filter(|r| r.failed()).count();
     let _ = writeln!(
         out,

@@ -7,10 +7,10 @@
 
 use std::path::Path;
 
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
-use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use uuid::Uuid;
 
 use crate::config::{ChecksumMode, S3Settings};
@@ -50,16 +50,25 @@ pub fn classify_sdk_error<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> (bo
             let not_found = matches!(code, "NoSuchKey" | "NoSuchBucket" | "NotFound");
             let transient = matches!(
                 code,
-                "SlowDown" | "InternalError" | "ServiceUnavailable" | "RequestTimeout" | "Throttling" | "ThrottlingException"
+                "SlowDown"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeout"
+                    | "Throttling"
+                    | "ThrottlingException"
             );
             (transient, not_found)
         }
-        SdkError::ResponseError(_) | SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => (true, false),
+        SdkError::ResponseError(_) | SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            (true, false)
+        }
         _ => (false, false),
     }
 }
 
-pub fn describe_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(e: &SdkError<E, R>) -> String {
+pub fn describe_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+    e: &SdkError<E, R>,
+) -> String {
     match e {
         SdkError::ServiceError(se) => format!(
             "{}: {}",
@@ -104,9 +113,19 @@ impl ArtifactStore {
     }
 
     /// The deterministic key of a run's artifact.
-    pub fn key_for(&self, organization_id: Uuid, project_id: Uuid, run_id: Uuid, file_name: &str) -> String {
+    pub fn key_for(
+        &self,
+        organization_id: Uuid,
+        project_id: Uuid,
+        run_id: Uuid,
+        file_name: &str,
+    ) -> String {
         let tail = format!("{organization_id}/{project_id}/{run_id}/{file_name}");
-        if self.prefix.is_empty() { tail } else { format!("{}/{tail}", self.prefix) }
+        if self.prefix.is_empty() {
+            tail
+        } else {
+            format!("{}/{tail}", self.prefix)
+        }
     }
 
     pub fn uri(&self, key: &str) -> String {
@@ -114,10 +133,19 @@ impl ArtifactStore {
     }
 
     /// Uploads a local file under `key`, streaming it; returns the bytes sent.
-    pub async fn upload_file(&self, path: &Path, key: &str, content_type: &str) -> Result<u64, UploadError> {
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        key: &str,
+        content_type: &str,
+    ) -> Result<u64, UploadError> {
         let size = tokio::fs::metadata(path)
             .await
-            .map_err(|e| UploadError { key: key.into(), message: format!("cannot read {}: {e}", path.display()), transient: false })?
+            .map_err(|e| UploadError {
+                key: key.into(),
+                message: format!("cannot read {}: {e}", path.display()),
+                transient: false,
+            })?
             .len();
         if size > self.multipart_threshold {
             self.upload_multipart(path, size, key, content_type).await?;
@@ -127,7 +155,11 @@ impl ArtifactStore {
                 .length(Length::Exact(size))
                 .build()
                 .await
-                .map_err(|e| UploadError { key: key.into(), message: e.to_string(), transient: false })?;
+                .map_err(|e| UploadError {
+                    key: key.into(),
+                    message: e.to_string(),
+                    transient: false,
+                })?;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -143,7 +175,12 @@ impl ArtifactStore {
     }
 
     /// Uploads bytes already in memory (small documents such as a corrupt summary).
-    pub async fn upload_bytes(&self, bytes: Vec<u8>, key: &str, content_type: &str) -> Result<u64, UploadError> {
+    pub async fn upload_bytes(
+        &self,
+        bytes: Vec<u8>,
+        key: &str,
+        content_type: &str,
+    ) -> Result<u64, UploadError> {
         let size = bytes.len() as u64;
         self.client
             .put_object()
@@ -157,15 +194,30 @@ impl ArtifactStore {
         Ok(size)
     }
 
-    async fn upload_multipart(&self, path: &Path, size: u64, key: &str, content_type: &str) -> Result<(), UploadError> {
-        let mut create = self.client.create_multipart_upload().bucket(&self.bucket).key(key).content_type(content_type);
+    async fn upload_multipart(
+        &self,
+        path: &Path,
+        size: u64,
+        key: &str,
+        content_type: &str,
+    ) -> Result<(), UploadError> {
+        let mut create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type);
         if self.checksum == ChecksumMode::WhenSupported {
             create = create.checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
         let created = create.send().await.map_err(|e| self.sdk_error(key, &e))?;
         let upload_id = created
             .upload_id()
-            .ok_or_else(|| UploadError { key: key.into(), message: "no upload id in CreateMultipartUpload".into(), transient: true })?
+            .ok_or_else(|| UploadError {
+                key: key.into(),
+                message: "no upload id in CreateMultipartUpload".into(),
+                transient: true,
+            })?
             .to_string();
         match self.upload_parts(path, size, key, &upload_id).await {
             Ok(parts) => {
@@ -175,7 +227,11 @@ impl ArtifactStore {
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(&upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
                     .send()
                     .await;
                 if let Err(e) = done {
@@ -192,7 +248,13 @@ impl ArtifactStore {
         }
     }
 
-    async fn upload_parts(&self, path: &Path, size: u64, key: &str, upload_id: &str) -> Result<Vec<CompletedPart>, UploadError> {
+    async fn upload_parts(
+        &self,
+        path: &Path,
+        size: u64,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<CompletedPart>, UploadError> {
         let mut parts = Vec::new();
         let mut offset = 0u64;
         let mut number = 1i32;
@@ -204,7 +266,11 @@ impl ArtifactStore {
                 .length(Length::Exact(len))
                 .build()
                 .await
-                .map_err(|e| UploadError { key: key.into(), message: e.to_string(), transient: false })?;
+                .map_err(|e| UploadError {
+                    key: key.into(),
+                    message: e.to_string(),
+                    transient: false,
+                })?;
             let out = self
                 .client
                 .upload_part()
@@ -231,14 +297,30 @@ impl ArtifactStore {
     }
 
     async fn abort(&self, key: &str, upload_id: &str) {
-        if let Err(e) = self.client.abort_multipart_upload().bucket(&self.bucket).key(key).upload_id(upload_id).send().await {
+        if let Err(e) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
             tracing::warn!(s3.key = key, error = %describe_sdk_error(&e), "could not abort a failed multipart upload");
         }
     }
 
-    fn sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(&self, key: &str, e: &SdkError<E, R>) -> UploadError {
+    fn sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
+        &self,
+        key: &str,
+        e: &SdkError<E, R>,
+    ) -> UploadError {
         let (transient, _) = classify_sdk_error(e);
-        UploadError { key: key.into(), message: describe_sdk_error(e), transient }
+        UploadError {
+            key: key.into(),
+            message: describe_sdk_error(e),
+            transient,
+        }
     }
 }
 

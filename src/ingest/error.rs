@@ -67,7 +67,10 @@ impl IngestError {
             Self::Message(m) => m.class(),
             Self::Fetch { .. } => "fetch",
             Self::Upload { .. } => "upload",
-            Self::Store { source: StoreError::TenantMismatch { .. }, .. } => "tenant_mismatch",
+            Self::Store {
+                source: StoreError::TenantMismatch { .. },
+                ..
+            } => "tenant_mismatch",
             Self::Store { .. } => "database",
             Self::SummaryUnusable { .. } => "summary_unusable",
             Self::Config { .. } => "config",

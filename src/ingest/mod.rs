@@ -19,9 +19,11 @@ use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, open_lines};
 use crate::db::{self, NewRun, Stored};
 use crate::message::RunCompleted;
 use crate::s3::{ArtifactStore, content_type_for};
-use crate::summary::samples::{SampleSets, collect_samples};
 use crate::summary::parse::parse_summary_value;
-use crate::summary::{Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples};
+use crate::summary::samples::{SampleSets, collect_samples};
+use crate::summary::{
+    Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples,
+};
 
 /// How a driver wants one run handled.
 #[derive(Debug, Clone, Default)]
@@ -100,21 +102,46 @@ pub struct Ingestor {
 
 /// The summary after fetching and parsing, or why there is none.
 enum SummaryLoad {
-    Parsed { size: u64, doc: Value, summary: Box<Summary>, file_name: String, bytes: Vec<u8> },
-    Missing { reason: String },
-    Unreadable { reason: String, bytes: Vec<u8>, file_name: String },
+    Parsed {
+        size: u64,
+        doc: Value,
+        summary: Box<Summary>,
+        file_name: String,
+        bytes: Vec<u8>,
+    },
+    Missing {
+        reason: String,
+    },
+    Unreadable {
+        reason: String,
+        bytes: Vec<u8>,
+        file_name: String,
+    },
 }
 
 /// k6 writes its summaries for these exit codes; a missing summary then is a fault of
 /// the pipeline, not of the test (SPEC section 6 and k6-formats §12).
 /// Without an exit code nothing says the summary may be missing, so it is expected.
 fn summary_expected(exit_code: Option<i32>) -> bool {
-    matches!(exit_code, None | Some(0 | 99 | 100 | 101 | 102 | 103 | 108 | 110))
+    matches!(
+        exit_code,
+        None | Some(0 | 99 | 100 | 101 | 102 | 103 | 108 | 110)
+    )
 }
 
 impl Ingestor {
-    pub fn new(pool: Option<PgPool>, store: Option<ArtifactStore>, fetcher: Fetcher, inline_summary_max: u64) -> Self {
-        Self { pool, store, fetcher, inline_summary_max }
+    pub fn new(
+        pool: Option<PgPool>,
+        store: Option<ArtifactStore>,
+        fetcher: Fetcher,
+        inline_summary_max: u64,
+    ) -> Self {
+        Self {
+            pool,
+            store,
+            fetcher,
+            inline_summary_max,
+        }
     }
 
     pub fn pool(&self) -> Option<&PgPool> {
@@ -125,11 +152,19 @@ impl Ingestor {
     /// that it could be; `Err` says what went wrong and, through `disposition`, what to do.
     #[tracing::instrument(name = "ingest", skip_all, fields(run.id = %msg.run_id, event.id = %msg.event_id,
         organization.id = %msg.organization_id, project.id = %msg.project_id))]
-    pub async fn ingest_one(&self, msg: &RunCompleted, ctx: &IngestContext) -> Result<IngestReport, IngestError> {
+    pub async fn ingest_one(
+        &self,
+        msg: &RunCompleted,
+        ctx: &IngestContext,
+    ) -> Result<IngestReport, IngestError> {
         let run_id = msg.run_id;
         let store_err = |source| IngestError::Store { run_id, source };
         let existing = match &self.pool {
-            Some(pool) => Some(db::existing(pool, run_id).await.map_err(|e| store_err(db::StoreError::Db(e)))?),
+            Some(pool) => Some(
+                db::existing(pool, run_id)
+                    .await
+                    .map_err(|e| store_err(db::StoreError::Db(e)))?,
+            ),
             None => None,
         };
         if let Some(ex) = &existing {
@@ -155,15 +190,30 @@ impl Ingestor {
             let Some(uri) = uri.as_deref() else { continue };
             match self.fetch_local(uri, ctx).await {
                 Ok((source, local)) => locals.push((role, uri.to_string(), source, local)),
-                Err(e) if e.is_transient() => return Err(IngestError::Fetch { run_id, artifact: role, source: e }),
+                Err(e) if e.is_transient() => {
+                    return Err(IngestError::Fetch {
+                        run_id,
+                        artifact: role,
+                        source: e,
+                    });
+                }
                 Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
             }
         }
 
         let samples = match &load {
             SummaryLoad::Parsed { summary, .. } => {
-                let metrics_file = locals.iter().find(|l| l.0 == "metrics").map(|l| l.3.path.clone());
-                self.read_samples(summary, metrics_file, self.fetcher.settings().max_samples, &mut warnings).await
+                let metrics_file = locals
+                    .iter()
+                    .find(|l| l.0 == "metrics")
+                    .map(|l| l.3.path.clone());
+                self.read_samples(
+                    summary,
+                    metrics_file,
+                    self.fetcher.settings().max_samples,
+                    &mut warnings,
+                )
+                .await
             }
             _ => None,
         };
@@ -172,24 +222,39 @@ impl Ingestor {
             SummaryLoad::Parsed { summary, .. } => {
                 let summary = summary.clone();
                 let exit_code = msg.exit_code;
-                let extraction = tokio::task::spawn_blocking(move || extract(&summary, exit_code, samples.as_ref()))
-                    .await
-                    .map_err(|e| IngestError::Config { run_id, message: format!("extraction task failed: {e}") })?;
+                let extraction = tokio::task::spawn_blocking(move || {
+                    extract(&summary, exit_code, samples.as_ref())
+                })
+                .await
+                .map_err(|e| IngestError::Config {
+                    run_id,
+                    message: format!("extraction task failed: {e}"),
+                })?;
                 (extraction, None)
             }
-            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => {
-                (extract_without_summary(msg.exit_code, reason), Some(reason.clone()))
-            }
+            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
+                extract_without_summary(msg.exit_code, reason),
+                Some(reason.clone()),
+            ),
         };
         extraction.columns.warnings.extend(warnings);
 
         if ctx.dry_run {
             let line = RunLine::from_extraction(&extraction);
-            return Ok(IngestReport { run_id, outcome: Outcome::DryRun, line, bytes_uploaded: 0, warnings: extraction.columns.warnings });
+            return Ok(IngestReport {
+                run_id,
+                outcome: Outcome::DryRun,
+                line,
+                bytes_uploaded: 0,
+                warnings: extraction.columns.warnings,
+            });
         }
 
         let Some(pool) = &self.pool else {
-            return Err(IngestError::Config { run_id, message: "no database configured (database.url)".into() });
+            return Err(IngestError::Config {
+                run_id,
+                message: "no database configured (database.url)".into(),
+            });
         };
 
         // --- uploads: deterministic keys, so a retry overwrites ---
@@ -205,31 +270,58 @@ impl Ingestor {
             if *role == "logs" {
                 logs_s3_url = Some(uri_s3.clone());
             }
-            artifact_paths.insert((*role).to_string(), json!({"source": uri, "s3": uri_s3, "bytes": local.size}));
+            artifact_paths.insert(
+                (*role).to_string(),
+                json!({"source": uri, "s3": uri_s3, "bytes": local.size}),
+            );
         }
         match load {
-            SummaryLoad::Parsed { size, doc, file_name, bytes, .. } => {
+            SummaryLoad::Parsed {
+                size,
+                doc,
+                file_name,
+                bytes,
+                ..
+            } => {
                 let source_uri = msg.artifacts.summary.clone().unwrap_or_default();
                 if size <= self.inline_summary_max {
                     summary_json = Some(doc);
-                    artifact_paths.insert("summary".into(), json!({"source": source_uri, "inline": true, "bytes": size}));
+                    artifact_paths.insert(
+                        "summary".into(),
+                        json!({"source": source_uri, "inline": true, "bytes": size}),
+                    );
                 } else {
                     let name = unique_name(&file_name, "summary", &mut taken_names);
-                    let s3_uri = self.upload_bytes(msg, &name, bytes, &mut bytes_uploaded).await?;
-                    artifact_paths.insert("summary".into(), json!({"source": source_uri, "s3": s3_uri, "bytes": size}));
+                    let s3_uri = self
+                        .upload_bytes(msg, &name, bytes, &mut bytes_uploaded)
+                        .await?;
+                    artifact_paths.insert(
+                        "summary".into(),
+                        json!({"source": source_uri, "s3": s3_uri, "bytes": size}),
+                    );
                     summary_s3_url = Some(s3_uri);
                 }
             }
-            SummaryLoad::Unreadable { bytes, file_name, .. } => {
+            SummaryLoad::Unreadable {
+                bytes, file_name, ..
+            } => {
                 // Keep the unreadable file where a person can look at it.
                 let name = unique_name(&file_name, "summary", &mut taken_names);
-                let s3_uri = self.upload_bytes(msg, &name, bytes, &mut bytes_uploaded).await?;
-                artifact_paths.insert("summary".into(), json!({"source": msg.artifacts.summary, "s3": s3_uri, "unreadable": true}));
+                let s3_uri = self
+                    .upload_bytes(msg, &name, bytes, &mut bytes_uploaded)
+                    .await?;
+                artifact_paths.insert(
+                    "summary".into(),
+                    json!({"source": msg.artifacts.summary, "s3": s3_uri, "unreadable": true}),
+                );
             }
             SummaryLoad::Missing { .. } => {}
         }
 
-        let duration_ms = extraction.columns.duration_ms.or_else(|| msg.wall_duration_ms());
+        let duration_ms = extraction
+            .columns
+            .duration_ms
+            .or_else(|| msg.wall_duration_ms());
         let new = NewRun {
             msg,
             extraction: &extraction,
@@ -246,7 +338,12 @@ impl Ingestor {
             Stored::Replaced { .. } => Outcome::Replaced,
             Stored::AlreadyPresent => return self.already_present(run_id).await,
         };
-        tracing::debug!(outcome = outcome.as_str(), status = extraction.columns.status.as_str(), bytes_uploaded, "run stored");
+        tracing::debug!(
+            outcome = outcome.as_str(),
+            status = extraction.columns.status.as_str(),
+            bytes_uploaded,
+            "run stored"
+        );
         if let Some(reason) = summary_reason {
             if summary_expected(msg.exit_code) {
                 return Err(IngestError::SummaryUnusable { run_id, reason });
@@ -263,22 +360,46 @@ impl Ingestor {
 
     async fn already_present(&self, run_id: Uuid) -> Result<IngestReport, IngestError> {
         let line = match &self.pool {
-            Some(pool) => stored_line(pool, run_id).await.map_err(|e| IngestError::Store { run_id, source: e.into() })?,
+            Some(pool) => stored_line(pool, run_id)
+                .await
+                .map_err(|e| IngestError::Store {
+                    run_id,
+                    source: e.into(),
+                })?,
             None => RunLine::default(),
         };
-        Ok(IngestReport { run_id, outcome: Outcome::AlreadyPresent, line, bytes_uploaded: 0, warnings: Vec::new() })
+        Ok(IngestReport {
+            run_id,
+            outcome: Outcome::AlreadyPresent,
+            line,
+            bytes_uploaded: 0,
+            warnings: Vec::new(),
+        })
     }
 
-    async fn fetch_local(&self, uri: &str, ctx: &IngestContext) -> Result<(Source, LocalArtifact), FetchError> {
+    async fn fetch_local(
+        &self,
+        uri: &str,
+        ctx: &IngestContext,
+    ) -> Result<(Source, LocalArtifact), FetchError> {
         let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
-        let local = self.fetcher.fetch_to_local(uri, &source, self.fetcher.settings().max_artifact_bytes).await?;
+        let local = self
+            .fetcher
+            .fetch_to_local(uri, &source, self.fetcher.settings().max_artifact_bytes)
+            .await?;
         Ok((source, local))
     }
 
-    async fn load_summary(&self, msg: &RunCompleted, ctx: &IngestContext) -> Result<SummaryLoad, IngestError> {
+    async fn load_summary(
+        &self,
+        msg: &RunCompleted,
+        ctx: &IngestContext,
+    ) -> Result<SummaryLoad, IngestError> {
         let run_id = msg.run_id;
         let Some(uri) = msg.artifacts.summary.as_deref() else {
-            return Ok(SummaryLoad::Missing { reason: "the message names no summary artifact".into() });
+            return Ok(SummaryLoad::Missing {
+                reason: "the message names no summary artifact".into(),
+            });
         };
         let fetched = async {
             let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
@@ -288,8 +409,18 @@ impl Ingestor {
         .await;
         let (source, bytes) = match fetched {
             Ok(v) => v,
-            Err(e) if e.is_transient() => return Err(IngestError::Fetch { run_id, artifact: "summary", source: e }),
-            Err(e) => return Ok(SummaryLoad::Missing { reason: format!("summary unavailable: {e}") }),
+            Err(e) if e.is_transient() => {
+                return Err(IngestError::Fetch {
+                    run_id,
+                    artifact: "summary",
+                    source: e,
+                });
+            }
+            Err(e) => {
+                return Ok(SummaryLoad::Missing {
+                    reason: format!("summary unavailable: {e}"),
+                });
+            }
         };
         let file_name = source.file_name();
         let size = bytes.len() as u64;
@@ -300,14 +431,33 @@ impl Ingestor {
             (result, bytes)
         })
         .await
-        .map_err(|e| IngestError::Config { run_id, message: format!("summary parser task failed: {e}") })?;
+        .map_err(|e| IngestError::Config {
+            run_id,
+            message: format!("summary parser task failed: {e}"),
+        })?;
         match parsed {
-            (Ok((doc, summary)), bytes) => Ok(SummaryLoad::Parsed { size, doc, summary: Box::new(summary), file_name, bytes }),
-            (Err(e), bytes) => Ok(SummaryLoad::Unreadable { reason: format!("summary {uri}: {e}"), bytes, file_name }),
+            (Ok((doc, summary)), bytes) => Ok(SummaryLoad::Parsed {
+                size,
+                doc,
+                summary: Box::new(summary),
+                file_name,
+                bytes,
+            }),
+            (Err(e), bytes) => Ok(SummaryLoad::Unreadable {
+                reason: format!("summary {uri}: {e}"),
+                bytes,
+                file_name,
+            }),
         }
     }
 
-    async fn read_samples(&self, summary: &Summary, metrics_file: Option<PathBuf>, max_samples: usize, warnings: &mut Vec<String>) -> Option<SampleSets> {
+    async fn read_samples(
+        &self,
+        summary: &Summary,
+        metrics_file: Option<PathBuf>,
+        max_samples: usize,
+        warnings: &mut Vec<String>,
+    ) -> Option<SampleSets> {
         let requests = wanted_samples(summary);
         let path = metrics_file?;
         if requests.is_empty() {
@@ -321,7 +471,10 @@ impl Ingestor {
         match result {
             Ok(Ok(sets)) => {
                 if sets.bad_lines > 0 {
-                    warnings.push(format!("metrics samples: {} lines were not valid JSON and were skipped", sets.bad_lines));
+                    warnings.push(format!(
+                        "metrics samples: {} lines were not valid JSON and were skipped",
+                        sets.bad_lines
+                    ));
                 }
                 if sets.truncated {
                     warnings.push(format!("metrics samples: stopped at {max_samples} samples; percentiles not computed"));
@@ -340,29 +493,48 @@ impl Ingestor {
     }
 
     fn store_for(&self, run_id: Uuid) -> Result<&ArtifactStore, IngestError> {
-        self.store
-            .as_ref()
-            .ok_or_else(|| IngestError::Config { run_id, message: "artifacts need S3, but s3.bucket is not set".into() })
+        self.store.as_ref().ok_or_else(|| IngestError::Config {
+            run_id,
+            message: "artifacts need S3, but s3.bucket is not set".into(),
+        })
     }
 
-    async fn upload(&self, msg: &RunCompleted, name: &str, local: &LocalArtifact, total: &mut u64) -> Result<String, IngestError> {
+    async fn upload(
+        &self,
+        msg: &RunCompleted,
+        name: &str,
+        local: &LocalArtifact,
+        total: &mut u64,
+    ) -> Result<String, IngestError> {
         let store = self.store_for(msg.run_id)?;
         let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
         let n = store
             .upload_file(&local.path, &key, content_type_for(name))
             .await
-            .map_err(|source| IngestError::Upload { run_id: msg.run_id, source })?;
+            .map_err(|source| IngestError::Upload {
+                run_id: msg.run_id,
+                source,
+            })?;
         *total += n;
         Ok(store.uri(&key))
     }
 
-    async fn upload_bytes(&self, msg: &RunCompleted, name: &str, bytes: Vec<u8>, total: &mut u64) -> Result<String, IngestError> {
+    async fn upload_bytes(
+        &self,
+        msg: &RunCompleted,
+        name: &str,
+        bytes: Vec<u8>,
+        total: &mut u64,
+    ) -> Result<String, IngestError> {
         let store = self.store_for(msg.run_id)?;
         let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
         let n = store
             .upload_bytes(bytes, &key, content_type_for(name))
             .await
-            .map_err(|source| IngestError::Upload { run_id: msg.run_id, source })?;
+            .map_err(|source| IngestError::Upload {
+                run_id: msg.run_id,
+                source,
+            })?;
         *total += n;
         Ok(store.uri(&key))
     }
@@ -370,8 +542,16 @@ impl Ingestor {
 
 /// A file name unique among this run's artifacts (two roles may share a source name).
 fn unique_name(name: &str, role: &str, taken: &mut Vec<String>) -> String {
-    let base = if name.is_empty() { role.to_string() } else { name.to_string() };
-    let name = if taken.contains(&base) { format!("{role}-{base}") } else { base };
+    let base = if name.is_empty() {
+        role.to_string()
+    } else {
+        name.to_string()
+    };
+    let name = if taken.contains(&base) {
+        format!("{role}-{base}")
+    } else {
+        base
+    };
     taken.push(name.clone());
     name
 }

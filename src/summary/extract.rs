@@ -118,11 +118,17 @@ pub fn wanted_samples(summary: &Summary) -> Vec<SampleRequest> {
     let mut out: Vec<SampleRequest> = Vec::new();
     let mut want = |m: &Metric| {
         if !out.iter().any(|r| r.key == m.name) {
-            out.push(SampleRequest { key: m.name.clone(), base_name: m.base_name.clone(), tags: m.tags.clone() });
+            out.push(SampleRequest {
+                key: m.name.clone(),
+                base_name: m.base_name.clone(),
+                tags: m.tags.clone(),
+            });
         }
     };
     if let Some(d) = summary.metric(DURATION) {
-        let missing = RESPONSE_PERCENTILES.iter().any(|(k, _)| d.value(k).is_none() && !(*k == "p(50)" && d.value("med").is_some()));
+        let missing = RESPONSE_PERCENTILES
+            .iter()
+            .any(|(k, _)| d.value(k).is_none() && !(*k == "p(50)" && d.value("med").is_some()));
         if missing || d.value("p(95)").is_none() {
             want(d);
         }
@@ -147,7 +153,11 @@ pub fn wanted_samples(summary: &Summary) -> Vec<SampleRequest> {
 /// Samples are only trusted when they reproduce every order statistic the summary did
 /// report (count, min, max, med and each p(N)): a partial or foreign samples file then
 /// cannot slip wrong numbers into the row.
-fn trusted_samples<'a>(m: &Metric, samples: Option<&'a SampleSets>, warnings: &mut Vec<String>) -> Option<&'a [f64]> {
+fn trusted_samples<'a>(
+    m: &Metric,
+    samples: Option<&'a SampleSets>,
+    warnings: &mut Vec<String>,
+) -> Option<&'a [f64]> {
     let s = samples?.complete(&m.name, &m.base_name)?;
     if s.is_empty() {
         return None;
@@ -172,7 +182,10 @@ fn trusted_samples<'a>(m: &Metric, samples: Option<&'a SampleSets>, warnings: &m
         }
     }
     if checks.is_empty() {
-        warnings.push(format!("{}: raw samples not used, the summary reports no stat to verify them against", m.name));
+        warnings.push(format!(
+            "{}: raw samples not used, the summary reports no stat to verify them against",
+            m.name
+        ));
         return None;
     }
     for (stat, want, got) in &checks {
@@ -187,11 +200,19 @@ fn trusted_samples<'a>(m: &Metric, samples: Option<&'a SampleSets>, warnings: &m
     Some(s)
 }
 
-fn scaled_or_warn(value: Option<f64>, factor: f64, what: &str, warnings: &mut Vec<String>) -> Option<i64> {
+fn scaled_or_warn(
+    value: Option<f64>,
+    factor: f64,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Option<i64> {
     let v = value?;
     let out = scale::scaled(v, factor);
     if out.is_none() {
-        warnings.push(format!("{what}: {} does not fit the scale ×{factor}, stored NULL", short(v)));
+        warnings.push(format!(
+            "{what}: {} does not fit the scale ×{factor}, stored NULL",
+            short(v)
+        ));
     }
     out
 }
@@ -200,14 +221,21 @@ fn count_or_warn(value: Option<f64>, what: &str, warnings: &mut Vec<String>) -> 
     let v = value?;
     let out = scale::count(v);
     if out.is_none() {
-        warnings.push(format!("{what}: {} is not a storable count, stored NULL", short(v)));
+        warnings.push(format!(
+            "{what}: {} is not a storable count, stored NULL",
+            short(v)
+        ));
     }
     out
 }
 
 /// A number for a warning: exponent form when the plain form would be unreadable.
 fn short(v: f64) -> String {
-    if v != 0.0 && (v.abs() >= 1e15 || v.abs() < 1e-6) { format!("{v:e}") } else { v.to_string() }
+    if v != 0.0 && (v.abs() >= 1e15 || v.abs() < 1e-6) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
 }
 
 /// Drops repeated warnings, keeping the first occurrence's order.
@@ -219,45 +247,78 @@ fn dedup_keep_order(warnings: &mut Vec<String>) {
 fn null_warnings(m: &Metric, warnings: &mut Vec<String>) {
     for (k, v) in &m.values {
         if v.is_none() {
-            warnings.push(format!("{}: k6 reported {k} as null (non-finite), stored NULL", m.name));
+            warnings.push(format!(
+                "{}: k6 reported {k} as null (non-finite), stored NULL",
+                m.name
+            ));
         }
     }
 }
 
 /// Extracts everything from a summary. `samples` may fill percentiles the summary lacks.
-pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&SampleSets>) -> Extraction {
+pub fn extract(
+    summary: &Summary,
+    exit_code: Option<i32>,
+    samples: Option<&SampleSets>,
+) -> Extraction {
     let mut warnings: Vec<String> = summary.warnings.clone();
     let mut sources = BTreeMap::new();
 
-    let metrics: Vec<MetricRow> = summary.metrics.iter().map(|m| metric_row(m, samples)).collect();
+    let metrics: Vec<MetricRow> = summary
+        .metrics
+        .iter()
+        .map(|m| metric_row(m, samples))
+        .collect();
     for row in &metrics {
         warnings.extend(row.warnings.iter().cloned());
     }
 
     // --- HTTP totals and response times ---
     let reqs = summary.metric("http_reqs");
-    let total_requests = count_or_warn(reqs.and_then(|m| m.value("count")), "http_reqs count", &mut warnings);
-    let request_rate = scaled_or_warn(reqs.and_then(|m| m.value("rate")), scale::PER_SECOND_X100, "http_reqs rate", &mut warnings);
+    let total_requests = count_or_warn(
+        reqs.and_then(|m| m.value("count")),
+        "http_reqs count",
+        &mut warnings,
+    );
+    let request_rate = scaled_or_warn(
+        reqs.and_then(|m| m.value("rate")),
+        scale::PER_SECOND_X100,
+        "http_reqs rate",
+        &mut warnings,
+    );
     // http_req_failed counts a failed request as a *pass* of the rate.
-    let failed_requests = count_or_warn(summary.metric("http_req_failed").and_then(|m| m.value("passes")), "http_req_failed passes", &mut warnings);
+    let failed_requests = count_or_warn(
+        summary
+            .metric("http_req_failed")
+            .and_then(|m| m.value("passes")),
+        "http_req_failed passes",
+        &mut warnings,
+    );
 
     let duration = summary.metric(DURATION);
     let mut dwarn = Vec::new();
     let dsamples = duration.and_then(|d| trusted_samples(d, samples, &mut dwarn));
     warnings.extend(dwarn);
-    let mut response = |stat: &str, p: Option<f64>, column: &str, warnings: &mut Vec<String>| -> Option<i64> {
-        let d = duration?;
-        let from_summary = d.value(stat).or_else(|| if stat == "p(50)" { d.value("med") } else { None });
-        let value = match (from_summary, p, dsamples) {
-            (Some(v), _, _) => Some(v),
-            (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
-                sources.insert(column.to_string(), "samples".to_string());
-                Some(percentile(s, p))
-            }
-            _ => None,
+    let mut response =
+        |stat: &str, p: Option<f64>, column: &str, warnings: &mut Vec<String>| -> Option<i64> {
+            let d = duration?;
+            let from_summary = d.value(stat).or_else(|| {
+                if stat == "p(50)" {
+                    d.value("med")
+                } else {
+                    None
+                }
+            });
+            let value = match (from_summary, p, dsamples) {
+                (Some(v), _, _) => Some(v),
+                (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
+                    sources.insert(column.to_string(), "samples".to_string());
+                    Some(percentile(s, p))
+                }
+                _ => None,
+            };
+            scaled_or_warn(value, scale::MS, &format!("{DURATION} {stat}"), warnings)
         };
-        scaled_or_warn(value, scale::MS, &format!("{DURATION} {stat}"), warnings)
-    };
     let avg = response("avg", None, "avg_response_time_ms", &mut warnings);
     let p50 = response("p(50)", Some(50.0), "p50_response_time_ms", &mut warnings);
     let p90 = response("p(90)", Some(90.0), "p90_response_time_ms", &mut warnings);
@@ -278,7 +339,11 @@ pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&Sampl
     let (thresholds_total, thresholds_failed, thresholds_passed) = if carries_thresholds {
         let total = i32::try_from(thresholds.len()).unwrap_or(i32::MAX);
         let nfailed = i32::try_from(failed.len()).unwrap_or(i32::MAX);
-        (Some(total), Some(nfailed), (total > 0).then_some(nfailed == 0))
+        (
+            Some(total),
+            Some(nfailed),
+            (total > 0).then_some(nfailed == 0),
+        )
     } else {
         (None, None, None)
     };
@@ -293,7 +358,11 @@ pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&Sampl
             group_path: c.group_path.clone(),
             path: c.path.clone(),
             name: c.name.clone(),
-            passes: count_or_warn(c.passes, &format!("check {:?} passes", c.path), &mut warnings),
+            passes: count_or_warn(
+                c.passes,
+                &format!("check {:?} passes", c.path),
+                &mut warnings,
+            ),
             fails: count_or_warn(c.fails, &format!("check {:?} fails", c.path), &mut warnings),
         })
         .collect();
@@ -311,7 +380,9 @@ pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&Sampl
         }
         None => (None, None),
     };
-    let checks_total = checks_passed.zip(checks_failed).and_then(|(p, f)| p.checked_add(f));
+    let checks_total = checks_passed
+        .zip(checks_failed)
+        .and_then(|(p, f)| p.checked_add(f));
 
     // --- execution ---
     let vus_max = summary
@@ -320,11 +391,34 @@ pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&Sampl
         .or_else(|| summary.metric("vus").and_then(|m| m.value("max")));
     let vus_max = count_or_warn(vus_max, "vus_max", &mut warnings);
     let iterations = summary.metric("iterations");
-    let iterations_total = count_or_warn(iterations.and_then(|m| m.value("count")), "iterations count", &mut warnings);
-    let iterations_rate = scaled_or_warn(iterations.and_then(|m| m.value("rate")), scale::PER_SECOND_X100, "iterations rate", &mut warnings);
-    let data_received_bytes = count_or_warn(summary.metric("data_received").and_then(|m| m.value("count")), "data_received count", &mut warnings);
-    let data_sent_bytes = count_or_warn(summary.metric("data_sent").and_then(|m| m.value("count")), "data_sent count", &mut warnings);
-    let duration_ms = count_or_warn(summary.test_run_duration_ms, "state.testRunDurationMs", &mut warnings);
+    let iterations_total = count_or_warn(
+        iterations.and_then(|m| m.value("count")),
+        "iterations count",
+        &mut warnings,
+    );
+    let iterations_rate = scaled_or_warn(
+        iterations.and_then(|m| m.value("rate")),
+        scale::PER_SECOND_X100,
+        "iterations rate",
+        &mut warnings,
+    );
+    let data_received_bytes = count_or_warn(
+        summary
+            .metric("data_received")
+            .and_then(|m| m.value("count")),
+        "data_received count",
+        &mut warnings,
+    );
+    let data_sent_bytes = count_or_warn(
+        summary.metric("data_sent").and_then(|m| m.value("count")),
+        "data_sent count",
+        &mut warnings,
+    );
+    let duration_ms = count_or_warn(
+        summary.test_run_duration_ms,
+        "state.testRunDurationMs",
+        &mut warnings,
+    );
 
     let status = status_for(!failed.is_empty(), exit_code, true);
     let status_details = describe_status(status, exit_code, &failed);
@@ -371,7 +465,10 @@ pub fn extract(summary: &Summary, exit_code: Option<i32>, samples: Option<&Sampl
 pub fn extract_without_summary(exit_code: Option<i32>, reason: &str) -> Extraction {
     let status = RunStatus::Error;
     let detail = match exit_code {
-        Some(code) => format!("{reason} (k6 exit code {code}: {})", exit_code_meaning(code)),
+        Some(code) => format!(
+            "{reason} (k6 exit code {code}: {})",
+            exit_code_meaning(code)
+        ),
         None => reason.to_string(),
     };
     Extraction {
@@ -411,12 +508,19 @@ pub fn extract_without_summary(exit_code: Option<i32>, reason: &str) -> Extracti
     }
 }
 
-fn describe_status(status: RunStatus, exit_code: Option<i32>, failed: &[&ThresholdRow]) -> Option<String> {
+fn describe_status(
+    status: RunStatus,
+    exit_code: Option<i32>,
+    failed: &[&ThresholdRow],
+) -> Option<String> {
     let code = exit_code.map(|c| format!("k6 exit code {c}: {}", exit_code_meaning(c)));
     match status {
         RunStatus::Passed => None,
         RunStatus::Failed if !failed.is_empty() => {
-            let list: Vec<String> = failed.iter().map(|t| format!("{} {}", t.metric_name, t.expression)).collect();
+            let list: Vec<String> = failed
+                .iter()
+                .map(|t| format!("{} {}", t.metric_name, t.expression))
+                .collect();
             let mut s = format!("thresholds crossed: {}", list.join(", "));
             if let Some(code) = code {
                 s.push_str(&format!(" ({code})"));
@@ -433,7 +537,9 @@ fn metric_row(m: &Metric, samples: Option<&SampleSets>) -> MetricRow {
     let scale_i = history_scale(m.metric_type, m.contains);
     let factor = f64::from(scale_i);
     let mut sources = BTreeMap::new();
-    let stat = |k: &str, w: &mut Vec<String>| scaled_or_warn(m.value(k), factor, &format!("{} {k}", m.name), w);
+    let stat = |k: &str, w: &mut Vec<String>| {
+        scaled_or_warn(m.value(k), factor, &format!("{} {k}", m.name), w)
+    };
 
     let mut row = MetricRow {
         metric_name: m.name.clone(),
@@ -474,19 +580,36 @@ fn metric_row(m: &Metric, samples: Option<&SampleSets>) -> MetricRow {
         Some(MetricType::Rate) => {
             row.rate = stat("rate", &mut warnings);
             row.rate_scale = Some(scale_i);
-            row.passes = count_or_warn(m.value("passes"), &format!("{} passes", m.name), &mut warnings);
-            row.fails = count_or_warn(m.value("fails"), &format!("{} fails", m.name), &mut warnings);
-            row.count = row.passes.zip(row.fails).and_then(|(p, f)| p.checked_add(f));
+            row.passes = count_or_warn(
+                m.value("passes"),
+                &format!("{} passes", m.name),
+                &mut warnings,
+            );
+            row.fails = count_or_warn(
+                m.value("fails"),
+                &format!("{} fails", m.name),
+                &mut warnings,
+            );
+            row.count = row
+                .passes
+                .zip(row.fails)
+                .and_then(|(p, f)| p.checked_add(f));
         }
         Some(MetricType::Trend) | None => {
-            row.count = count_or_warn(m.value("count"), &format!("{} count", m.name), &mut warnings);
+            row.count = count_or_warn(
+                m.value("count"),
+                &format!("{} count", m.name),
+                &mut warnings,
+            );
             row.min_value = stat("min", &mut warnings);
             row.max_value = stat("max", &mut warnings);
             row.avg_value = stat("avg", &mut warnings);
             row.med_value = stat("med", &mut warnings);
             for (k, v) in &m.values {
                 if percentile_of(k).is_some() {
-                    if let Some(x) = scaled_or_warn(*v, factor, &format!("{} {k}", m.name), &mut warnings) {
+                    if let Some(x) =
+                        scaled_or_warn(*v, factor, &format!("{} {k}", m.name), &mut warnings)
+                    {
                         row.percentiles.insert(k.clone(), x);
                     }
                 }
@@ -517,7 +640,12 @@ fn metric_row(m: &Metric, samples: Option<&SampleSets>) -> MetricRow {
 }
 
 /// The value a threshold was judged on, where the summary (or the samples) has it.
-fn threshold_row(m: &Metric, expression: &str, ok: bool, samples: Option<&SampleSets>) -> ThresholdRow {
+fn threshold_row(
+    m: &Metric,
+    expression: &str,
+    ok: bool,
+    samples: Option<&SampleSets>,
+) -> ThresholdRow {
     let aggregation = threshold_aggregation(expression);
     let scale_i = history_scale(m.metric_type, m.contains);
     let mut observed_raw = None;

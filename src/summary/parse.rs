@@ -22,14 +22,15 @@ pub enum SummaryError {
 
 /// Parses summary bytes of any supported format.
 pub fn parse_summary(bytes: &[u8]) -> Result<Summary, SummaryError> {
-    let doc: Value = serde_json::from_slice(bytes).map_err(|e| SummaryError::Json(e.to_string()))?;
+    let doc: Value =
+        serde_json::from_slice(bytes).map_err(|e| SummaryError::Json(e.to_string()))?;
     parse_summary_value(&doc)
 }
 
 pub fn parse_summary_value(doc: &Value) -> Result<Summary, SummaryError> {
-    let obj = doc
-        .as_object()
-        .ok_or_else(|| SummaryError::NotASummary(format!("top level is {}, not an object", kind(doc))))?;
+    let obj = doc.as_object().ok_or_else(|| {
+        SummaryError::NotASummary(format!("top level is {}, not an object", kind(doc)))
+    })?;
     match detect(obj)? {
         SummaryFormat::HandleSummary => parse_handle_summary(obj),
         SummaryFormat::LegacyExport => parse_legacy(obj),
@@ -51,7 +52,10 @@ pub fn detect(obj: &Map<String, Value>) -> Result<SummaryFormat, SummaryError> {
     let metrics = match obj.get("metrics") {
         Some(Value::Object(m)) => m,
         Some(other) => {
-            return Err(SummaryError::NotASummary(format!("`metrics` is {}, not an object", kind(other))));
+            return Err(SummaryError::NotASummary(format!(
+                "`metrics` is {}, not an object",
+                kind(other)
+            )));
         }
         None => {
             return Err(SummaryError::NotASummary(
@@ -59,9 +63,9 @@ pub fn detect(obj: &Map<String, Value>) -> Result<SummaryFormat, SummaryError> {
             ));
         }
     };
-    let typed = metrics
-        .values()
-        .any(|m| m.get("type").is_some_and(Value::is_string) && m.get("values").is_some_and(Value::is_object));
+    let typed = metrics.values().any(|m| {
+        m.get("type").is_some_and(Value::is_string) && m.get("values").is_some_and(Value::is_object)
+    });
     if typed || (metrics.is_empty() && (obj.contains_key("state") || obj.contains_key("options"))) {
         Ok(SummaryFormat::HandleSummary)
     } else {
@@ -91,7 +95,12 @@ fn number(v: &Value) -> Option<f64> {
     v.as_f64().filter(|f| f.is_finite())
 }
 
-fn values_map(obj: &Map<String, Value>, skip: &[&str], warnings: &mut Vec<String>, metric: &str) -> BTreeMap<String, Option<f64>> {
+fn values_map(
+    obj: &Map<String, Value>,
+    skip: &[&str],
+    warnings: &mut Vec<String>,
+    metric: &str,
+) -> BTreeMap<String, Option<f64>> {
     let mut out = BTreeMap::new();
     for (k, v) in obj {
         if skip.contains(&k.as_str()) {
@@ -107,24 +116,47 @@ fn values_map(obj: &Map<String, Value>, skip: &[&str], warnings: &mut Vec<String
     out
 }
 
-fn finish(mut metrics: Vec<Metric>, format: SummaryFormat, duration: Option<f64>, trend_stats: Option<Vec<String>>, checks: Vec<Check>, warnings: Vec<String>) -> Summary {
+fn finish(
+    mut metrics: Vec<Metric>,
+    format: SummaryFormat,
+    duration: Option<f64>,
+    trend_stats: Option<Vec<String>>,
+    checks: Vec<Check>,
+    warnings: Vec<String>,
+) -> Summary {
     metrics.sort_by(|a, b| a.name.cmp(&b.name));
-    Summary { format, test_run_duration_ms: duration, trend_stats, metrics, checks, warnings }
+    Summary {
+        format,
+        test_run_duration_ms: duration,
+        trend_stats,
+        metrics,
+        checks,
+        warnings,
+    }
 }
 
 fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
     let mut metrics = Vec::new();
     let empty = Map::new();
-    let metric_objs = obj.get("metrics").and_then(Value::as_object).unwrap_or(&empty);
+    let metric_objs = obj
+        .get("metrics")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
     for (name, m) in metric_objs {
         let Some(m) = m.as_object() else {
             warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
             continue;
         };
         let (base_name, tags) = parse_metric_key(name);
-        let metric_type = m.get("type").and_then(Value::as_str).and_then(MetricType::parse);
-        let contains = m.get("contains").and_then(Value::as_str).and_then(Contains::parse);
+        let metric_type = m
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(MetricType::parse);
+        let contains = m
+            .get("contains")
+            .and_then(Value::as_str)
+            .and_then(Contains::parse);
         let values = m
             .get("values")
             .and_then(Value::as_object)
@@ -134,41 +166,85 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
         if let Some(t) = m.get("thresholds").and_then(Value::as_object) {
             for (expr, res) in t {
                 match res.get("ok").and_then(Value::as_bool) {
-                    Some(ok) => thresholds.push(Threshold { expression: expr.clone(), ok }),
-                    None => warnings.push(format!("{name}: threshold {expr:?} has no boolean `ok`, skipped")),
+                    Some(ok) => thresholds.push(Threshold {
+                        expression: expr.clone(),
+                        ok,
+                    }),
+                    None => warnings.push(format!(
+                        "{name}: threshold {expr:?} has no boolean `ok`, skipped"
+                    )),
                 }
             }
         }
-        metrics.push(Metric { name: name.clone(), base_name, tags, metric_type, contains, values, thresholds });
+        metrics.push(Metric {
+            name: name.clone(),
+            base_name,
+            tags,
+            metric_type,
+            contains,
+            values,
+            thresholds,
+        });
     }
     let duration = at(obj, &["state", "testRunDurationMs"]).and_then(number);
-    let trend_stats = at(obj, &["options", "summaryTrendStats"]).and_then(Value::as_array).map(|a| {
-        a.iter().filter_map(Value::as_str).map(str::to_string).collect()
-    });
+    let trend_stats = at(obj, &["options", "summaryTrendStats"])
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        });
     let mut checks = Vec::new();
     if let Some(root) = obj.get("root_group") {
         walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
     }
-    Ok(finish(metrics, SummaryFormat::HandleSummary, duration, trend_stats, checks, warnings))
+    Ok(finish(
+        metrics,
+        SummaryFormat::HandleSummary,
+        duration,
+        trend_stats,
+        checks,
+        warnings,
+    ))
 }
 
 /// Visits a group: its checks first, then its subgroups, each in the order k6 gave them.
 /// Groups and checks are arrays in summary.json and name-keyed objects in the legacy
 /// export; both are accepted. The root group contributes no name to the path.
-fn walk_group(group: &Value, path: &mut Vec<String>, out: &mut Vec<Check>, warnings: &mut Vec<String>, is_root: bool) {
+fn walk_group(
+    group: &Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<Check>,
+    warnings: &mut Vec<String>,
+    is_root: bool,
+) {
     let Some(g) = group.as_object() else {
         warnings.push(format!("group is {}, skipped", kind(group)));
         return;
     };
     if !is_root {
-        path.push(g.get("name").and_then(Value::as_str).unwrap_or_default().to_string());
+        path.push(
+            g.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        );
     }
     for check in children(g.get("checks")) {
         let Some(c) = check.as_object() else { continue };
         out.push(Check {
             group_path: path.clone(),
-            path: c.get("path").and_then(Value::as_str).unwrap_or_default().to_string(),
-            name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+            path: c
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            name: c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             passes: c.get("passes").and_then(number),
             fails: c.get("fails").and_then(number),
         });
@@ -193,13 +269,23 @@ fn children(v: Option<&Value>) -> Vec<&Value> {
 fn builtin_contains(base: &str) -> Option<Contains> {
     match base {
         "data_sent" | "data_received" => Some(Contains::Data),
-        "http_req_duration" | "http_req_blocked" | "http_req_connecting" | "http_req_tls_handshaking"
-        | "http_req_sending" | "http_req_waiting" | "http_req_receiving" | "iteration_duration"
-        | "group_duration" | "ws_connecting" | "ws_session_duration" | "ws_ping" | "grpc_req_duration" => {
-            Some(Contains::Time)
+        "http_req_duration"
+        | "http_req_blocked"
+        | "http_req_connecting"
+        | "http_req_tls_handshaking"
+        | "http_req_sending"
+        | "http_req_waiting"
+        | "http_req_receiving"
+        | "iteration_duration"
+        | "group_duration"
+        | "ws_connecting"
+        | "ws_session_duration"
+        | "ws_ping"
+        | "grpc_req_duration" => Some(Contains::Time),
+        "http_reqs" | "http_req_failed" | "iterations" | "dropped_iterations" | "vus"
+        | "vus_max" | "checks" | "ws_msgs_sent" | "ws_msgs_received" | "ws_sessions" => {
+            Some(Contains::Default)
         }
-        "http_reqs" | "http_req_failed" | "iterations" | "dropped_iterations" | "vus" | "vus_max" | "checks"
-        | "ws_msgs_sent" | "ws_msgs_received" | "ws_sessions" => Some(Contains::Default),
         _ => None,
     }
 }
@@ -222,14 +308,21 @@ fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
     let mut metrics = Vec::new();
     let empty = Map::new();
-    let metric_objs = obj.get("metrics").and_then(Value::as_object).unwrap_or(&empty);
+    let metric_objs = obj
+        .get("metrics")
+        .and_then(Value::as_object)
+        .unwrap_or(&empty);
     for (name, m) in metric_objs {
         let Some(m) = m.as_object() else {
             warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
             continue;
         };
         let (base_name, tags) = parse_metric_key(name);
-        let keys: Vec<&str> = m.keys().map(String::as_str).filter(|k| *k != "thresholds").collect();
+        let keys: Vec<&str> = m
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "thresholds")
+            .collect();
         let metric_type = infer_legacy_type(&keys);
         let mut values = values_map(m, &["thresholds"], &mut warnings, name);
         if metric_type == MetricType::Rate {
@@ -242,36 +335,70 @@ fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
             for (expr, failed) in t {
                 // In the export `true` means the threshold was crossed (failed).
                 match failed.as_bool() {
-                    Some(failed) => thresholds.push(Threshold { expression: expr.clone(), ok: !failed }),
-                    None => warnings.push(format!("{name}: threshold {expr:?} is not a boolean, skipped")),
+                    Some(failed) => thresholds.push(Threshold {
+                        expression: expr.clone(),
+                        ok: !failed,
+                    }),
+                    None => warnings.push(format!(
+                        "{name}: threshold {expr:?} is not a boolean, skipped"
+                    )),
                 }
             }
         }
         let contains = builtin_contains(&base_name);
-        metrics.push(Metric { name: name.clone(), base_name, tags, metric_type: Some(metric_type), contains, values, thresholds });
+        metrics.push(Metric {
+            name: name.clone(),
+            base_name,
+            tags,
+            metric_type: Some(metric_type),
+            contains,
+            values,
+            thresholds,
+        });
     }
     let mut checks = Vec::new();
     if let Some(root) = obj.get("root_group") {
         walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
     }
-    Ok(finish(metrics, SummaryFormat::LegacyExport, None, None, checks, warnings))
+    Ok(finish(
+        metrics,
+        SummaryFormat::LegacyExport,
+        None,
+        None,
+        checks,
+        warnings,
+    ))
 }
 
 fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
     let mut metrics = Vec::new();
     let results = obj.get("results").and_then(Value::as_object);
-    let listed = results.and_then(|r| r.get("metrics")).and_then(Value::as_array);
-    let check_metrics = results.and_then(|r| at(r, &["checks", "metrics"])).and_then(Value::as_array);
-    for m in listed.into_iter().flatten().chain(check_metrics.into_iter().flatten()) {
+    let listed = results
+        .and_then(|r| r.get("metrics"))
+        .and_then(Value::as_array);
+    let check_metrics = results
+        .and_then(|r| at(r, &["checks", "metrics"]))
+        .and_then(Value::as_array);
+    for m in listed
+        .into_iter()
+        .flatten()
+        .chain(check_metrics.into_iter().flatten())
+    {
         let Some(m) = m.as_object() else { continue };
         let Some(name) = m.get("name").and_then(Value::as_str) else {
             warnings.push("metric without a name, skipped".into());
             continue;
         };
         let (base_name, tags) = parse_metric_key(name);
-        let metric_type = m.get("type").and_then(Value::as_str).and_then(MetricType::parse);
-        let contains = m.get("contains").and_then(Value::as_str).and_then(Contains::parse);
+        let metric_type = m
+            .get("type")
+            .and_then(Value::as_str)
+            .and_then(MetricType::parse);
+        let contains = m
+            .get("contains")
+            .and_then(Value::as_str)
+            .and_then(Contains::parse);
         let mut values = m
             .get("values")
             .and_then(Value::as_object)
@@ -279,19 +406,38 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
             .unwrap_or_default();
         // Version 1 rates carry matches/total; keep k6's handleSummary names as well.
         if metric_type == Some(MetricType::Rate) {
-            if let (Some(Some(matches)), Some(Some(total))) = (values.get("matches").copied(), values.get("total").copied()) {
+            if let (Some(Some(matches)), Some(Some(total))) =
+                (values.get("matches").copied(), values.get("total").copied())
+            {
                 values.insert("passes".into(), Some(matches));
                 values.insert("fails".into(), Some(total - matches));
             }
         }
-        metrics.push(Metric { name: name.to_string(), base_name, tags, metric_type, contains, values, thresholds: Vec::new() });
+        metrics.push(Metric {
+            name: name.to_string(),
+            base_name,
+            tags,
+            metric_type,
+            contains,
+            values,
+            thresholds: Vec::new(),
+        });
     }
     metrics.dedup_by(|a, b| a.name == b.name);
-    let duration = at(obj, &["config", "duration"]).and_then(number).map(|s| s * 1000.0);
+    let duration = at(obj, &["config", "duration"])
+        .and_then(number)
+        .map(|s| s * 1000.0);
     let mut checks = Vec::new();
-    if let Some(list) = results.and_then(|r| at(r, &["checks", "results"])).and_then(Value::as_array) {
+    if let Some(list) = results
+        .and_then(|r| at(r, &["checks", "results"]))
+        .and_then(Value::as_array)
+    {
         for c in list {
-            let name = c.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let name = c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             checks.push(Check {
                 group_path: Vec::new(),
                 path: format!("::{name}"),
@@ -311,7 +457,14 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
         }
     }
     warnings.push("machine-readable summary v1 carries no thresholds".into());
-    Ok(finish(metrics, SummaryFormat::MachineReadable, duration, None, checks, warnings))
+    Ok(finish(
+        metrics,
+        SummaryFormat::MachineReadable,
+        duration,
+        None,
+        checks,
+        warnings,
+    ))
 }
 
 #[cfg(test)]
@@ -320,9 +473,18 @@ mod tests {
 
     #[test]
     fn rejects_non_objects_and_garbage() {
-        assert!(matches!(parse_summary(b"[1,2]"), Err(SummaryError::NotASummary(_))));
-        assert!(matches!(parse_summary(b"{\"a\":1}"), Err(SummaryError::NotASummary(_))));
-        assert!(matches!(parse_summary(b"{not json"), Err(SummaryError::Json(_))));
+        assert!(matches!(
+            parse_summary(b"[1,2]"),
+            Err(SummaryError::NotASummary(_))
+        ));
+        assert!(matches!(
+            parse_summary(b"{\"a\":1}"),
+            Err(SummaryError::NotASummary(_))
+        ));
+        assert!(matches!(
+            parse_summary(b"{not json"),
+            Err(SummaryError::Json(_))
+        ));
         assert!(matches!(
             parse_summary(br#"{"version":"2.0.0","results":{}}"#),
             Err(SummaryError::UnsupportedVersion(_))

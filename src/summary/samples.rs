@@ -59,7 +59,11 @@ struct Point<'a> {
 }
 
 /// Reads metrics.ndjson and keeps the samples the requests ask for, up to `max_samples`.
-pub fn collect_samples<R: BufRead>(mut reader: R, requests: &[SampleRequest], max_samples: usize) -> std::io::Result<SampleSets> {
+pub fn collect_samples<R: BufRead>(
+    mut reader: R,
+    requests: &[SampleRequest],
+    max_samples: usize,
+) -> std::io::Result<SampleSets> {
     let mut out = SampleSets::default();
     if requests.is_empty() {
         return Ok(out);
@@ -96,12 +100,18 @@ pub fn collect_samples<R: BufRead>(mut reader: R, requests: &[SampleRequest], ma
         if parsed.kind != "Point" {
             continue;
         }
-        let Some(reqs) = by_base.get(parsed.metric.as_ref()) else { continue };
+        let Some(reqs) = by_base.get(parsed.metric.as_ref()) else {
+            continue;
+        };
         let Some(point) = parsed.data else { continue };
         let Some(value) = point.value else { continue };
         for r in reqs {
             let matches = r.tags.iter().all(|(k, v)| {
-                point.tags.as_ref().and_then(|t| t.get(k.as_str())).is_some_and(|sv| sv == v)
+                point
+                    .tags
+                    .as_ref()
+                    .and_then(|t| t.get(k.as_str()))
+                    .is_some_and(|sv| sv == v)
             });
             if matches {
                 if kept >= max_samples {
@@ -109,7 +119,10 @@ pub fn collect_samples<R: BufRead>(mut reader: R, requests: &[SampleRequest], ma
                     return Ok(finish(out));
                 }
                 kept += 1;
-                out.sets.get_mut(&r.key).expect("inserted above").push(value);
+                out.sets
+                    .get_mut(&r.key)
+                    .expect("inserted above")
+                    .push(value);
             }
         }
     }
@@ -124,8 +137,14 @@ fn finish(mut out: SampleSets) -> SampleSets {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -175,7 +194,11 @@ mod tests {
             "{\"metric\":\"d\",\"type\":\"Po",
         );
         let reqs = vec![
-            SampleRequest { key: "d".into(), base_name: "d".into(), tags: BTreeMap::new() },
+            SampleRequest {
+                key: "d".into(),
+                base_name: "d".into(),
+                tags: BTreeMap::new(),
+            },
             SampleRequest {
                 key: "d{status:200}".into(),
                 base_name: "d".into(),

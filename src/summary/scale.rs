@@ -29,7 +29,11 @@ pub fn scaled(value: f64, factor: f64) -> Option<i64> {
 
 /// A count that can only be a non-negative whole number (requests, iterations, passes).
 pub fn count(value: f64) -> Option<i64> {
-    if value < 0.0 { None } else { scaled(value, 1.0) }
+    if value < 0.0 {
+        None
+    } else {
+        scaled(value, 1.0)
+    }
 }
 
 /// The scale of a metric's value-like stats in `k6_metrics_history`.

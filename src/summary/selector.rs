@@ -84,9 +84,15 @@ mod tests {
     #[test]
     fn aggregation_of_expressions() {
         assert_eq!(threshold_aggregation("p(95)<50").as_deref(), Some("p(95)"));
-        assert_eq!(threshold_aggregation("rate <= 0.01").as_deref(), Some("rate"));
+        assert_eq!(
+            threshold_aggregation("rate <= 0.01").as_deref(),
+            Some("rate")
+        );
         assert_eq!(threshold_aggregation("count==3").as_deref(), Some("count"));
-        assert_eq!(threshold_aggregation("p( 99.9 ) != 1").as_deref(), Some("p(99.9)"));
+        assert_eq!(
+            threshold_aggregation("p( 99.9 ) != 1").as_deref(),
+            Some("p(99.9)")
+        );
         assert_eq!(threshold_aggregation("<5"), None);
     }
 

@@ -42,12 +42,19 @@ pub const EXIT_CODES: &[(i32, &str, RunStatus)] = &[
     (108, "script aborted with test.abort()", RunStatus::Failed),
     (109, "k6 panicked", RunStatus::Error),
     (110, "marked as failed with test.fail()", RunStatus::Failed),
-    (255, "error without an exit code (bad CLI usage, missing script)", RunStatus::Error),
+    (
+        255,
+        "error without an exit code (bad CLI usage, missing script)",
+        RunStatus::Error,
+    ),
 ];
 
 /// What k6's exit code means, for `error_details` and logs.
 pub fn exit_code_meaning(code: i32) -> &'static str {
-    EXIT_CODES.iter().find(|(c, _, _)| *c == code).map_or("unknown exit code", |(_, m, _)| m)
+    EXIT_CODES
+        .iter()
+        .find(|(c, _, _)| *c == code)
+        .map_or("unknown exit code", |(_, m, _)| m)
 }
 
 /// The status of a run.
@@ -56,7 +63,11 @@ pub fn exit_code_meaning(code: i32) -> &'static str {
 ///   hide a failed threshold behind 105);
 /// - otherwise the exit-code table decides; an unknown code is `error`;
 /// - no summary at all is `error`.
-pub fn status_for(any_threshold_failed: bool, exit_code: Option<i32>, have_summary: bool) -> RunStatus {
+pub fn status_for(
+    any_threshold_failed: bool,
+    exit_code: Option<i32>,
+    have_summary: bool,
+) -> RunStatus {
     if !have_summary {
         return RunStatus::Error;
     }
@@ -66,7 +77,10 @@ pub fn status_for(any_threshold_failed: bool, exit_code: Option<i32>, have_summa
     match exit_code {
         // A summary without an exit code (replaying bare files) is judged on its thresholds.
         None => RunStatus::Passed,
-        Some(code) => EXIT_CODES.iter().find(|(c, _, _)| *c == code).map_or(RunStatus::Error, |(_, _, s)| *s),
+        Some(code) => EXIT_CODES
+            .iter()
+            .find(|(c, _, _)| *c == code)
+            .map_or(RunStatus::Error, |(_, _, s)| *s),
     }
 }
 
@@ -101,7 +115,11 @@ mod tests {
             (-1, RunStatus::Error),
         ];
         for (code, want) in cases {
-            assert_eq!(status_for(false, Some(code), true), want, "exit code {code}");
+            assert_eq!(
+                status_for(false, Some(code), true),
+                want,
+                "exit code {code}"
+            );
         }
     }
 
