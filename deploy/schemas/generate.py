@@ -1,0 +1,361 @@
+#!/usr/bin/env python3
+"""Regenerate the strict JSON schemas for the custom resources used under deploy/.
+
+    python deploy/schemas/generate.py            # rewrite deploy/schemas/*.json
+    python deploy/schemas/generate.py --check    # exit 1 if a committed file is stale
+
+Sources, pinned (install them into any Python 3.11 venv, see README.md):
+
+    cloudcoil-models-keda==2.16.1.0                 ScaledObject, TriggerAuthentication
+    cloudcoil-models-prometheus-operator==0.80.1.0  ServiceMonitor
+    kubernetes-validate==1.37.0                     Kubernetes core types used by TestRun
+
+The KEDA and prometheus-operator schemas are exported from cloudcoil's pydantic models,
+which are generated from the upstream CRDs. No registry package ships the k6-operator
+CRD, so the TestRun schema is written by hand below, field by field from the k6-operator
+`TestRun` v1alpha1 API types; the Kubernetes types nested in it (EnvVar, Volume, Probe,
+...) are copied from kubernetes-validate's bundled schemas for KUBERNETES_VERSION.
+
+"Strict" means:
+  * every object with declared properties gets `additionalProperties: false`, so a typo
+    such as `minReplicaCont` is an error (upstream CRD schemas accept unknown fields);
+  * optional fields lose their `null` alternative, so an empty value (`value:`) is an
+    error and type errors read "'1' is not of type 'integer'";
+  * apiVersion, kind, metadata.name and spec are required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+KUBERNETES_VERSION = "1.30"
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+Schema = dict[str, Any]
+
+# Keywords whose value is a map of name -> subschema.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords whose value is one subschema.
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames",
+               "if", "then", "else", "unevaluatedProperties", "unevaluatedItems")
+# Keywords whose value is a list of subschemas.
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def walk(schema: Any, visit: Callable[[Schema], None]) -> None:
+    """Call `visit` on every subschema, children first (property names are not schemas)."""
+    if not isinstance(schema, dict):
+        return
+    for key in _SCHEMA_MAPS:
+        for sub in (schema.get(key) or {}).values():
+            walk(sub, visit)
+    for key in _SCHEMA_ONE:
+        walk(schema.get(key), visit)
+    for key in _SCHEMA_LISTS:
+        for sub in schema.get(key) or []:
+            walk(sub, visit)
+    visit(schema)
+
+
+def _drop_null_branch(node: Schema) -> None:
+    """`anyOf: [X, {type: null}]` (pydantic's Optional[X]) becomes X itself."""
+    branches = node.get("anyOf")
+    if not isinstance(branches, list):
+        return
+    rest = [b for b in branches if b != {"type": "null"}]
+    if len(rest) == len(branches):
+        return
+    del node["anyOf"]
+    if node.get("default", "absent") is None:
+        del node["default"]
+    if len(rest) == 1:
+        for key, value in rest[0].items():
+            node.setdefault(key, value)
+    else:
+        node["anyOf"] = rest
+
+
+def _close_object(node: Schema) -> None:
+    if "properties" in node and node.get("additionalProperties") in (None, True):
+        node["additionalProperties"] = False
+
+
+def _drop_titles(node: Schema) -> None:
+    # pydantic's generated titles ("Minreplicacount") only add noise to error messages.
+    node.pop("title", None)
+
+
+def make_strict(schema: Schema) -> Schema:
+    schema = copy.deepcopy(schema)
+    walk(schema, _drop_null_branch)
+    walk(schema, _close_object)
+    walk(schema, _drop_titles)
+    return schema
+
+
+def envelope(schema: Schema, group: str, version: str, kind: str, source: str,
+             metadata_ref: str) -> Schema:
+    """Pin apiVersion/kind, require the top-level fields, add identification."""
+    api_version = f"{group}/{version}"
+    props = schema["properties"]
+    props["apiVersion"] = {"type": "string", "const": api_version}
+    props["kind"] = {"type": "string", "const": kind}
+    props["metadata"] = {"$ref": metadata_ref, "required": ["name"]}
+    schema["required"] = ["apiVersion", "kind", "metadata", "spec"]
+    schema["additionalProperties"] = False
+    out: Schema = {
+        "$schema": DIALECT,
+        "$id": f"https://k6-ingest.invalid/schemas/{kind.lower()}-{group}-{version}.json",
+        "title": f"{kind} ({api_version}), strict",
+        "description": source,
+        "x-kubernetes-group-version-kind": [{"group": group, "version": version, "kind": kind}],
+    }
+    out.update(schema)
+    return out
+
+
+def from_pydantic(model: Any, group: str, version: str, kind: str, package: str) -> Schema:
+    schema = make_strict(model.model_json_schema(by_alias=True))
+    source = (f"Generated by deploy/schemas/generate.py from {package}=="
+              f"{importlib_metadata.version(package)} (pydantic models of the upstream CRD), "
+              "made strict. Do not edit by hand.")
+    return envelope(schema, group, version, kind, source, "#/$defs/ObjectMeta")
+
+
+# --- TestRun (k6.io/v1alpha1), hand-written -------------------------------------------
+
+K8S = "io.k8s.api.core.v1."
+META = "io.k8s.apimachinery.pkg.apis.meta.v1."
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _array(items: Schema) -> Schema:
+    return {"type": "array", "items": items}
+
+
+def _string_map() -> Schema:
+    return {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _obj(properties: dict[str, Schema], required: list[str] | None = None,
+         description: str | None = None) -> Schema:
+    node: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        node["required"] = required
+    if description:
+        node["description"] = description
+    return node
+
+
+STR: Schema = {"type": "string"}
+BOOL: Schema = {"type": "boolean"}
+BOOL_STRING: Schema = {"type": "string", "enum": ["true", "false"],
+                       "description": "A boolean written as a string, as k6-operator expects."}
+
+
+def _testrun_pod(description: str) -> Schema:
+    """k6-operator's `Pod`: the knobs of the initializer, starter and runner pods."""
+    return _obj({
+        "disabled": BOOL,
+        "affinity": _ref(K8S + "Affinity"),
+        "automountServiceAccountToken": BOOL_STRING,
+        "env": _array(_ref(K8S + "EnvVar")),
+        "envFrom": _array(_ref(K8S + "EnvFromSource")),
+        "image": STR,
+        "imagePullSecrets": _array(_ref(K8S + "LocalObjectReference")),
+        "imagePullPolicy": {"type": "string", "enum": ["Always", "IfNotPresent", "Never"]},
+        "metadata": _obj({"annotations": _string_map(), "labels": _string_map()}),
+        "nodeSelector": _string_map(),
+        "tolerations": _array(_ref(K8S + "Toleration")),
+        "topologySpreadConstraints": _array(_ref(K8S + "TopologySpreadConstraint")),
+        "resources": _ref(K8S + "ResourceRequirements"),
+        "serviceAccountName": STR,
+        "securityContext": _ref(K8S + "PodSecurityContext"),
+        "containerSecurityContext": _ref(K8S + "SecurityContext"),
+        "readinessProbe": _ref(K8S + "Probe"),
+        "livenessProbe": _ref(K8S + "Probe"),
+        "initContainers": _array(_obj({
+            "name": STR,
+            "image": STR,
+            "env": _array(_ref(K8S + "EnvVar")),
+            "envFrom": _array(_ref(K8S + "EnvFromSource")),
+            "command": _array(STR),
+            "args": _array(STR),
+            "workingDir": STR,
+            "volumeMounts": _array(_ref(K8S + "VolumeMount")),
+            "resources": _ref(K8S + "ResourceRequirements"),
+            "restartPolicy": STR,
+        })),
+        "volumes": _array(_ref(K8S + "Volume")),
+        "volumeMounts": _array(_ref(K8S + "VolumeMount")),
+        "priorityClassName": STR,
+        "schedulerName": STR,
+    }, description=description)
+
+
+def _testrun_spec() -> Schema:
+    script = _obj({
+        "configMap": _obj({"name": STR, "file": STR}, ["name"],
+                          "Script stored as a key of a ConfigMap in the TestRun's namespace."),
+        "volumeClaim": _obj({"name": STR, "file": STR, "readOnly": BOOL}, ["name"],
+                            "Script on a PersistentVolumeClaim, mounted at /test."),
+        "localFile": {"type": "string", "description": "Path of the script inside the runner image."},
+    }, description="Where the k6 script is; exactly one source.")
+    script["minProperties"] = 1
+    script["maxProperties"] = 1
+    scuttle = _obj({
+        "enabled": BOOL_STRING, "envoyAdminApi": STR, "neverKillIstio": BOOL,
+        "neverKillIstioOnFailure": BOOL, "disableLogging": BOOL, "startWithoutEnvoy": BOOL,
+        "waitForEnvoyTimeout": STR, "istioQuitApi": STR, "genericQuitEndpoint": STR,
+        "quitWithoutEnvoyTimeout": STR,
+    })
+    return _obj({
+        "script": script,
+        "parallelism": {"type": "integer", "minimum": 1, "maximum": 2147483647},
+        "separate": BOOL,
+        "arguments": {"type": "string", "description": "Extra arguments for `k6 run`."},
+        "ports": _array(_ref(K8S + "ContainerPort")),
+        "initializer": _testrun_pod("The initializer pod (`k6 inspect`)."),
+        "starter": _testrun_pod("The starter pod, which unpauses the runners."),
+        "runner": _testrun_pod("Each runner pod (`k6 run`)."),
+        "quiet": BOOL_STRING,
+        "paused": BOOL_STRING,
+        "scuttle": scuttle,
+        "cleanup": {"type": "string", "enum": ["post"]},
+        "cloud": _obj({"token": STR, "testRunId": STR, "stream": BOOL}),
+        "testRunId": STR,
+        "token": STR,
+    }, ["script", "parallelism"])
+
+
+def _k8s_definitions() -> dict[str, Schema]:
+    import kubernetes_validate  # only needed for TestRun
+
+    path = (Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+            / f"v{KUBERNETES_VERSION}.0-local-strict" / "_definitions.json")
+    return json.loads(path.read_text())["$defs"]
+
+
+def _closure(defs: dict[str, Schema], roots: list[str]) -> dict[str, Schema]:
+    """The definitions reachable from `roots`, so the schema is self-contained."""
+    out: dict[str, Schema] = {}
+    todo = list(roots)
+    defs = copy.deepcopy(defs)
+    while todo:
+        name = todo.pop()
+        if name in out:
+            continue
+        out[name] = defs[name]
+
+        def collect(node: Schema) -> None:
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                todo.append(ref.removeprefix("#/$defs/"))
+
+        walk(out[name], collect)
+    return dict(sorted(out.items()))
+
+
+def testrun_schema() -> Schema:
+    spec = _testrun_spec()
+    roots: list[str] = [META + "ObjectMeta"]
+
+    def collect(node: Schema) -> None:
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            roots.append(ref.removeprefix("#/$defs/"))
+
+    walk(spec, collect)
+    schema: Schema = {
+        "type": "object",
+        "properties": {"apiVersion": {}, "kind": {}, "metadata": {}, "spec": spec},
+        "$defs": _closure(_k8s_definitions(), roots),
+    }
+    # The Kubernetes API docs inside the copied definitions are 3/4 of the file and are
+    # not needed to validate: keep only the structure.
+    for definition in schema["$defs"].values():
+        walk(definition, lambda node: node.pop("description", None))
+    source = (
+        "Hand-written in deploy/schemas/generate.py: no registry package ships the "
+        "k6-operator CRD. Fields follow k6-operator's TestRun v1alpha1 API types "
+        "(spec: script, parallelism, separate, arguments, ports, initializer, starter, runner, "
+        "quiet, paused, scuttle, cleanup, cloud, testRunId, token); nested Kubernetes types "
+        f"come from kubernetes-validate=={importlib_metadata.version('kubernetes-validate')} "
+        f"(Kubernetes {KUBERNETES_VERSION}, strict). status is not accepted in manifests."
+    )
+    return envelope(schema, "k6.io", "v1alpha1", "TestRun", source,
+                    f"#/$defs/{META}ObjectMeta")
+
+
+# --- main ---------------------------------------------------------------------------
+
+def build_all() -> dict[str, Schema]:
+    from cloudcoil.models.keda import v1alpha1 as keda
+    from cloudcoil.models.prometheus_operator import v1 as promop
+
+    keda_pkg = "cloudcoil-models-keda"
+    prom_pkg = "cloudcoil-models-prometheus-operator"
+    schemas = {
+        "scaledobject-keda.sh-v1alpha1.json":
+            from_pydantic(keda.ScaledObject, "keda.sh", "v1alpha1", "ScaledObject", keda_pkg),
+        "triggerauthentication-keda.sh-v1alpha1.json":
+            from_pydantic(keda.TriggerAuthentication, "keda.sh", "v1alpha1",
+                          "TriggerAuthentication", keda_pkg),
+        "servicemonitor-monitoring.coreos.com-v1.json":
+            from_pydantic(promop.ServiceMonitor, "monitoring.coreos.com", "v1",
+                          "ServiceMonitor", prom_pkg),
+        "testrun-k6.io-v1alpha1.json": testrun_schema(),
+    }
+    for name, schema in schemas.items():
+        # Every $ref must resolve inside the file: the validator loads no other documents.
+        defs = schema.get("$defs", {})
+
+        def check(node: Schema, name: str = name, defs: dict[str, Schema] = defs) -> None:
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.removeprefix("#/$defs/") not in defs:
+                raise SystemExit(f"{name}: dangling $ref {ref}")
+
+        walk(schema, check)
+    return schemas
+
+
+def render(schema: Schema) -> str:
+    return json.dumps(schema, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed files instead of writing them")
+    parser.add_argument("--out", type=Path, default=HERE, help="output directory")
+    args = parser.parse_args()
+
+    stale = []
+    for name, schema in build_all().items():
+        path = args.out / name
+        text = render(schema)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path} ({len(text)} bytes)")
+    if stale:
+        print("stale (run deploy/schemas/generate.py): " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
