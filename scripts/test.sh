@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: bring up PostgreSQL, RabbitMQ and the
+# S3-compatible server (reusing running ones), check formatting and lints, run every
+# test against the real services, then the tests that restart shared services one at a
+# time, then the offline deployment checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+eval "$(scripts/services-up.sh)"
+# sqlx::test creates a fresh database per test from this server.
+export DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "[test] installing cargo-nextest" >&2
+    cargo install cargo-nextest --locked >&2
+fi
+
+echo "[test] cargo fmt --check" >&2
+cargo fmt --check
+echo "[test] cargo clippy --all-targets -- -D warnings" >&2
+cargo clippy --locked --all-targets -- -D warnings
+
+# Tests named serial_* disturb services every test shares (a broker restart); they run
+# afterwards, alone.
+echo "[test] test suite" >&2
+cargo nextest run --locked --no-fail-fast -E 'not test(/serial_/)'
+if cargo nextest list --locked -E 'test(/serial_/)' 2>/dev/null | grep -q serial_; then
+    echo "[test] serial tests" >&2
+    cargo nextest run --locked --no-fail-fast --test-threads 1 -E 'test(/serial_/)'
+fi
+
+echo "[test] deployment checks" >&2
+scripts/check-deploy.sh
