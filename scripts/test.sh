@@ -2,7 +2,7 @@
 # The whole test suite, from a fresh machine: bring up PostgreSQL, RabbitMQ and the
 # S3-compatible server (reusing running ones), check formatting and lints, run every
 # test against the real services, then the tests that restart shared services one at a
-# time, then the offline deployment checks.
+# time. The offline deployment checks run first, so the suite's summary closes the output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -21,6 +21,9 @@ cargo fmt --check
 echo "[test] cargo clippy --all-targets -- -D warnings" >&2
 cargo clippy --locked --all-targets -- -D warnings
 
+echo "[test] deployment checks" >&2
+scripts/check-deploy.sh
+
 # Tests named serial_* disturb services every test shares (a broker restart); they run
 # afterwards, alone.
 echo "[test] test suite" >&2
@@ -30,5 +33,3 @@ if cargo nextest list --locked -E 'test(/serial_/)' 2>/dev/null | grep -q serial
     cargo nextest run --locked --no-fail-fast --test-threads 1 -E 'test(/serial_/)'
 fi
 
-echo "[test] deployment checks" >&2
-scripts/check-deploy.sh

@@ -159,6 +159,9 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     );
 }
 
+/// (group path, name, passes, fails)
+type CheckRow = (Vec<String>, String, Option<i64>, Option<i64>);
+
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn checks_keep_their_group_path(pool: PgPool) {
     let s = settings("checks");
@@ -166,7 +169,7 @@ async fn checks_keep_their_group_path(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "groups-nested-checks");
     let msg = message(&dir);
     ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    let rows: Vec<(Vec<String>, String, Option<i64>, Option<i64>)> = sqlx::query_as(
+    let rows: Vec<CheckRow> = sqlx::query_as(
         "SELECT c.group_path, c.name, c.passes, c.fails FROM k6_check_results c \
          JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = 'status is 200' ORDER BY c.position",
     )
