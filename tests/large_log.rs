@@ -14,7 +14,8 @@ use sqlx::PgPool;
 const MIB: u64 = 1024 * 1024;
 
 fn write_log(path: &Path, bytes: u64) {
-    let mut f = std::io::BufWriter::with_capacity(MIB as usize, std::fs::File::create(path).unwrap());
+    let mut f =
+        std::io::BufWriter::with_capacity(MIB as usize, std::fs::File::create(path).unwrap());
     let line = b"time=\"2026-11-22T01:31:09Z\" level=info msg=\"request done status=200 duration=12.3ms\" source=console\n";
     let mut written = 0;
     while written < bytes {
@@ -50,7 +51,8 @@ fn run_dir(log_bytes: u64) -> tempfile::TempDir {
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     write_log(&dir.path().join("k6.log"), log_bytes);
     let path = dir.path().join("message.json");
-    let mut msg: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut msg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     msg["run_id"] = uuid::Uuid::now_v7().to_string().into();
     msg["event_id"] = uuid::Uuid::now_v7().to_string().into();
     std::fs::write(&path, msg.to_string()).unwrap();
@@ -61,7 +63,10 @@ fn run_dir(log_bytes: u64) -> tempfile::TempDir {
 async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
     let s = settings("rss");
     let store = store(&s).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await.unwrap();
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let base = std::env::var("DATABASE_URL").unwrap();
     let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
 
@@ -76,21 +81,50 @@ async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
     drop(big);
 
     // The object is all there.
-    let stored: Vec<(String, Option<String>)> = sqlx::query_as("SELECT id::text, logs_s3_url FROM runs").fetch_all(&pool).await.unwrap();
+    let stored: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id::text, logs_s3_url FROM runs")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(stored.len(), 2);
     let mut sizes = Vec::new();
     for (_, url) in &stored {
-        let key = url.as_deref().unwrap().strip_prefix(&format!("s3://{}/", store.bucket())).unwrap().to_string();
-        let head = store.client().head_object().bucket(store.bucket()).key(&key).send().await.unwrap();
+        let key = url
+            .as_deref()
+            .unwrap()
+            .strip_prefix(&format!("s3://{}/", store.bucket()))
+            .unwrap()
+            .to_string();
+        let head = store
+            .client()
+            .head_object()
+            .bucket(store.bucket())
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
         sizes.push(head.content_length().unwrap() as u64);
-        store.client().delete_object().bucket(store.bucket()).key(&key).send().await.unwrap();
+        store
+            .client()
+            .delete_object()
+            .bucket(store.bucket())
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
     }
     sizes.sort();
     assert!(sizes[0] >= MIB && sizes[0] < MIB + 200, "{sizes:?}");
-    assert!(sizes[1] >= 1024 * MIB && sizes[1] < 1024 * MIB + 200, "{sizes:?}");
+    assert!(
+        sizes[1] >= 1024 * MIB && sizes[1] < 1024 * MIB + 200,
+        "{sizes:?}"
+    );
 
     let ratio = big_kib as f64 / small_kib as f64;
     eprintln!("peak RSS: 1 MiB log {small_kib} KiB, 1 GiB log {big_kib} KiB, ratio {ratio:.2}");
     // 1024× the data may cost at most 64 MiB more peak memory (parts stream from disk).
-    assert!(big_kib - small_kib < 64 * 1024, "peak RSS grew from {small_kib} KiB to {big_kib} KiB");
+    assert!(
+        big_kib - small_kib < 64 * 1024,
+        "peak RSS grew from {small_kib} KiB to {big_kib} KiB"
+    );
 }
