@@ -239,7 +239,16 @@ impl Ingestor {
         };
         extraction.columns.warnings.extend(warnings);
 
+        // A summary k6 should have written but that is missing or unreadable: the run is
+        // recorded as `error`, and the caller is told so the message is kept for a replay.
+        let unusable = summary_reason
+            .filter(|_| summary_expected(msg.exit_code))
+            .map(|reason| IngestError::SummaryUnusable { run_id, reason });
+
         if ctx.dry_run {
+            if let Some(e) = unusable {
+                return Err(e);
+            }
             let line = RunLine::from_extraction(&extraction);
             return Ok(IngestReport {
                 run_id,
@@ -344,10 +353,8 @@ impl Ingestor {
             bytes_uploaded,
             "run stored"
         );
-        if let Some(reason) = summary_reason {
-            if summary_expected(msg.exit_code) {
-                return Err(IngestError::SummaryUnusable { run_id, reason });
-            }
+        if let Some(e) = unusable {
+            return Err(e);
         }
         Ok(IngestReport {
             run_id,
