@@ -541,3 +541,32 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
     assert_eq!(head.content_length(), Some(log.len() as i64));
     assert_eq!(get_object(&store, &key).await, log.as_bytes());
 }
+
+/// Stores that lack the SDK's trailing checksums get `s3.checksum = when_required`; both
+/// single uploads and multipart work with it.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
+    let mut s = settings("checksum");
+    s.s3.checksum = k6_ingest::config::ChecksumMode::WhenRequired;
+    s.s3.part_size_bytes = 5 * 1024 * 1024;
+    s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
+    let ing = ingestor(&pool, &s).await;
+    let dir = copy_fixture("v1.1.0", "html-report");
+    let log: Vec<u8> = (0..6 * 1024 * 1024)
+        .map(|i| b"abcdefghij\n"[i % 11])
+        .collect();
+    std::fs::write(dir.path().join("k6.log"), &log).unwrap();
+    let msg = message(dir.path());
+    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let store = store(&s).await;
+    for (name, want) in [
+        ("k6.log", log),
+        (
+            "report.html",
+            std::fs::read(dir.path().join("report.html")).unwrap(),
+        ),
+    ] {
+        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
+        assert_eq!(get_object(&store, &key).await, want, "{name}");
+    }
+}
