@@ -134,7 +134,8 @@ pub fn resolve(
             }
             "http" | "https" => {
                 let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-                let with_port = url.port().map(|p| format!("{host}:{p}"));
+                // `port()` is None for a scheme's default port, even when written out.
+                let with_port = url.port_or_known_default().map(|p| format!("{host}:{p}"));
                 let allowed = hosts.iter().any(|h| {
                     let h = h.to_ascii_lowercase();
                     h == host || Some(&h) == with_port.as_ref()
@@ -269,7 +270,9 @@ impl Fetcher {
     pub fn new(settings: &FetchSettings, s3: Option<aws_sdk_s3::Client>) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(settings.connect_timeout_secs))
-            .timeout(Duration::from_secs(settings.timeout_secs))
+            // An idle timeout, not a total one: a large artifact that keeps arriving
+            // must not be cut off, while a stalled server still times out.
+            .read_timeout(Duration::from_secs(settings.timeout_secs))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {

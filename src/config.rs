@@ -105,6 +105,7 @@ pub struct FetchSettings {
     pub allowed_roots: Vec<PathBuf>,
     /// Hosts `http(s)://` URIs may point at.
     pub allowed_hosts: Vec<String>,
+    /// Idle time allowed between bytes of an HTTP(S) fetch.
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
     pub max_summary_bytes: u64,
