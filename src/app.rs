@@ -46,3 +46,29 @@ pub async fn build_ingestor(
         settings.s3.inline_summary_max_bytes,
     ))
 }
+
+/// A token cancelled on SIGTERM (Kubernetes) or Ctrl-C, for the long-running commands.
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("interrupt received; shutting down"),
+            () = term => tracing::info!("SIGTERM received; shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}

@@ -43,6 +43,20 @@ pub enum Command {
         #[arg(long)]
         details: bool,
     },
+    /// Consume run-completed messages from RabbitMQ and ingest them (the worker).
+    Consume,
+    /// Publish message.json files (or directories of them, or NDJSON files with one
+    /// message a line) to RabbitMQ with publisher confirms.
+    Publish {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Move messages from the dead-letter queue back to the work queue, attempts reset.
+    Requeue {
+        /// Move at most this many (default: all present when the command starts).
+        #[arg(long)]
+        limit: Option<u32>,
+    },
     /// Ingest message.json files (or directories holding them) without a broker.
     Replay {
         #[arg(required = true)]
@@ -68,6 +82,33 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
                 } else {
                     format!("{applied:?}")
                 }
+            );
+            Ok(0)
+        }
+        Command::Consume => {
+            let shutdown = crate::app::shutdown_on_signals();
+            crate::consumer::consume(&settings, shutdown).await?;
+            Ok(0)
+        }
+        Command::Publish { paths } => {
+            let messages = crate::publish::read_messages(&paths, settings.amqp.max_message_bytes)?;
+            let report = crate::publish::publish(&settings.amqp, messages).await?;
+            for (label, reason) in &report.failed {
+                eprintln!("FAILED {label}: {reason}");
+            }
+            println!(
+                "{} messages: {} confirmed, {} failed",
+                report.total(),
+                report.confirmed,
+                report.failed.len()
+            );
+            Ok(if report.failed.is_empty() { 0 } else { 1 })
+        }
+        Command::Requeue { limit } => {
+            let report = crate::publish::requeue(&settings.amqp, limit).await?;
+            println!(
+                "dead-letter queue held {}; requeued {}",
+                report.found, report.requeued
             );
             Ok(0)
         }

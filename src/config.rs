@@ -122,11 +122,22 @@ pub struct AmqpSettings {
     pub exchange: String,
     pub queue: String,
     pub routing_key: String,
+    /// Unacknowledged deliveries the broker may hand this worker at once.
     pub prefetch: u16,
+    /// Runs `consume` ingests at once; never more than `prefetch`.
+    pub concurrency: usize,
+    /// Declare the topology at start (idempotent); `false` only checks that it exists.
     pub declare: bool,
+    /// Ingest attempts for a transient fault before the message is dead-lettered.
     pub max_attempts: u32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// The work queue's `x-delivery-limit`: deliveries handed back unacknowledged
+    /// (crashes, lost connections) before the broker dead-letters the message.
+    pub delivery_limit: u32,
+    /// Backoff between reconnection attempts to the broker.
+    pub reconnect_base_ms: u64,
+    pub reconnect_max_ms: u64,
     pub max_message_bytes: u64,
 }
 
@@ -203,10 +214,14 @@ exchange = "k6.runs"
 queue = "k6-ingest.run-completed"
 routing_key = "run.completed"
 prefetch = 8
+concurrency = 8
 declare = true
 max_attempts = 5
 retry_base_ms = 1000
 retry_max_ms = 60000
+delivery_limit = 20
+reconnect_base_ms = 200
+reconnect_max_ms = 5000
 max_message_bytes = 1048576
 
 [http]
@@ -287,6 +302,52 @@ impl Settings {
                 setting: "amqp.prefetch",
                 env: "K6_INGEST__AMQP__PREFETCH",
                 reason: "must be at least 1".into(),
+            });
+        }
+        let amqp_checks: [(bool, &'static str, &'static str, &str); 6] = [
+            (
+                self.amqp.concurrency == 0,
+                "amqp.concurrency",
+                "K6_INGEST__AMQP__CONCURRENCY",
+                "must be at least 1",
+            ),
+            (
+                self.amqp.max_attempts == 0,
+                "amqp.max_attempts",
+                "K6_INGEST__AMQP__MAX_ATTEMPTS",
+                "must be at least 1",
+            ),
+            (
+                self.amqp.delivery_limit == 0,
+                "amqp.delivery_limit",
+                "K6_INGEST__AMQP__DELIVERY_LIMIT",
+                "must be at least 1",
+            ),
+            (
+                self.amqp.retry_base_ms == 0 || self.amqp.retry_max_ms < self.amqp.retry_base_ms,
+                "amqp.retry_max_ms",
+                "K6_INGEST__AMQP__RETRY_MAX_MS",
+                "retry_base_ms must be at least 1 and retry_max_ms at least retry_base_ms",
+            ),
+            (
+                self.amqp.reconnect_base_ms == 0
+                    || self.amqp.reconnect_max_ms < self.amqp.reconnect_base_ms,
+                "amqp.reconnect_max_ms",
+                "K6_INGEST__AMQP__RECONNECT_MAX_MS",
+                "reconnect_base_ms must be at least 1 and reconnect_max_ms at least reconnect_base_ms",
+            ),
+            (
+                self.amqp.exchange.is_empty() || self.amqp.queue.is_empty(),
+                "amqp.queue",
+                "K6_INGEST__AMQP__QUEUE",
+                "amqp.exchange and amqp.queue must not be empty",
+            ),
+        ];
+        if let Some((_, setting, env, reason)) = amqp_checks.into_iter().find(|c| c.0) {
+            return Err(ConfigError::Invalid {
+                setting,
+                env,
+                reason: reason.to_string(),
             });
         }
         if self.ingest.concurrency == 0 {

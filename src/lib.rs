@@ -7,15 +7,24 @@
 //! - [`s3`]: streamed uploads under deterministic keys;
 //! - [`db`]: migrations and the one-transaction write;
 //! - [`ingest`]: `ingest_one`, the step every driver calls;
-//! - [`replay`]: the backfill driver over message files.
+//! - [`replay`]: the backfill driver over message files;
+//! - [`amqp`]: RabbitMQ connection, topology and confirmed publishing;
+//! - [`consumer`]: the RabbitMQ driver (`consume`): retries, dead letters, shutdown;
+//! - [`publish`]: `publish` and `requeue`;
+//! - [`http`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
 
+pub mod amqp;
 pub mod app;
 pub mod artifact;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod db;
+pub mod http;
 pub mod ingest;
 pub mod message;
+pub mod metrics;
+pub mod publish;
 pub mod replay;
 pub mod s3;
 pub mod summary;
