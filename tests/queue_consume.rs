@@ -244,10 +244,7 @@ async fn delivery_limit_dead_letters_instead_of_dropping() {
                 d.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await.unwrap();
                 handed_back += 1;
             }
-            n = async { wait_for("the dead letter", || async { (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(()) }).await } => {
-                let _ = n;
-                break;
-            }
+            () = wait_for("the dead letter", || async { (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(()) }) => break,
         }
     }
     assert!(
