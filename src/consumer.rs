@@ -58,6 +58,15 @@ struct Shared {
     slots: Arc<Semaphore>,
 }
 
+/// A session stopped by shutdown. Its channel and consumer must outlive the drain:
+/// dropping them closes the channel, which hands every unacknowledged delivery back
+/// to the broker even though the tasks working on it may still commit.
+struct Draining {
+    conn: Connection,
+    _consume_ch: Channel,
+    _consumer: lapin::Consumer,
+}
+
 /// How a consuming session ended, when it did not end with shutdown.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -120,12 +129,12 @@ impl Worker {
         let base = Duration::from_millis(s.settings.reconnect_base_ms);
         let max = Duration::from_millis(s.settings.reconnect_max_ms);
         let mut backoff = base;
-        let mut connection: Option<Connection> = None;
+        let mut draining: Option<Draining> = None;
         while !shutdown.is_cancelled() {
             let mut connected = false;
             match self.session(&tracker, &shutdown, &mut connected).await {
-                Ok(conn) => {
-                    connection = Some(conn);
+                Ok(d) => {
+                    draining = Some(d);
                     break;
                 }
                 Err(SessionError::Fatal(e)) => {
@@ -163,9 +172,9 @@ impl Worker {
                 "grace period over: unfinished deliveries go back to the queue unacknowledged"
             );
         }
-        if let Some(conn) = connection {
+        if let Some(d) = draining {
             // Closing returns every unacknowledged delivery to the queue at once.
-            let _ = conn.close(200, "shutting down".into()).await;
+            let _ = d.conn.close(200, "shutting down".into()).await;
         }
         s.health.set_amqp(false);
         s.metrics.amqp_connected(false);
@@ -179,7 +188,7 @@ impl Worker {
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
         connected: &mut bool,
-    ) -> Result<Connection, SessionError> {
+    ) -> Result<Draining, SessionError> {
         let s = &self.inner;
         let lost = |e: lapin::Error| SessionError::Lost(e.into());
         let conn = amqp::connect(&s.url, "k6-ingest consume")
@@ -234,7 +243,7 @@ impl Worker {
                 biased;
                 () = shutdown.cancelled() => {
                     let _ = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    return Ok(conn);
+                    return Ok(Draining { conn, _consume_ch: consume_ch, _consumer: consumer });
                 }
                 () = broken.cancelled() => break anyhow::anyhow!("publishing a retry or dead letter failed"),
                 next = consumer.next() => match next {
