@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# queue-throughput.sh — runs consumed per second through RabbitMQ, for a given prefetch.
+#
+#   scripts/queue-throughput.sh [PREFETCH] [MESSAGES]      # defaults: 8 and 300
+#
+# Publishes MESSAGES distinct runs (the v1.1.0 fixtures with fresh run ids) to queues of
+# their own, starts `k6-ingest consume` with amqp.prefetch = amqp.concurrency = PREFETCH,
+# and times it from start until every run is in a fresh database. Uses the services of
+# scripts/services-up.sh and the binary in ${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefetch=${1:-8}
+count=${2:-300}
+eval "$(scripts/services-up.sh 2>/dev/null)"
+export ERL_EPMD_ADDRESS=127.0.0.1
+bin="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}/k6-ingest"
+[ -x "$bin" ] || { echo "build first: cargo build ${PROFILE:+--profile $PROFILE}" >&2; exit 1; }
+
+tag="bench$(date +%s%N | tail -c 9)"
+db="k6_queue_${tag}"
+work=$(mktemp -d)
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true' EXIT
+psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
+export K6_INGEST__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$db"
+export K6_INGEST__AMQP__EXCHANGE="$tag.runs" K6_INGEST__AMQP__QUEUE="$tag.work"
+export K6_INGEST__AMQP__PREFETCH="$prefetch" K6_INGEST__AMQP__CONCURRENCY="$prefetch"
+export K6_INGEST__DATABASE__MAX_CONNECTIONS=$((prefetch + 2))
+export K6_INGEST__S3__PREFIX="$tag" K6_INGEST__FETCH__ALLOWED_ROOTS="$PWD/fixtures"
+export K6_INGEST__HTTP__BIND=127.0.0.1:0 K6_INGEST__LOG__LEVEL=warn
+"$bin" migrate >/dev/null
+
+python3 - "$PWD/fixtures/k6/v1.1.0" "$count" >"$work/runs.ndjson" <<'PY'
+import json, os, sys, uuid
+root, count = sys.argv[1], int(sys.argv[2])
+cases = sorted(c for c in os.listdir(root) if os.path.isfile(os.path.join(root, c, "summary.json")))
+for i in range(count):
+    d = os.path.join(root, cases[i % len(cases)])
+    m = json.load(open(os.path.join(d, "message.json")))
+    m["run_id"], m["event_id"] = str(uuid.uuid4()), str(uuid.uuid4())
+    m["artifacts"] = {k: "file://" + os.path.join(d, v) for k, v in m["artifacts"].items()}
+    print(json.dumps(m))
+PY
+"$bin" publish "$work/runs.ndjson"
+
+start=$(date +%s.%N)
+"$bin" consume 2>"$work/consume.log" &
+pid=$!
+until [ "$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc 'select count(*) from k6_performance_runs')" -ge "$count" ]; do
+    kill -0 "$pid" 2>/dev/null || { cat "$work/consume.log" >&2; exit 1; }
+    sleep 0.1
+done
+end=$(date +%s.%N)
+kill -TERM "$pid"
+wait "$pid"
+rabbitmqctl -q list_queues name 2>/dev/null | grep "^$tag\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null; done || true
+python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); n=int(sys.argv[3]); print(f'prefetch {sys.argv[4]}: {n} runs in {s:.2f} s = {n/s:.0f} runs/s')" "$start" "$end" "$count" "$prefetch"
