@@ -63,7 +63,8 @@ struct Shared {
 /// to the broker even though the tasks working on it may still commit.
 struct Draining {
     conn: Connection,
-    _consume_ch: Channel,
+    consume_ch: Channel,
+    publish_ch: Channel,
     _consumer: lapin::Consumer,
 }
 
@@ -174,10 +175,13 @@ impl Worker {
         }
         if let Some(d) = draining {
             // Closing returns every unacknowledged delivery to the queue at once.
+            let _ = d.consume_ch.close(200, "shutting down".into()).await;
+            let _ = d.publish_ch.close(200, "shutting down".into()).await;
             let _ = d.conn.close(200, "shutting down".into()).await;
         }
         s.health.set_amqp(false);
         s.metrics.amqp_connected(false);
+        tracing::info!("stopped");
         Ok(())
     }
 
@@ -200,6 +204,9 @@ impl Worker {
         } else {
             s.topology.verify(&conn).await
         };
+        if topology.is_ok() {
+            let _ = setup.close(200, "declared".into()).await;
+        }
         if let Err(e) = topology {
             // A channel error on a live connection is the broker refusing the topology.
             let fatal = conn.status().connected();
@@ -243,7 +250,7 @@ impl Worker {
                 biased;
                 () = shutdown.cancelled() => {
                     let _ = consume_ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                    return Ok(Draining { conn, _consume_ch: consume_ch, _consumer: consumer });
+                    return Ok(Draining { conn, consume_ch, publish_ch, _consumer: consumer });
                 }
                 () = broken.cancelled() => break anyhow::anyhow!("publishing a retry or dead letter failed"),
                 next = consumer.next() => match next {
@@ -254,7 +261,7 @@ impl Worker {
                         let shutdown = shutdown.clone();
                         tracker.spawn(async move { worker.handle(delivery, publish_ch, broken, shutdown).await });
                     }
-                    Some(Err(e)) => break anyhow::Error::new(e).context("the consumer stopped"),
+                    Some(Err(e)) => break anyhow::anyhow!("the consumer stopped: {e}"),
                     None => break anyhow::anyhow!("the broker cancelled the consumer (queue deleted?)"),
                 },
             }
