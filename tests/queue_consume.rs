@@ -518,3 +518,55 @@ async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
     Topology::new(&s.amqp).verify(&conn).await.unwrap();
     cleanup(&s).await;
 }
+
+/// The artifact host refuses connections for a while (a fetch failure that may pass):
+/// the runs are retried, not dead-lettered, and stored once the host is back.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn artifact_host_outage_is_retried_then_stored(pool: PgPool) {
+    let t = tag();
+    let mut s = settings(&t);
+    s.amqp.max_attempts = 40;
+    s.amqp.retry_base_ms = 100;
+    s.amqp.retry_max_ms = 400;
+    let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
+    let host = SlowServer::start(summary).await;
+    let proxy = Proxy::start(host.addr).await;
+    s.fetch.allowed_hosts = vec![proxy.addr.to_string()];
+    let shutdown = CancellationToken::new();
+    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
+        .await
+        .unwrap();
+    proxy.cut();
+    let msgs: Vec<Value> = (0..4)
+        .map(|i| {
+            let mut m = message("thresholds-pass");
+            m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/runs/{i}/summary.json", proxy.addr) });
+            m
+        })
+        .collect();
+    publish_bodies(&s, &bodies(&msgs)).await;
+    wait_for("fetch retries", || async {
+        (running.metrics.retried_count("fetch") >= 4).then_some(())
+    })
+    .await;
+    assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
+    proxy.restore();
+    wait_for("every run stored", || async {
+        (stored(&pool, &run_ids(&msgs)).await == 4).then_some(())
+    })
+    .await;
+    let status: Vec<String> =
+        sqlx::query_scalar("SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)")
+            .bind(run_ids(&msgs))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        status.iter().all(|s| s == "passed"),
+        "stored from the fetched summary: {status:?}"
+    );
+    assert_eq!(running.metrics.dead_lettered_count("fetch"), 0);
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    cleanup(&s).await;
+}
