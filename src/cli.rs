@@ -57,6 +57,9 @@ pub enum Command {
         #[arg(long)]
         limit: Option<u32>,
     },
+    /// Runner side, after `k6 run`: stage the run's files in S3 and publish its
+    /// run-completed message with publisher confirms.
+    Submit(Box<crate::submit::SubmitArgs>),
     /// Ingest message.json files (or directories holding them) without a broker.
     Replay {
         #[arg(required = true)]
@@ -103,6 +106,23 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
                 report.failed.len()
             );
             Ok(if report.failed.is_empty() { 0 } else { 1 })
+        }
+        Command::Submit(args) => {
+            let done = crate::submit::submit(&settings, &args).await?;
+            for skipped in &done.skipped {
+                eprintln!("k6-ingest: not staged: {skipped}");
+            }
+            if args.dry_run {
+                println!("{}", serde_json::to_string_pretty(&done.message)?);
+            } else {
+                println!(
+                    "run {} submitted: {} artifact(s) staged, message {} confirmed",
+                    done.message.run_id,
+                    done.staged.len(),
+                    done.message.event_id
+                );
+            }
+            Ok(0)
         }
         Command::Requeue { limit } => {
             let report = crate::publish::requeue(&settings.amqp, limit).await?;

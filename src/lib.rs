@@ -11,6 +11,7 @@
 //! - [`amqp`]: RabbitMQ connection, topology and confirmed publishing;
 //! - [`consumer`]: the RabbitMQ driver (`consume`): retries, dead letters, shutdown;
 //! - [`publish`]: `publish` and `requeue`;
+//! - [`submit`]: the runner side: stage artifacts, publish the message;
 //! - [`http`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
 
 pub mod amqp;
@@ -27,5 +28,6 @@ pub mod metrics;
 pub mod publish;
 pub mod replay;
 pub mod s3;
+pub mod submit;
 pub mod summary;
 pub mod telemetry;

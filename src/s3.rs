@@ -120,11 +120,23 @@ impl ArtifactStore {
         run_id: Uuid,
         file_name: &str,
     ) -> String {
+        Self::key_with_prefix(&self.prefix, organization_id, project_id, run_id, file_name)
+    }
+
+    /// `<prefix>/<organization_id>/<project_id>/<run_id>/<file name>`; shared with the
+    /// runner side, which stages under another prefix.
+    pub fn key_with_prefix(
+        prefix: &str,
+        organization_id: Uuid,
+        project_id: Uuid,
+        run_id: Uuid,
+        file_name: &str,
+    ) -> String {
         let tail = format!("{organization_id}/{project_id}/{run_id}/{file_name}");
-        if self.prefix.is_empty() {
+        if prefix.is_empty() {
             tail
         } else {
-            format!("{}/{tail}", self.prefix)
+            format!("{prefix}/{tail}")
         }
     }
 

@@ -1,0 +1,167 @@
+//! The runner side: `k6-ingest submit` stages a run's files in S3 and publishes its
+//! message with confirms; a worker then ingests it from the staged copies.
+
+#[path = "queue_support/mod.rs"]
+mod queue_support;
+
+use std::process::Command;
+
+use k6_ingest::amqp::Topology;
+use k6_ingest::ingest::{IngestContext, Outcome};
+use k6_ingest::message::RunCompleted;
+use queue_support::*;
+use sqlx::PgPool;
+
+fn submit_command(
+    s: &k6_ingest::config::Settings,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+    c.current_dir(dir)
+        .arg("submit")
+        .args([
+            "--logs",
+            "k6.log",
+            "--metrics",
+            "metrics.ndjson.gz",
+        ])
+        .args(extra)
+        .env("K6_INGEST_RUN_ID", uuid::Uuid::now_v7().to_string())
+        .env("K6_INGEST_TEST_ID", uuid::Uuid::now_v7().to_string())
+        .env(
+            "K6_INGEST_ORGANIZATION_ID",
+            "0190f7d2-0000-7000-8000-000000000001",
+        )
+        .env(
+            "K6_INGEST_PROJECT_ID",
+            "0190f7d2-0000-7000-8000-000000000002",
+        )
+        .env("K6_INGEST_TRIGGER", "ci_cd")
+        .env("K6_INGEST_K6_VERSION", "1.1.0")
+        .env("K6_INGEST_EXIT_CODE", "99")
+        .env("K6_INGEST__AMQP__URL", amqp_url())
+        .env("K6_INGEST__AMQP__EXCHANGE", &s.amqp.exchange)
+        .env("K6_INGEST__AMQP__QUEUE", &s.amqp.queue)
+        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
+        .env("K6_INGEST__S3__STAGING_PREFIX", "s")
+        .env("K6_INGEST__LOG__LEVEL", "warn");
+    c
+}
+
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool: PgPool) {
+    let t = tag();
+    let s = settings(&t);
+    let store = store(&s).await;
+    declare(&s).await;
+    let dir = fixtures().join("v1.1.0").join("thresholds-fail");
+
+    let out = submit_command(&s, &dir, &["--metadata", "{\"ci\":\"pipeline 42\"}"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("3 artifact(s) staged") && stdout.contains("confirmed"),
+        "{stdout}"
+    );
+
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    let published = drain(&conn, &topo.queue).await;
+    assert_eq!(published.len(), 1);
+    let msg = RunCompleted::decode(&published[0].0).unwrap();
+    assert_eq!(msg.exit_code, Some(99));
+    assert_eq!(msg.metadata.as_ref().unwrap()["ci"], "pipeline 42");
+    // The start is dated from k6's own run duration.
+    assert!(msg.wall_duration_ms().unwrap() > 1000, "{msg:?}");
+    let summary_uri = msg.artifacts.summary.clone().unwrap();
+    let staged_key = summary_uri
+        .strip_prefix(&format!("s3://{}/", store.bucket()))
+        .unwrap();
+    assert!(staged_key.starts_with(&format!(
+        "s/{}/{}/{}/",
+        msg.organization_id, msg.project_id, msg.run_id
+    )));
+    assert_eq!(
+        get(&store, staged_key).await,
+        std::fs::read(dir.join("summary.json")).unwrap()
+    );
+
+    // The worker side: ingested from the staged copies.
+    let ing = ingestor(&pool, &s).await;
+    let report = ing
+        .ingest_one(&msg, &IngestContext::default())
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Ingested);
+    assert_eq!(report.line.status.as_deref(), Some("failed"));
+    let (trigger, logs): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT trigger, logs_s3_url FROM runs WHERE id = $1")
+            .bind(msg.run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(trigger.as_deref(), Some("ci_cd"));
+    assert!(logs.is_some());
+    cleanup(&s).await;
+}
+
+#[tokio::test]
+async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_error() {
+    let t = tag();
+    let s = settings(&t);
+    store(&s).await;
+    declare(&s).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("k6.log"),
+        b"level=error msg=\"script exception\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("metrics.ndjson.gz"), b"").unwrap();
+    let out = submit_command(&s, dir.path(), &["--exit-code", "107"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not staged: summary"));
+    let conn = connect().await;
+    let published = drain(&conn, &Topology::new(&s.amqp).queue).await;
+    let msg = RunCompleted::decode(&published[0].0).unwrap();
+    assert_eq!(msg.artifacts.summary, None);
+    assert_eq!(msg.exit_code, Some(107));
+
+    // Nowhere to publish: an error and a non-zero exit, never a silent success.
+    let out = submit_command(&s, dir.path(), &[])
+        .env("K6_INGEST__AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RabbitMQ"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cleanup(&s).await;
+}
+
+async fn get(store: &k6_ingest::s3::ArtifactStore, key: &str) -> Vec<u8> {
+    let out = store
+        .client()
+        .get_object()
+        .bucket(store.bucket())
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
