@@ -130,10 +130,13 @@ fn prepare(label: String, raw: &[u8], base: &Path, max_message_bytes: u64) -> Ou
             }
         }
     }
-    let message_id = doc
-        .get("event_id")
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    // `event_id` is unique per publish (the contract): a backfill of the same files
+    // publishes new events for the same runs, which `run_id` keeps idempotent.
+    let event_id = uuid::Uuid::now_v7().to_string();
+    if let Some(obj) = doc.as_object_mut() {
+        obj.insert("event_id".into(), Value::String(event_id.clone()));
+    }
+    let message_id = Some(event_id);
     let body = match serde_json::to_vec(&doc) {
         Ok(b) => b,
         Err(e) => return fail(label, e.to_string()),

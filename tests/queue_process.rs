@@ -289,6 +289,18 @@ async fn publish_confirms_every_message_and_reports_failures() {
     // Relative artifact paths became file:// URIs the worker can read.
     let published = drain(&conn, &topo.queue).await;
     let first: Value = serde_json::from_slice(&published[0].0).unwrap();
+    // Every publish is a new event for the same run.
+    let on_disk: Vec<String> = std::fs::read_dir(fixtures().join("v1.1.0"))
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.unwrap().path().join("message.json")).ok())
+        .map(|b| {
+            serde_json::from_slice::<Value>(&b).unwrap()["event_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(!on_disk.contains(&first["event_id"].as_str().unwrap().to_string()));
     assert!(
         first["artifacts"]["summary"]
             .as_str()

@@ -20,12 +20,7 @@ fn submit_command(
     let mut c = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
     c.current_dir(dir)
         .arg("submit")
-        .args([
-            "--logs",
-            "k6.log",
-            "--metrics",
-            "metrics.ndjson.gz",
-        ])
+        .args(["--logs", "k6.log", "--metrics", "metrics.ndjson.gz"])
         .args(extra)
         .env("K6_INGEST_RUN_ID", uuid::Uuid::now_v7().to_string())
         .env("K6_INGEST_TEST_ID", uuid::Uuid::now_v7().to_string())
