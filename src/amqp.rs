@@ -73,6 +73,26 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, props).await
 }
 
+/// Connects and makes sure the topology is there (declared, or with `declare = false`
+/// checked), so nothing is published before its queue exists.
+pub async fn connect_ready(
+    settings: &crate::config::AmqpSettings,
+    name: &str,
+) -> anyhow::Result<(Connection, Topology)> {
+    use anyhow::Context as _;
+    let topology = Topology::new(settings);
+    let conn = connect(settings.url()?, name)
+        .await
+        .context("Failed to connect to RabbitMQ (amqp.url)")?;
+    if settings.declare {
+        let ch = conn.create_channel().await?;
+        topology.declare(&ch).await?;
+    } else {
+        topology.verify(&conn).await?;
+    }
+    Ok((conn, topology))
+}
+
 /// A channel with publisher confirms on.
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
     let ch = conn.create_channel().await?;

@@ -301,13 +301,7 @@ impl Worker {
                 () = shutdown.cancelled() => None,
             };
             let Some(_permit) = permit else {
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                hand_back(&delivery).await;
                 return;
             };
             let _in_flight = s.metrics.in_flight();
@@ -466,13 +460,7 @@ impl Worker {
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not republish; handing the delivery back and reconnecting");
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                hand_back(delivery).await;
                 broken.cancel();
             }
         }
@@ -586,4 +574,16 @@ pub async fn consume(
     let ingestor = crate::app::build_ingestor(settings, needs, Vec::new()).await?;
     let running = start(settings, ingestor, shutdown).await?;
     running.done.await?
+}
+
+/// Returns a delivery to the queue unacknowledged, for this or another worker to take.
+/// Best effort: if the channel is gone the broker requeues it anyway.
+async fn hand_back(delivery: &lapin::message::Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await;
 }

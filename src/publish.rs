@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDe
 use lapin::types::FieldTable;
 use serde_json::Value;
 
-use crate::amqp::{self, Topology};
+use crate::amqp;
 use crate::config::AmqpSettings;
 
 /// Confirms awaited at once: enough to keep the channel busy, few enough to bound memory.
@@ -162,16 +162,7 @@ pub async fn publish(
     settings: &AmqpSettings,
     messages: Vec<Outgoing>,
 ) -> anyhow::Result<PublishReport> {
-    let topology = Topology::new(settings);
-    let conn = amqp::connect(settings.url()?, "k6-ingest publish")
-        .await
-        .context("Failed to connect to RabbitMQ (amqp.url)")?;
-    if settings.declare {
-        let ch = conn.create_channel().await?;
-        topology.declare(&ch).await?;
-    } else {
-        topology.verify(&conn).await?;
-    }
+    let (conn, topology) = amqp::connect_ready(settings, "k6-ingest publish").await?;
     let ch = amqp::confirm_channel(&conn).await?;
     let mut report = PublishReport::default();
     let mut ready = Vec::new();
@@ -230,16 +221,7 @@ pub struct RequeueReport {
 /// Takes at most the messages present at the start (and at most `limit`), so a message
 /// that fails again and lands back is not looped over.
 pub async fn requeue(settings: &AmqpSettings, limit: Option<u32>) -> anyhow::Result<RequeueReport> {
-    let topology = Topology::new(settings);
-    let conn = amqp::connect(settings.url()?, "k6-ingest requeue")
-        .await
-        .context("Failed to connect to RabbitMQ (amqp.url)")?;
-    if settings.declare {
-        let ch = conn.create_channel().await?;
-        topology.declare(&ch).await?;
-    } else {
-        topology.verify(&conn).await?;
-    }
+    let (conn, topology) = amqp::connect_ready(settings, "k6-ingest requeue").await?;
     let get_ch = conn.create_channel().await?;
     let dlq = get_ch
         .queue_declare(

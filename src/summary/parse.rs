@@ -148,15 +148,7 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
             warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
             continue;
         };
-        let (base_name, tags) = parse_metric_key(name);
-        let metric_type = m
-            .get("type")
-            .and_then(Value::as_str)
-            .and_then(MetricType::parse);
-        let contains = m
-            .get("contains")
-            .and_then(Value::as_str)
-            .and_then(Contains::parse);
+        let (base_name, tags, metric_type, contains) = typed_key(name, m);
         let values = m
             .get("values")
             .and_then(Value::as_object)
@@ -207,6 +199,29 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
         checks,
         warnings,
     ))
+}
+
+/// A metric's key parsed into base name and tags, with the `type` and `contains` a
+/// typed format declares.
+fn typed_key(
+    name: &str,
+    m: &Map<String, Value>,
+) -> (
+    String,
+    BTreeMap<String, String>,
+    Option<MetricType>,
+    Option<Contains>,
+) {
+    let (base_name, tags) = parse_metric_key(name);
+    let metric_type = m
+        .get("type")
+        .and_then(Value::as_str)
+        .and_then(MetricType::parse);
+    let contains = m
+        .get("contains")
+        .and_then(Value::as_str)
+        .and_then(Contains::parse);
+    (base_name, tags, metric_type, contains)
 }
 
 /// Visits a group: its checks first, then its subgroups, each in the order k6 gave them.
@@ -390,15 +405,7 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
             warnings.push("metric without a name, skipped".into());
             continue;
         };
-        let (base_name, tags) = parse_metric_key(name);
-        let metric_type = m
-            .get("type")
-            .and_then(Value::as_str)
-            .and_then(MetricType::parse);
-        let contains = m
-            .get("contains")
-            .and_then(Value::as_str)
-            .and_then(Contains::parse);
+        let (base_name, tags, metric_type, contains) = typed_key(name, m);
         let mut values = m
             .get("values")
             .and_then(Value::as_object)
