@@ -570,3 +570,50 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
         assert_eq!(get_object(&store, &key).await, want, "{name}");
     }
 }
+
+/// `extract` prints the columns keyed by column name: every key it prints is a column of
+/// `k6_performance_runs`, and it prints every metric column of the table.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn extract_keys_are_the_tables_columns(pool: PgPool) {
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'k6_performance_runs'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let dir = fixture_dir("v1.1.0", "thresholds-pass");
+    let summary =
+        k6_ingest::summary::parse_summary(&std::fs::read(dir.join("summary.json")).unwrap())
+            .unwrap();
+    let extracted =
+        serde_json::to_value(k6_ingest::summary::extract(&summary, Some(0), None).columns).unwrap();
+    let keys: Vec<&String> = extracted.as_object().unwrap().keys().collect();
+    for k in &keys {
+        assert!(
+            columns.contains(k),
+            "extract prints {k}, which is not a column"
+        );
+    }
+    // Identity, timing and storage columns come from the message and the ingest, not the summary.
+    let from_elsewhere = [
+        "id",
+        "run_id",
+        "test_id",
+        "organization_id",
+        "project_id",
+        "location",
+        "started_at",
+        "completed_at",
+        "k6_version",
+        "summary_json",
+        "summary_s3_url",
+        "config_snapshot",
+        "created_at",
+    ];
+    for c in &columns {
+        assert!(
+            keys.contains(&c) || from_elsewhere.contains(&c.as_str()),
+            "column {c} is not extracted"
+        );
+    }
+}
