@@ -1,6 +1,7 @@
 //! The runner side: `k6-ingest submit` stages a run's files in S3 and publishes its
 //! message with confirms; a worker then ingests it from the staged copies.
 
+mod common;
 #[path = "queue_support/mod.rs"]
 mod queue_support;
 
@@ -84,7 +85,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
         msg.organization_id, msg.project_id, msg.run_id
     )));
     assert_eq!(
-        get(&store, staged_key).await,
+        common::get_object(&store, staged_key).await,
         std::fs::read(dir.join("summary.json")).unwrap()
     );
 
@@ -147,16 +148,4 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
         String::from_utf8_lossy(&out.stderr)
     );
     cleanup(&s).await;
-}
-
-async fn get(store: &k6_ingest::s3::ArtifactStore, key: &str) -> Vec<u8> {
-    let out = store
-        .client()
-        .get_object()
-        .bucket(store.bucket())
-        .key(key)
-        .send()
-        .await
-        .unwrap();
-    out.body.collect().await.unwrap().into_bytes().to_vec()
 }
