@@ -617,3 +617,35 @@ async fn extract_keys_are_the_tables_columns(pool: PgPool) {
         );
     }
 }
+
+/// k6 allows any character in check and group names; PostgreSQL text cannot hold NUL.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
+    let s = settings("nul");
+    let ing = ingestor(&pool, &s).await;
+    let dir = copy_fixture("v1.1.0", "groups-nested-checks");
+    let path = dir.path().join("summary.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"status is 200\"", "\"status\\u0000is 200\"");
+    std::fs::write(&path, text).unwrap();
+    let msg = message(dir.path());
+    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM k6_check_results WHERE name LIKE 'status%is 200'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(names.len(), 3);
+    assert!(
+        names.iter().all(|n| n == "status\u{FFFD}is 200"),
+        "{names:?}"
+    );
+    let warnings: serde_json::Value =
+        sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
+            .bind(msg.run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(warnings.to_string().contains("NUL"), "{warnings}");
+}

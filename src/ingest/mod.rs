@@ -434,7 +434,19 @@ impl Ingestor {
         let parsed = tokio::task::spawn_blocking(move || {
             let result = serde_json::from_slice::<Value>(&bytes)
                 .map_err(|e| SummaryError::Json(e.to_string()))
-                .and_then(|doc| parse_summary_value(&doc).map(|s| (doc, s)));
+                .map(|mut doc| {
+                    let replaced = replace_nul(&mut doc);
+                    (doc, replaced)
+                })
+                .and_then(|(doc, replaced)| {
+                    let mut summary = parse_summary_value(&doc)?;
+                    if replaced > 0 {
+                        summary.warnings.push(format!(
+                            "{replaced} NUL character(s) in names replaced by U+FFFD (PostgreSQL text cannot hold NUL)"
+                        ));
+                    }
+                    Ok((doc, summary))
+                });
             (result, bytes)
         })
         .await
@@ -544,6 +556,31 @@ impl Ingestor {
             })?;
         *total += n;
         Ok(store.uri(&key))
+    }
+}
+
+/// Replaces NUL characters in every string and key (k6 allows them in check and group
+/// names; PostgreSQL text and jsonb cannot store them) and returns how many there were.
+fn replace_nul(v: &mut Value) -> usize {
+    match v {
+        Value::String(s) if s.contains('\0') => {
+            let n = s.matches('\0').count();
+            *s = s.replace('\0', "\u{FFFD}");
+            n
+        }
+        Value::Array(a) => a.iter_mut().map(replace_nul).sum(),
+        Value::Object(o) => {
+            let mut n = 0;
+            if o.keys().any(|k| k.contains('\0')) {
+                let entries: Vec<(String, Value)> = std::mem::take(o).into_iter().collect();
+                for (k, val) in entries {
+                    n += k.matches('\0').count();
+                    o.insert(k.replace('\0', "\u{FFFD}"), val);
+                }
+            }
+            n + o.values_mut().map(replace_nul).sum::<usize>()
+        }
+        _ => 0,
     }
 }
 
