@@ -71,7 +71,7 @@ CREATE TABLE k6_performance_runs (
     data_sent_bytes       bigint,
 
     exit_code             integer,
-    k6_version            varchar(50),
+    k6_version            text,
     summary_format        varchar(50),
     -- Where each derived value came from ('summary' or 'samples'), and why a value is NULL.
     value_sources         jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -101,8 +101,8 @@ CREATE INDEX k6_runs_test_location_created_idx
 CREATE TABLE k6_metrics_history (
     id           uuid PRIMARY KEY,
     k6_run_id    uuid NOT NULL REFERENCES k6_performance_runs (id) ON DELETE CASCADE,
-    metric_name  varchar(400) NOT NULL,  -- the key as k6 wrote it, selector included
-    base_name    varchar(200) NOT NULL,
+    metric_name  text NOT NULL,          -- the key as k6 wrote it, selector included
+    base_name    text NOT NULL,
     metric_type  varchar(50),            -- counter | gauge | rate | trend
     contains     varchar(50),            -- default | time | data (NULL when unknown)
     tags         jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -134,12 +134,12 @@ CREATE INDEX k6_metrics_recorded_at_idx ON k6_metrics_history (recorded_at DESC)
 CREATE TABLE k6_threshold_results (
     id              uuid PRIMARY KEY,
     k6_run_id       uuid NOT NULL REFERENCES k6_performance_runs (id) ON DELETE CASCADE,
-    metric_name     varchar(400) NOT NULL,
-    base_name       varchar(200) NOT NULL,
+    metric_name     text NOT NULL,
+    base_name       text NOT NULL,
     tags            jsonb NOT NULL DEFAULT '{}'::jsonb,
     expression      text NOT NULL,
     ok              boolean NOT NULL,
-    aggregation     varchar(50),       -- the stat the expression tests, e.g. p(95)
+    aggregation     text,              -- the stat the expression tests, e.g. p(95)
     observed_value  bigint,            -- that stat, scaled like k6_metrics_history
     observed_scale  integer,
     observed_raw    double precision,  -- that stat exactly as k6 reported it
