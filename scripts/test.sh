@@ -28,7 +28,8 @@ scripts/check-deploy.sh
 # afterwards, alone.
 echo "[test] test suite" >&2
 cargo nextest run --locked --no-fail-fast -E 'not test(/serial_/)'
-if cargo nextest list --locked -E 'test(/serial_/)' 2>/dev/null | grep -q serial_; then
+serial=$(cargo nextest list --locked -E 'test(/serial_/)' 2>/dev/null || true)
+if grep -q serial_ <<<"$serial"; then
     echo "[test] serial tests" >&2
     cargo nextest run --locked --no-fail-fast --test-threads 1 -E 'test(/serial_/)'
 fi
