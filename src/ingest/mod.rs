@@ -207,13 +207,8 @@ impl Ingestor {
                     .iter()
                     .find(|l| l.0 == "metrics")
                     .map(|l| l.3.path.clone());
-                self.read_samples(
-                    summary,
-                    metrics_file,
-                    self.fetcher.settings().max_samples,
-                    &mut warnings,
-                )
-                .await
+                self.read_samples(summary, metrics_file, &mut warnings)
+                    .await
             }
             _ => None,
         };
@@ -275,7 +270,9 @@ impl Ingestor {
         let mut taken_names: Vec<String> = Vec::new();
         for (role, uri, source, local) in &locals {
             let name = unique_name(&source.file_name(), role, &mut taken_names);
-            let uri_s3 = self.upload(msg, &name, local, &mut bytes_uploaded).await?;
+            let uri_s3 = self
+                .upload(msg, &name, Body::File(local), &mut bytes_uploaded)
+                .await?;
             if *role == "logs" {
                 logs_s3_url = Some(uri_s3.clone());
             }
@@ -302,7 +299,7 @@ impl Ingestor {
                 } else {
                     let name = unique_name(&file_name, "summary", &mut taken_names);
                     let s3_uri = self
-                        .upload_bytes(msg, &name, bytes, &mut bytes_uploaded)
+                        .upload(msg, &name, Body::Bytes(bytes), &mut bytes_uploaded)
                         .await?;
                     artifact_paths.insert(
                         "summary".into(),
@@ -317,7 +314,7 @@ impl Ingestor {
                 // Keep the unreadable file where a person can look at it.
                 let name = unique_name(&file_name, "summary", &mut taken_names);
                 let s3_uri = self
-                    .upload_bytes(msg, &name, bytes, &mut bytes_uploaded)
+                    .upload(msg, &name, Body::Bytes(bytes), &mut bytes_uploaded)
                     .await?;
                 artifact_paths.insert(
                     "summary".into(),
@@ -474,9 +471,9 @@ impl Ingestor {
         &self,
         summary: &Summary,
         metrics_file: Option<PathBuf>,
-        max_samples: usize,
         warnings: &mut Vec<String>,
     ) -> Option<SampleSets> {
+        let max_samples = self.fetcher.settings().max_samples;
         let requests = wanted_samples(summary);
         let path = metrics_file?;
         if requests.is_empty() {
@@ -518,45 +515,33 @@ impl Ingestor {
         })
     }
 
+    /// Uploads one artifact of the run under its deterministic key; returns its S3 URI.
     async fn upload(
         &self,
         msg: &RunCompleted,
         name: &str,
-        local: &LocalArtifact,
+        body: Body<'_>,
         total: &mut u64,
     ) -> Result<String, IngestError> {
         let store = self.store_for(msg.run_id)?;
         let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
-        let n = store
-            .upload_file(&local.path, &key, content_type_for(name))
-            .await
-            .map_err(|source| IngestError::Upload {
-                run_id: msg.run_id,
-                source,
-            })?;
-        *total += n;
+        let content_type = content_type_for(name);
+        let sent = match body {
+            Body::File(local) => store.upload_file(&local.path, &key, content_type).await,
+            Body::Bytes(bytes) => store.upload_bytes(bytes, &key, content_type).await,
+        };
+        *total += sent.map_err(|source| IngestError::Upload {
+            run_id: msg.run_id,
+            source,
+        })?;
         Ok(store.uri(&key))
     }
+}
 
-    async fn upload_bytes(
-        &self,
-        msg: &RunCompleted,
-        name: &str,
-        bytes: Vec<u8>,
-        total: &mut u64,
-    ) -> Result<String, IngestError> {
-        let store = self.store_for(msg.run_id)?;
-        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
-        let n = store
-            .upload_bytes(bytes, &key, content_type_for(name))
-            .await
-            .map_err(|source| IngestError::Upload {
-                run_id: msg.run_id,
-                source,
-            })?;
-        *total += n;
-        Ok(store.uri(&key))
-    }
+/// What an upload sends: a local file, streamed, or a small document already in memory.
+enum Body<'a> {
+    File(&'a LocalArtifact),
+    Bytes(Vec<u8>),
 }
 
 /// Replaces NUL characters in every string and key (k6 allows them in check and group
