@@ -38,7 +38,9 @@ pub async fn build_ingestor(
         )),
         _ => None,
     };
-    let fetcher = Fetcher::new(&settings.fetch, client)?.with_roots(extra_roots);
+    let fetcher = Fetcher::new(&settings.fetch, client)?
+        .with_roots(extra_roots)
+        .with_s3_sources(settings.s3.sources()?);
     Ok(Ingestor::new(
         pool,
         store,

@@ -4,6 +4,10 @@
 //!
 //! Large artifacts are never held in memory: a local file is used where it lies, and
 //! anything remote is streamed into a temporary file first.
+//!
+//! `s3://` sources are tenant-scoped and every URI is shown redacted: see [`source`].
+
+mod source;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -14,8 +18,12 @@ use tokio::io::AsyncWriteExt;
 use url::Url;
 
 use crate::config::FetchSettings;
+pub use source::{REDACTED, S3Scope, S3Sources, Tenant, redact_uri};
 
 /// Why an artifact could not be fetched. `is_transient` decides retry or dead-letter.
+///
+/// Every `uri` field holds the URI as [`redact_uri`] shows it, never the raw one: these
+/// errors end up in logs, dead-letter reasons and `runs.error_details`.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("artifact {uri} refused: {reason}")]
@@ -62,11 +70,33 @@ impl FetchError {
 }
 
 /// Where an artifact URI points, after the allow-lists were checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Source {
     File(PathBuf),
+    /// May carry basic-auth credentials (sent as an `Authorization` header, never shown).
     Http(Url),
-    S3 { bucket: String, key: String },
+    S3 {
+        bucket: String,
+        key: String,
+    },
+}
+
+/// By hand, so that a logged `Source` shows an HTTP URL's credentials redacted.
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+            Self::Http(url) => f
+                .debug_tuple("Http")
+                .field(&redact_uri(url.as_str()))
+                .finish(),
+            Self::S3 { bucket, key } => f
+                .debug_struct("S3")
+                .field("bucket", bucket)
+                .field("key", key)
+                .finish(),
+        }
+    }
 }
 
 impl Source {
@@ -84,21 +114,29 @@ impl Source {
                 .to_string(),
             Self::S3 { key, .. } => key.rsplit('/').next().unwrap_or_default().to_string(),
         };
-        let clean: String = raw
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        clean.trim_start_matches('.').to_string()
+        safe_file_name(&raw)
     }
 }
 
-/// Resolves a URI from a message against the allow-lists.
+/// A file name made of ASCII letters, digits, `.`, `-` and `_` only, without leading dots:
+/// safe as the last segment of an S3 key and in an `s3://` URI without encoding.
+pub fn safe_file_name(raw: &str) -> String {
+    let clean: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    clean.trim_start_matches('.').to_string()
+}
+
+/// Resolves a URI from a message of `tenant` against the allow-lists, before anything is
+/// read: `s3://` only under `tenant`'s prefixes in `s3_sources`, `http(s)://` only to
+/// `hosts`, local paths only under `roots`.
 ///
 /// `base_dir` is the message file's directory during replay: relative paths resolve
 /// against it and must stay inside it. Without it relative paths are refused.
@@ -107,9 +145,12 @@ pub fn resolve(
     base_dir: Option<&Path>,
     roots: &[PathBuf],
     hosts: &[String],
+    s3_sources: &S3Sources,
+    tenant: &Tenant,
 ) -> Result<Source, FetchError> {
+    let shown = redact_uri(uri);
     let refused = |reason: &str| FetchError::Refused {
-        uri: uri.to_string(),
+        uri: shown.clone(),
         reason: reason.to_string(),
     };
     if uri.trim().is_empty() {
@@ -117,21 +158,12 @@ pub fn resolve(
     }
     match Url::parse(uri) {
         Ok(url) => match url.scheme() {
-            "s3" => {
-                let bucket = url
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| refused("s3 URI without a bucket"))?;
-                let key = url.path().trim_start_matches('/');
-                if key.is_empty() {
-                    return Err(refused("s3 URI without a key"));
-                }
-                let key = percent_decode(key);
-                Ok(Source::S3 {
-                    bucket: bucket.to_string(),
-                    key,
-                })
-            }
+            // Parsed by hand: the URL parser normalises `..` and `%2e` segments away
+            // before they could be refused.
+            "s3" => match s3_sources.admit(uri, tenant) {
+                Ok((bucket, key)) => Ok(Source::S3 { bucket, key }),
+                Err(reason) => Err(refused(&reason)),
+            },
             "http" | "https" => {
                 let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
                 // `port()` is None for a scheme's default port, even when written out.
@@ -152,7 +184,7 @@ pub fn resolve(
                 let path = url
                     .to_file_path()
                     .map_err(|()| refused("file URI is not a local absolute path"))?;
-                under_roots(uri, &path, roots)
+                under_roots(&shown, &path, roots)
             }
             other => Err(refused(&format!(
                 "unsupported scheme {other:?} (use s3, https, http or file)"
@@ -161,35 +193,16 @@ pub fn resolve(
         Err(_) => {
             let path = Path::new(uri);
             if path.is_absolute() {
-                return under_roots(uri, path, roots);
+                return under_roots(&shown, path, roots);
             }
             let Some(base) = base_dir else {
                 return Err(refused(
                     "relative paths are only accepted when replaying message files",
                 ));
             };
-            under_roots(uri, &base.join(path), &[base.to_path_buf()])
+            under_roots(&shown, &base.join(path), &[base.to_path_buf()])
         }
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A local path is accepted only if, with symlinks and `..` resolved, it lies under
@@ -264,6 +277,7 @@ pub struct Fetcher {
     s3: Option<aws_sdk_s3::Client>,
     settings: FetchSettings,
     extra_roots: Vec<PathBuf>,
+    s3_sources: S3Sources,
 }
 
 impl Fetcher {
@@ -280,6 +294,7 @@ impl Fetcher {
             s3,
             settings: settings.clone(),
             extra_roots: Vec::new(),
+            s3_sources: S3Sources::default(),
         })
     }
 
@@ -289,18 +304,38 @@ impl Fetcher {
         self
     }
 
+    /// Where `s3://` sources may lie (`s3.source_templates`); without this call none may.
+    pub fn with_s3_sources(mut self, sources: S3Sources) -> Self {
+        self.s3_sources = sources;
+        self
+    }
+
     pub fn settings(&self) -> &FetchSettings {
         &self.settings
     }
 
-    pub fn resolve(&self, uri: &str, base_dir: Option<&Path>) -> Result<Source, FetchError> {
+    /// Resolves a URI from a message of `tenant`; see [`resolve`].
+    pub fn resolve(
+        &self,
+        uri: &str,
+        base_dir: Option<&Path>,
+        tenant: &Tenant,
+    ) -> Result<Source, FetchError> {
         let mut roots = self.settings.allowed_roots.clone();
         roots.extend(self.extra_roots.iter().cloned());
-        resolve(uri, base_dir, &roots, &self.settings.allowed_hosts)
+        resolve(
+            uri,
+            base_dir,
+            &roots,
+            &self.settings.allowed_hosts,
+            &self.s3_sources,
+            tenant,
+        )
     }
 
     /// The summary's bytes, gunzipped if they were gzip-compressed.
     pub async fn fetch_summary(&self, uri: &str, source: &Source) -> Result<Vec<u8>, FetchError> {
+        let uri = &redact_uri(uri);
         let limit = self.settings.max_summary_bytes;
         let local = self.fetch_to_local(uri, source, limit).await?;
         let inflate_cap = self.settings.max_inflated_bytes;
@@ -321,6 +356,8 @@ impl Fetcher {
         source: &Source,
         limit: u64,
     ) -> Result<LocalArtifact, FetchError> {
+        // `uri` only names the artifact in errors; the source is what is fetched.
+        let uri = &redact_uri(uri);
         match source {
             Source::File(path) => {
                 let meta = tokio::fs::metadata(path)
@@ -365,7 +402,7 @@ impl Fetcher {
             } else {
                 FetchError::Transport {
                     uri: uri.into(),
-                    message: e.to_string(),
+                    message: error_chain(&e.without_url()),
                 }
             }
         };
@@ -471,6 +508,19 @@ impl Fetcher {
     }
 }
 
+/// An error and its causes on one line. reqwest's own text names the URL, query and all,
+/// so callers pass the error `without_url()`: the artifact's redacted URI is shown beside it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 fn io_error(uri: &str, e: std::io::Error) -> FetchError {
     if e.kind() == std::io::ErrorKind::NotFound {
         FetchError::NotFound { uri: uri.into() }
@@ -573,7 +623,18 @@ mod tests {
             "artifacts.internal".to_string(),
             "127.0.0.1:9000".to_string(),
         ];
-        let ok = |u: &str| resolve(u, Some(&root), &roots, &hosts);
+        let sources = S3Sources::new(
+            &["s3://{bucket}/staging/{organization_id}/{project_id}/".to_string()],
+            Some("bkt"),
+            "",
+        )
+        .unwrap();
+        let tenant = Tenant {
+            organization_id: uuid::Uuid::from_u128(1),
+            project_id: uuid::Uuid::from_u128(2),
+            run_id: uuid::Uuid::from_u128(3),
+        };
+        let ok = |u: &str| resolve(u, Some(&root), &roots, &hosts, &sources, &tenant);
         assert!(matches!(ok("a.json"), Ok(Source::File(_))));
         assert!(matches!(
             ok(&format!("file://{}/a.json", root.display())),
@@ -612,18 +673,45 @@ mod tests {
             ok("ftp://artifacts.internal/x"),
             Err(FetchError::Refused { .. })
         ));
+        let own = format!("staging/{}/{}", tenant.organization_id, tenant.project_id);
         assert_eq!(
-            ok("s3://bkt/a/b%20c.json").unwrap(),
+            ok(&format!("s3://bkt/{own}/b%20c.json")).unwrap(),
             Source::S3 {
                 bucket: "bkt".into(),
-                key: "a/b c.json".into()
+                key: format!("{own}/b c.json")
             }
         );
+        assert!(matches!(
+            ok("s3://bkt/a/b.json"),
+            Err(FetchError::Refused { reason, .. }) if reason.contains("s3.source_templates")
+        ));
         assert!(matches!(ok("s3://bkt/"), Err(FetchError::Refused { .. })));
         assert!(matches!(
-            resolve("a.json", None, &roots, &hosts),
+            resolve("a.json", None, &roots, &hosts, &sources, &tenant),
             Err(FetchError::Refused { .. })
         ));
+        // Without templates no s3 source is allowed at all.
+        assert!(matches!(
+            resolve(
+                &format!("s3://bkt/{own}/b.json"),
+                None,
+                &roots,
+                &hosts,
+                &S3Sources::default(),
+                &tenant
+            ),
+            Err(FetchError::Refused { .. })
+        ));
+        // Credentials are used for the fetch but never shown.
+        let err = ok("https://user:secret@evil.example/x.json?token=abc").unwrap_err();
+        assert!(matches!(
+            &err,
+            FetchError::Refused { uri, .. } if uri == "https://evil.example/x.json?token=REDACTED"
+        ));
+        let source = ok("https://user:secret@artifacts.internal/x.json").unwrap();
+        assert!(!format!("{source:?}").contains("secret"), "{source:?}");
+        let err = ok("s3://user:secret@bkt/a.json").unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("secret"), "{err:?}");
     }
 
     #[test]

@@ -85,6 +85,11 @@ pub struct S3Settings {
     pub inline_summary_max_bytes: u64,
     /// Where `submit` stages a runner's artifacts.
     pub staging_prefix: String,
+    /// Where a message's `s3://` artifacts may lie: `s3://bucket/prefix/` templates naming
+    /// `{organization_id}` and `{project_id}` (and optionally `{run_id}`), filled with the
+    /// message's own; `{bucket}` and `{staging_prefix}` stand for the settings above.
+    /// The worker reads S3 with its own credentials, so anything else is refused.
+    pub source_templates: Vec<String>,
 }
 
 impl S3Settings {
@@ -95,6 +100,17 @@ impl S3Settings {
             .ok_or(ConfigError::Missing {
                 setting: "s3.bucket",
                 env: "K6_INGEST__S3__BUCKET",
+            })
+    }
+
+    /// `source_templates` checked, with `{bucket}` and `{staging_prefix}` filled in.
+    pub fn sources(&self) -> Result<crate::artifact::S3Sources, ConfigError> {
+        let bucket = self.bucket.as_deref().filter(|b| !b.is_empty());
+        crate::artifact::S3Sources::new(&self.source_templates, bucket, &self.staging_prefix)
+            .map_err(|reason| ConfigError::Invalid {
+                setting: "s3.source_templates",
+                env: "K6_INGEST__S3__SOURCE_TEMPLATES",
+                reason,
             })
     }
 }
@@ -198,6 +214,7 @@ multipart_threshold_bytes = 16777216
 part_size_bytes = 16777216
 inline_summary_max_bytes = 1048576
 staging_prefix = "k6-staging"
+source_templates = ["s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/{run_id}/"]
 
 [fetch]
 allowed_roots = []
@@ -255,7 +272,8 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("fetch.allowed_roots")
-                .with_list_parse_key("fetch.allowed_hosts"),
+                .with_list_parse_key("fetch.allowed_hosts")
+                .with_list_parse_key("s3.source_templates"),
         );
         let settings: Settings = builder.build()?.try_deserialize()?;
         settings.validate()?;
@@ -297,6 +315,14 @@ impl Settings {
                 reason: "must not start or end with '/'".into(),
             });
         }
+        if self.s3.staging_prefix.starts_with('/') || self.s3.staging_prefix.ends_with('/') {
+            return Err(ConfigError::Invalid {
+                setting: "s3.staging_prefix",
+                env: "K6_INGEST__S3__STAGING_PREFIX",
+                reason: "must not start or end with '/'".into(),
+            });
+        }
+        self.s3.sources()?;
         if self.amqp.prefetch == 0 {
             return Err(ConfigError::Invalid {
                 setting: "amqp.prefetch",

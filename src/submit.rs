@@ -13,6 +13,7 @@ use clap::Args;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::artifact::safe_file_name;
 use crate::config::Settings;
 use crate::message::{Artifacts, RunCompleted, Trigger};
 use crate::publish::{Outgoing, publish};
@@ -145,9 +146,12 @@ pub async fn submit(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Su
     let mut artifacts = Artifacts::default();
     let mut staged = Vec::new();
     for (role, path) in files {
+        // The worker accepts only plain keys (no `%`, `..`, control characters), so the
+        // file name is staged as the worker would store it anyway.
         let name = path
             .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(|n| safe_file_name(&n.to_string_lossy()))
+            .filter(|n| !n.is_empty())
             .unwrap_or_else(|| role.to_string());
         let key = ArtifactStore::key_with_prefix(
             &staging.prefix,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::*;
-use k6_ingest::artifact::{FetchError, Fetcher, LocalArtifact};
+use k6_ingest::artifact::{FetchError, Fetcher, LocalArtifact, Tenant};
 use k6_ingest::config::{FetchSettings, Settings};
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
 use sqlx::PgPool;
@@ -57,6 +57,8 @@ struct HostState {
     routes: HashMap<String, Reply>,
     /// Every request path, in arrival order.
     requests: Mutex<Vec<String>>,
+    /// Every request's `Authorization` header, in arrival order.
+    authorizations: Mutex<Vec<Option<String>>>,
     /// Body bytes the endless stream got onto the wire.
     streamed: AtomicU64,
     /// Signalled when a client hung up in the middle of a body.
@@ -73,6 +75,7 @@ impl ArtifactHost {
                 .map(|(path, reply)| (path.to_string(), reply))
                 .collect(),
             requests: Mutex::default(),
+            authorizations: Mutex::default(),
             streamed: AtomicU64::new(0),
             hung_up: Notify::new(),
         });
@@ -99,6 +102,10 @@ impl ArtifactHost {
 
     fn requests(&self) -> Vec<String> {
         self.state.requests.lock().unwrap().clone()
+    }
+
+    fn authorizations(&self) -> Vec<Option<String>> {
+        self.state.authorizations.lock().unwrap().clone()
     }
 
     /// Waits until a client hung up in the middle of a body; a generous deadline turns
@@ -148,12 +155,17 @@ async fn answer(mut socket: TcpStream, state: &HostState) -> std::io::Result<()>
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let path = String::from_utf8_lossy(&request)
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("/")
-        .to_string();
-    state.requests.lock().unwrap().push(path.clone());
+    let request = String::from_utf8_lossy(&request);
+    let target = request.split_whitespace().nth(1).unwrap_or("/");
+    // Routes are paths; a query string (a presigned URL's) does not change the reply.
+    let path = target.split('?').next().unwrap_or_default().to_string();
+    let authorization = request.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("authorization")
+            .then(|| value.trim().to_string())
+    });
+    state.requests.lock().unwrap().push(target.to_string());
+    state.authorizations.lock().unwrap().push(authorization);
     let reply = state
         .routes
         .get(&path)
@@ -269,17 +281,26 @@ fn fetcher(fetch: &FetchSettings) -> Fetcher {
     Fetcher::new(fetch, None).unwrap()
 }
 
+/// Whose artifacts these are; HTTP sources do not depend on it.
+fn tenant() -> Tenant {
+    Tenant {
+        organization_id: uuid::Uuid::from_u128(1),
+        project_id: uuid::Uuid::from_u128(2),
+        run_id: uuid::Uuid::from_u128(3),
+    }
+}
+
 async fn fetch_artifact(
     fetcher: &Fetcher,
     uri: &str,
     limit: u64,
 ) -> Result<LocalArtifact, FetchError> {
-    let source = fetcher.resolve(uri, None)?;
+    let source = fetcher.resolve(uri, None, &tenant())?;
     fetcher.fetch_to_local(uri, &source, limit).await
 }
 
 async fn fetch_summary(fetcher: &Fetcher, uri: &str) -> Result<Vec<u8>, FetchError> {
-    let source = fetcher.resolve(uri, None)?;
+    let source = fetcher.resolve(uri, None, &tenant())?;
     fetcher.fetch_summary(uri, &source).await
 }
 
@@ -878,4 +899,182 @@ async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool
             .unwrap();
     assert_eq!(perf_status, "error");
     assert_eq!(host.requests(), ["/runs/1/summary.json"]);
+}
+
+/// What a runner may put in a URI that must never be shown: basic-auth userinfo and
+/// presigned query values.
+const SECRETS: [&str; 4] = ["hunter2", "tok-123", "sig-456", "cred-789"];
+
+fn assert_no_secret(what: &str, text: &str) {
+    for secret in SECRETS {
+        assert!(!text.contains(secret), "{what} shows {secret:?}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn credentials_in_a_source_uri_are_used_for_the_fetch_but_never_shown() {
+    let host = ArtifactHost::start(vec![(
+        "/runs/1/summary.json",
+        Reply::Body(fixture_summary()),
+    )])
+    .await;
+    // A port where nothing listens, allow-listed: a transport error.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut fetch = fetch_settings(&[&host]);
+    fetch.allowed_hosts.push(closed.to_string());
+    let fetcher = fetcher(&fetch);
+
+    let ok = format!(
+        "http://runner:hunter2@{}/runs/1/summary.json?token=tok-123",
+        host.addr
+    );
+    assert_eq!(
+        fetch_summary(&fetcher, &ok).await.unwrap(),
+        fixture_summary()
+    );
+    // Sent as basic auth (base64 of runner:hunter2), not in the request line.
+    assert_eq!(
+        host.authorizations(),
+        [Some("Basic cnVubmVyOmh1bnRlcjI=".to_string())]
+    );
+    assert_eq!(host.requests(), ["/runs/1/summary.json?token=tok-123"]);
+
+    let presigned = "?X-Amz-Credential=cred-789&X-Amz-Signature=sig-456";
+    let missing = format!(
+        "http://runner:hunter2@{}/runs/1/k6.log{presigned}",
+        host.addr
+    );
+    let unreachable = format!("http://runner:hunter2@{closed}/runs/1/k6.log{presigned}");
+    let refused = format!("http://runner:hunter2@elsewhere.example/k6.log{presigned}");
+    let shown = |addr: &str| {
+        format!("http://{addr}/runs/1/k6.log?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED")
+    };
+    let cases = [
+        (missing, Some(shown(&host.host()))),
+        (unreachable, Some(shown(&closed.to_string()))),
+        (refused, None),
+    ];
+    for (uri, expected_shown) in cases {
+        for err in [
+            fetch_artifact(&fetcher, &uri, MIB).await.unwrap_err(),
+            fetch_summary(&fetcher, &uri).await.unwrap_err(),
+        ] {
+            assert_no_secret("the error", &format!("{err} {err:?}"));
+            if let Some(expected) = &expected_shown {
+                assert!(format!("{err}").contains(expected.as_str()), "{err}");
+            }
+        }
+    }
+}
+
+/// Every row of every table the migrations create, as text.
+async fn all_rows(pool: &PgPool) -> String {
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut out = String::new();
+    for table in tables {
+        let rows: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT string_agg(t::text, E'\\n') FROM \"{table}\" t"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        out.push_str(&rows.unwrap_or_default());
+    }
+    out
+}
+
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgPool) {
+    let dir = fixture_dir("v1.1.0", "json-logs");
+    let logs = std::fs::read(dir.join("k6.log")).unwrap();
+    let host = ArtifactHost::start(vec![
+        ("/runs/1/summary.json", Reply::Body(fixture_summary())),
+        ("/runs/1/k6.log", Reply::Body(logs.clone())),
+    ])
+    .await;
+    let mut s = settings("http-credentials");
+    s.fetch.allowed_hosts.push(host.host());
+    let ing = ingestor(&pool, &s).await;
+    let with_secrets = |path: &str, query: &str| {
+        Some(format!("http://runner:hunter2@{}{path}?{query}", host.addr))
+    };
+
+    let mut msg = message(&dir);
+    msg.artifacts.summary = with_secrets("/runs/1/summary.json", "token=tok-123");
+    msg.artifacts.logs = with_secrets("/runs/1/k6.log", "X-Amz-Signature=sig-456");
+    // Not on the host: a warning on the stored run.
+    msg.artifacts.metrics = with_secrets("/runs/1/metrics.ndjson", "X-Amz-Credential=cred-789");
+    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Ingested);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("metrics") && w.contains("X-Amz-Credential=REDACTED")),
+        "{:?}",
+        report.warnings
+    );
+    assert_no_secret("the warnings", &report.warnings.join(" "));
+    let paths: serde_json::Value =
+        sqlx::query_scalar("SELECT artifact_paths FROM runs WHERE id = $1")
+            .bind(msg.run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        paths["summary"]["source"],
+        format!("http://{}/runs/1/summary.json?token=REDACTED", host.addr)
+    );
+    assert_eq!(
+        paths["logs"]["source"],
+        format!(
+            "http://{}/runs/1/k6.log?X-Amz-Signature=REDACTED",
+            host.addr
+        )
+    );
+    let store = store(&s).await;
+    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    assert_eq!(
+        get_object(&store, &key).await,
+        logs,
+        "fetched with the credentials"
+    );
+
+    // A summary the host does not have: the run is an error, the reason shown redacted.
+    let mut lost = message(&dir);
+    lost.run_id = uuid::Uuid::new_v4();
+    lost.artifacts.summary = with_secrets("/runs/2/summary.json", "token=tok-123");
+    lost.artifacts.logs = None;
+    lost.artifacts.metrics = None;
+    let err = ing.ingest_one(&lost, &ctx(&dir)).await.unwrap_err();
+    assert!(
+        matches!(err, IngestError::SummaryUnusable { .. }),
+        "{err:?}"
+    );
+    assert_no_secret("the ingest error", &format!("{err} {err:?}"));
+    let details: String = sqlx::query_scalar("SELECT error_details FROM runs WHERE id = $1")
+        .bind(lost.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        details.contains(&format!(
+            "http://{}/runs/2/summary.json?token=REDACTED",
+            host.addr
+        )) && details.contains("not found"),
+        "{details}"
+    );
+
+    let rows = all_rows(&pool).await;
+    assert!(rows.contains(&msg.run_id.to_string()) && rows.contains(&lost.run_id.to_string()));
+    assert_no_secret("the database", &rows);
 }

@@ -468,22 +468,29 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
     let store = store(&s).await;
     let dir = fixture_dir("v1.1.0", "html-report");
     let mut msg = message(&dir);
-    let staging = "staging";
+    // Where `submit` stages them: the only place s3 sources may be by default.
+    let staged = |m: &k6_ingest::message::RunCompleted, f: &str| {
+        k6_ingest::s3::ArtifactStore::key_with_prefix(
+            &s.s3.staging_prefix,
+            m.organization_id,
+            m.project_id,
+            m.run_id,
+            f,
+        )
+    };
     for f in ["summary.json", "k6.log", "report.html", "metrics.ndjson.gz"] {
         store
-            .upload_file(
-                &dir.join(f),
-                &format!("{staging}/{f}"),
-                "application/octet-stream",
-            )
+            .upload_file(&dir.join(f), &staged(&msg, f), "application/octet-stream")
             .await
             .unwrap();
     }
-    let uri = |f: &str| Some(format!("s3://{}/{staging}/{f}", store.bucket()));
-    msg.artifacts.summary = uri("summary.json");
-    msg.artifacts.logs = uri("k6.log");
-    msg.artifacts.report_html = uri("report.html");
-    msg.artifacts.metrics = uri("metrics.ndjson.gz");
+    let uri = |m: &k6_ingest::message::RunCompleted, f: &str| {
+        Some(format!("s3://{}/{}", store.bucket(), staged(m, f)))
+    };
+    msg.artifacts.summary = uri(&msg, "summary.json");
+    msg.artifacts.logs = uri(&msg, "k6.log");
+    msg.artifacts.report_html = uri(&msg, "report.html");
+    msg.artifacts.metrics = uri(&msg, "metrics.ndjson.gz");
     let report = ing
         .ingest_one(&msg, &IngestContext::default())
         .await
@@ -502,7 +509,7 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
 
     // A missing staged summary is a permanent fault, recorded on the run.
     let mut gone = message(&fixture_dir("v1.1.0", "json-logs"));
-    gone.artifacts.summary = uri("no-such-summary.json");
+    gone.artifacts.summary = uri(&gone, "no-such-summary.json");
     gone.artifacts.logs = None;
     gone.artifacts.metrics = None;
     let err = ing
@@ -510,6 +517,7 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(err.disposition(), Disposition::DeadLetter, "{err}");
+    assert!(err.to_string().contains("not found"), "{err}");
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]

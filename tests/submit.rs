@@ -40,7 +40,7 @@ fn submit_command(
         .env("K6_INGEST__AMQP__EXCHANGE", &s.amqp.exchange)
         .env("K6_INGEST__AMQP__QUEUE", &s.amqp.queue)
         .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-        .env("K6_INGEST__S3__STAGING_PREFIX", "s")
+        .env("K6_INGEST__S3__STAGING_PREFIX", &s.s3.staging_prefix)
         .env("K6_INGEST__LOG__LEVEL", "warn");
     c
 }
@@ -48,7 +48,10 @@ fn submit_command(
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool: PgPool) {
     let t = tag();
-    let s = settings(&t);
+    let mut s = settings(&t);
+    // Short keys for the test server; the worker reads staged files only from the
+    // staging prefix it is configured with, so runner and worker share the setting.
+    s.s3.staging_prefix = "s".into();
     let store = store(&s).await;
     declare(&s).await;
     let dir = fixtures().join("v1.1.0").join("thresholds-fail");

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 pub use error::{Disposition, IngestError};
 
-use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, open_lines};
+use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines, redact_uri};
 use crate::db::{self, NewRun, Stored};
 use crate::message::RunCompleted;
 use crate::s3::{ArtifactStore, content_type_for};
@@ -188,8 +188,8 @@ impl Ingestor {
             ("metrics", &msg.artifacts.metrics),
         ] {
             let Some(uri) = uri.as_deref() else { continue };
-            match self.fetch_local(uri, ctx).await {
-                Ok((source, local)) => locals.push((role, uri.to_string(), source, local)),
+            match self.fetch_local(uri, ctx, &Tenant::of(msg)).await {
+                Ok((source, local)) => locals.push((role, redact_uri(uri), source, local)),
                 Err(e) if e.is_transient() => {
                     return Err(IngestError::Fetch {
                         run_id,
@@ -289,7 +289,7 @@ impl Ingestor {
                 bytes,
                 ..
             } => {
-                let source_uri = msg.artifacts.summary.clone().unwrap_or_default();
+                let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
                 if size <= self.inline_summary_max {
                     summary_json = Some(doc);
                     artifact_paths.insert(
@@ -318,7 +318,7 @@ impl Ingestor {
                     .await?;
                 artifact_paths.insert(
                     "summary".into(),
-                    json!({"source": msg.artifacts.summary, "s3": s3_uri, "unreadable": true}),
+                    json!({"source": msg.artifacts.summary.as_deref().map(redact_uri), "s3": s3_uri, "unreadable": true}),
                 );
             }
             SummaryLoad::Missing { .. } => {}
@@ -385,8 +385,9 @@ impl Ingestor {
         &self,
         uri: &str,
         ctx: &IngestContext,
+        tenant: &Tenant,
     ) -> Result<(Source, LocalArtifact), FetchError> {
-        let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
+        let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref(), tenant)?;
         let local = self
             .fetcher
             .fetch_to_local(uri, &source, self.fetcher.settings().max_artifact_bytes)
@@ -406,7 +407,9 @@ impl Ingestor {
             });
         };
         let fetched = async {
-            let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref())?;
+            let source = self
+                .fetcher
+                .resolve(uri, ctx.base_dir.as_deref(), &Tenant::of(msg))?;
             let bytes = self.fetcher.fetch_summary(uri, &source).await?;
             Ok::<_, FetchError>((source, bytes))
         }
@@ -460,7 +463,7 @@ impl Ingestor {
                 bytes,
             }),
             (Err(e), bytes) => Ok(SummaryLoad::Unreadable {
-                reason: format!("summary {uri}: {e}"),
+                reason: format!("summary {}: {e}", redact_uri(uri)),
                 bytes,
                 file_name,
             }),

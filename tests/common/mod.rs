@@ -77,7 +77,8 @@ pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
     let store = store(s).await;
     let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
         .unwrap()
-        .with_roots(vec![fixtures()]);
+        .with_roots(vec![fixtures()])
+        .with_s3_sources(s.s3.sources().unwrap());
     Ingestor::new(
         Some(pool.clone()),
         Some(store),

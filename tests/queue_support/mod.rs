@@ -81,7 +81,9 @@ pub async fn store(s: &Settings) -> ArtifactStore {
 
 pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
     let store = store(s).await;
-    let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone())).unwrap();
+    let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
+        .unwrap()
+        .with_s3_sources(s.s3.sources().unwrap());
     Ingestor::new(
         Some(pool.clone()),
         Some(store),

@@ -1,0 +1,493 @@
+//! A hostile tenant's messages against the real S3 server: `s3://` sources are read only
+//! from the sender's own staging prefix (`s3.source_templates`). Objects of other tenants,
+//! other prefixes and other buckets exist and are readable with the worker's credentials;
+//! a message naming them is refused before any request reaches S3, the run is recorded as
+//! `error` with the reason, and nothing is copied under the sender's prefix.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use k6_ingest::artifact::{Fetcher, Tenant};
+use k6_ingest::config::Settings;
+use k6_ingest::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
+use k6_ingest::message::RunCompleted;
+use k6_ingest::s3::{ArtifactStore, build_client};
+use sqlx::PgPool;
+use tokio::net::{TcpListener, TcpStream};
+use uuid::Uuid;
+
+/// A TCP relay in front of the S3 server that counts connections: the fetcher's S3
+/// client goes through it, so "no connection" means "no request, no byte read".
+struct CountingProxy {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl CountingProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Self { addr, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+struct World {
+    s: Settings,
+    store: ArtifactStore,
+    ingestor: Ingestor,
+    proxy: CountingProxy,
+}
+
+/// The worker as deployed (default templates), its fetches of S3 counted by the proxy;
+/// uploads go straight to the server.
+async fn world(pool: &PgPool) -> World {
+    let s = settings("tenancy");
+    let store = store(&s).await;
+    let target = url::Url::parse(s.s3.endpoint.as_deref().unwrap())
+        .unwrap()
+        .socket_addrs(|| None)
+        .unwrap()[0];
+    let proxy = CountingProxy::start(target).await;
+    let mut via_proxy = s.s3.clone();
+    via_proxy.endpoint = Some(format!("http://{}", proxy.addr));
+    let fetcher = Fetcher::new(&s.fetch, Some(build_client(&via_proxy).await))
+        .unwrap()
+        .with_s3_sources(s.s3.sources().unwrap());
+    let ingestor = Ingestor::new(
+        Some(pool.clone()),
+        Some(store.clone()),
+        fetcher,
+        s.s3.inline_summary_max_bytes,
+    );
+    World {
+        s,
+        store,
+        ingestor,
+        proxy,
+    }
+}
+
+/// The key `submit` stages a file of `tenant` under.
+fn staged(s: &Settings, tenant: &Tenant, file: &str) -> String {
+    ArtifactStore::key_with_prefix(
+        &s.s3.staging_prefix,
+        tenant.organization_id,
+        tenant.project_id,
+        tenant.run_id,
+        file,
+    )
+}
+
+async fn put(store: &ArtifactStore, bucket: &str, key: &str, body: &[u8]) {
+    store
+        .client()
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(body.to_vec().into())
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn keys_under(store: &ArtifactStore, bucket: &str, prefix: &str) -> Vec<String> {
+    let listed = store
+        .client()
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
+fn summary_bytes() -> Vec<u8> {
+    std::fs::read(fixture_dir("v1.1.0", "json-logs").join("summary.json")).unwrap()
+}
+
+fn s3_uri(bucket: &str, key: &str) -> String {
+    format!("s3://{bucket}/{key}")
+}
+
+/// The sender's message for a fresh run, with every artifact pointing at `uri`.
+fn hostile_message(uri: &str) -> RunCompleted {
+    let mut msg = message(&fixture_dir("v1.1.0", "json-logs"));
+    msg.run_id = Uuid::now_v7();
+    msg.artifacts.summary = Some(uri.to_string());
+    msg.artifacts.logs = Some(uri.to_string());
+    msg.artifacts.report_html = Some(uri.to_string());
+    msg.artifacts.metrics = None;
+    msg
+}
+
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
+    let w = world(&pool).await;
+    let bucket = w.store.bucket().to_string();
+    let sender = Tenant::of(&hostile_message("x"));
+    let victim = Tenant {
+        organization_id: Uuid::now_v7(),
+        project_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+    };
+
+    // Objects the worker's own credentials can read, none in the sender's staging prefix.
+    let other_bucket = format!("t-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    w.store
+        .client()
+        .create_bucket()
+        .bucket(&other_bucket)
+        .send()
+        .await
+        .unwrap();
+    let victim_run = w.store.key_for(
+        victim.organization_id,
+        victim.project_id,
+        victim.run_id,
+        "summary.json",
+    );
+    let victim_staging = staged(&w.s, &victim, "summary.json");
+    let same_org_other_project = staged(
+        &w.s,
+        &Tenant {
+            project_id: victim.project_id,
+            ..sender
+        },
+        "summary.json",
+    );
+    let planted = [
+        (bucket.clone(), victim_run.clone()),
+        (bucket.clone(), victim_staging.clone()),
+        (bucket.clone(), same_org_other_project.clone()),
+        // The sender's own layout, in a bucket that is not the worker's.
+        (other_bucket.clone(), staged(&w.s, &sender, "summary.json")),
+    ];
+    for (b, key) in &planted {
+        put(&w.store, b, key, &summary_bytes()).await;
+        let read = w
+            .store
+            .client()
+            .get_object()
+            .bucket(b)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            read.body.collect().await.unwrap().into_bytes().to_vec(),
+            summary_bytes(),
+            "the worker's credentials can read s3://{b}/{key}"
+        );
+    }
+
+    // Every spelling, for a message of `own` (its run id is part of its own prefix).
+    let hostile = |own: &Tenant| -> Vec<(String, &'static str)> {
+        let own_dir = format!("s3://{bucket}/{}", staged(&w.s, own, ""));
+        // From inside the sender's own staging prefix back out to the victim's.
+        let back_out = |dotdot: &str, slash: &str| {
+            format!(
+                "{own_dir}{}{}",
+                format!("{dotdot}{slash}").repeat(4),
+                victim_staging.replace('/', slash)
+            )
+        };
+        vec![
+            (s3_uri(&bucket, &victim_run), "s3.source_templates"),
+            (s3_uri(&bucket, &victim_staging), "s3.source_templates"),
+            (
+                s3_uri(&bucket, &same_org_other_project),
+                "s3.source_templates",
+            ),
+            (
+                s3_uri(&other_bucket, &staged(&w.s, own, "summary.json")),
+                "s3.source_templates",
+            ),
+            (back_out("..", "/"), "'..' segments"),
+            (back_out("%2e%2e", "/"), "'..' segments"),
+            (back_out("%2E.", "/"), "'..' segments"),
+            (back_out("..", "%2F"), "%2F"),
+            (back_out("%252e%252e", "/"), "double encoding"),
+            (back_out("..", "\\"), "backslashes"),
+            (back_out("", "//"), "empty segments"),
+            (
+                format!(
+                    "s3://runner:hunter2@{bucket}/{}",
+                    staged(&w.s, own, "summary.json")
+                ),
+                "credentials",
+            ),
+            (
+                s3_uri(&bucket.to_uppercase(), &staged(&w.s, own, "summary.json")),
+                "bucket name",
+            ),
+            (
+                format!(
+                    "{}?versionId=1",
+                    s3_uri(&bucket, &staged(&w.s, own, "summary.json"))
+                ),
+                "query",
+            ),
+        ]
+    };
+
+    let count = hostile(&sender).len();
+    for i in 0..count {
+        let mut msg = hostile_message("");
+        let (uri, why) = hostile(&Tenant::of(&msg)).swap_remove(i);
+        msg.artifacts = hostile_message(&uri).artifacts;
+        let err = w
+            .ingestor
+            .ingest_one(&msg, &IngestContext::default())
+            .await
+            .unwrap_err();
+        let IngestError::SummaryUnusable { reason, .. } = &err else {
+            panic!("{uri}: {err:?}");
+        };
+        assert!(
+            reason.contains("refused") && reason.contains(why),
+            "{uri}: {reason}"
+        );
+        assert_eq!(err.disposition(), Disposition::DeadLetter, "{uri}");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+
+        let (status, details, paths): (String, String, serde_json::Value) =
+            sqlx::query_as("SELECT status, error_details, artifact_paths FROM runs WHERE id = $1")
+                .bind(msg.run_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(status, "error", "{uri}");
+        assert!(
+            details.contains("refused") && details.contains(why),
+            "{uri}: {details}"
+        );
+        assert!(!details.contains("hunter2"), "{details}");
+        assert_eq!(paths, serde_json::json!({}), "{uri}: nothing stored");
+        // The other artifacts were refused the same way, and the run says so.
+        let warnings: serde_json::Value =
+            sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
+                .bind(msg.run_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        for role in ["logs", "report_html"] {
+            assert!(
+                warnings.as_array().unwrap().iter().any(|w| w
+                    .as_str()
+                    .is_some_and(|w| w.starts_with(role)
+                        && w.contains("refused")
+                        && w.contains(why))),
+                "{uri}: {warnings}"
+            );
+        }
+        assert!(!warnings.to_string().contains("hunter2"), "{warnings}");
+
+        let sender_run = w
+            .store
+            .key_for(msg.organization_id, msg.project_id, msg.run_id, "");
+        assert_eq!(
+            keys_under(&w.store, &bucket, &sender_run).await,
+            Vec::<String>::new(),
+            "{uri}: copied under the sender's prefix"
+        );
+        assert_eq!(w.proxy.connections(), 0, "{uri}: a request reached S3");
+    }
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'error'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, count as i64);
+
+    // The control: the same worker reads the sender's own staged files through the proxy.
+    let msg = hostile_message("");
+    let own = Tenant::of(&msg);
+    put(
+        &w.store,
+        &bucket,
+        &staged(&w.s, &own, "summary.json"),
+        &summary_bytes(),
+    )
+    .await;
+    let logs = std::fs::read(fixture_dir("v1.1.0", "json-logs").join("k6.log")).unwrap();
+    put(&w.store, &bucket, &staged(&w.s, &own, "k6.log"), &logs).await;
+    let mut msg = msg;
+    msg.artifacts.summary = Some(s3_uri(&bucket, &staged(&w.s, &own, "summary.json")));
+    msg.artifacts.logs = Some(s3_uri(&bucket, &staged(&w.s, &own, "k6.log")));
+    msg.artifacts.report_html = None;
+    let report = w
+        .ingestor
+        .ingest_one(&msg, &IngestContext::default())
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::Ingested);
+    assert_eq!(report.line.status.as_deref(), Some("passed"));
+    assert!(w.proxy.connections() > 0, "the control fetched nothing");
+    let key = w
+        .store
+        .key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    assert_eq!(get_object(&w.store, &key).await, logs);
+}
+
+#[test]
+fn the_default_template_is_the_staging_prefix_submit_writes() {
+    let s = settings("tenancy-default");
+    assert_eq!(
+        s.s3.source_templates,
+        ["s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/{run_id}/"]
+    );
+    let tenant = Tenant {
+        organization_id: Uuid::now_v7(),
+        project_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+    };
+    let bucket = s.s3.bucket().unwrap();
+    let scopes: Vec<String> =
+        s.s3.sources()
+            .unwrap()
+            .scopes(&tenant)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+    assert_eq!(
+        scopes,
+        [format!(
+            "s3://{bucket}/k6-staging/{}/{}/{}/",
+            tenant.organization_id, tenant.project_id, tenant.run_id
+        )]
+    );
+    // What submit publishes for a file of this run lies in it.
+    let submitted = s3_uri(bucket, &staged(&s, &tenant, "summary.json"));
+    assert!(submitted.starts_with(&scopes[0]), "{submitted}");
+}
+
+/// `k6-ingest extract` loads the settings first: a bad template stops it with status 2.
+fn extract_with(templates: &str) -> std::process::Output {
+    let summary = fixture_dir("v1.1.0", "json-logs").join("summary.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("K6_INGEST") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["extract", summary.to_str().unwrap()])
+        .env("K6_INGEST__S3__BUCKET", "k6-artifacts")
+        .env("K6_INGEST__S3__SOURCE_TEMPLATES", templates)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bad_templates_fail_at_start_naming_the_setting() {
+    for (templates, why) in [
+        ("s3://{bucket}/{staging_prefix}/", "{organization_id}"),
+        ("s3://{bucket}/{organization_id}/{project_id}", "end in '/'"),
+        (
+            "s3://{bucket}/{organization_id}/{project_id}/{tenant_id}/",
+            "placeholder",
+        ),
+        ("s3://{bucket}/../{organization_id}/{project_id}/", "'..'"),
+        // One bad entry in a list is enough.
+        (
+            "s3://{bucket}/{organization_id}/{project_id}/,s3://other/x/",
+            "{organization_id}",
+        ),
+    ] {
+        let out = extract_with(templates);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{templates}: {err}");
+        assert!(
+            err.contains("s3.source_templates")
+                && err.contains("K6_INGEST__S3__SOURCE_TEMPLATES")
+                && err.contains(why),
+            "{templates}: {err}"
+        );
+    }
+    // A comma-separated list, each entry valid: as one string it would not be.
+    let out = extract_with(
+        "s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/,s3://k6-{organization_id}/{project_id}/",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn submit_publishes_uris_the_worker_accepts_whatever_the_file_names() {
+    let s = settings("tenancy-submit");
+    let dir = tempfile::tempdir().unwrap();
+    let summary = fixture_dir("v1.1.0", "json-logs").join("summary.json");
+    // Names that would need encoding, or decode into something else, in a URI.
+    std::fs::copy(&summary, dir.path().join("summary 100%.json")).unwrap();
+    std::fs::write(dir.path().join("k6#1?.log"), b"log\n").unwrap();
+    std::fs::write(dir.path().join("..metrics%2e%2e.ndjson"), b"").unwrap();
+    let tenant = Tenant {
+        organization_id: Uuid::now_v7(),
+        project_id: Uuid::now_v7(),
+        run_id: Uuid::now_v7(),
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
+        .current_dir(dir.path())
+        .args(["submit", "--dry-run", "--exit-code", "0"])
+        .args(["--summary", "summary 100%.json", "--logs", "k6#1?.log"])
+        .args(["--metrics", "..metrics%2e%2e.ndjson"])
+        .args(["--run-id", &tenant.run_id.to_string()])
+        .args(["--test-id", &Uuid::now_v7().to_string()])
+        .args(["--organization-id", &tenant.organization_id.to_string()])
+        .args(["--project-id", &tenant.project_id.to_string()])
+        .env("K6_INGEST__S3__BUCKET", s.s3.bucket().unwrap())
+        .env("K6_INGEST__LOG__LEVEL", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg: RunCompleted = serde_json::from_slice(&out.stdout).unwrap();
+    let sources = s.s3.sources().unwrap();
+    let mut names = Vec::new();
+    for uri in [
+        &msg.artifacts.summary,
+        &msg.artifacts.logs,
+        &msg.artifacts.metrics,
+    ] {
+        let uri = uri.as_deref().unwrap();
+        let (bucket, key) = sources
+            .admit(uri, &tenant)
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+        assert_eq!(bucket, s.s3.bucket().unwrap());
+        names.push(key.rsplit('/').next().unwrap().to_string());
+    }
+    assert_eq!(
+        names,
+        ["summary_100_.json", "k6_1_.log", "metrics_2e_2e.ndjson"]
+    );
+}
