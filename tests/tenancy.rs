@@ -491,3 +491,93 @@ fn submit_publishes_uris_the_worker_accepts_whatever_the_file_names() {
         ["summary_100_.json", "k6_1_.log", "metrics_2e_2e.ndjson"]
     );
 }
+
+#[test]
+fn replay_shows_no_credentials_in_its_table_or_logs() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let with_summary = |name: &str, uri: String| {
+        let dir = root.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        let mut msg: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fixture_dir("v1.1.0", "json-logs").join("message.json")).unwrap(),
+        )
+        .unwrap();
+        msg["run_id"] = Uuid::now_v7().to_string().into();
+        msg["artifacts"] = serde_json::json!({ "summary": uri });
+        std::fs::write(dir.join("message.json"), msg.to_string()).unwrap();
+    };
+    with_summary(
+        "a-s3",
+        "s3://runner:hunter2@k6-artifacts/k6-staging/x/summary.json".into(),
+    );
+    with_summary(
+        "b-http",
+        format!("http://runner:hunter2@{closed}/summary.json?X-Amz-Signature=sig-456"),
+    );
+    // And one that is fetched: the request goes through every log line there is.
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let served = host.local_addr().unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let body = summary_bytes();
+        while let Ok((mut socket, _)) = host.accept() {
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes());
+            let _ = socket.write_all(&body);
+        }
+    });
+    with_summary(
+        "c-http-ok",
+        format!("http://runner:hunter2@{served}/summary.json?X-Amz-Signature=sig-456"),
+    );
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("K6_INGEST") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd
+        .args(["replay", "--dry-run", root.path().to_str().unwrap()])
+        .env(
+            "K6_INGEST__FETCH__ALLOWED_HOSTS",
+            format!("{closed},{served}"),
+        )
+        .env("K6_INGEST__LOG__LEVEL", "trace")
+        .env("K6_INGEST__LOG__FORMAT", "json")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{table}{logs}");
+    assert!(
+        table.contains("s3://k6-artifacts/k6-staging/x/summary.json refused: credentials"),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!(
+            "http://{closed}/summary.json?X-Amz-Signature=REDACTED"
+        )) && table.contains("transient"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("dry run") && l.contains("c-http-ok"))
+            && table.contains("1 dry run, 2 failed"),
+        "{table}"
+    );
+    for secret in ["hunter2", "sig-456"] {
+        assert!(!table.contains(secret), "{table}");
+        assert!(!logs.contains(secret), "{logs}");
+    }
+}
