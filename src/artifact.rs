@@ -5,7 +5,7 @@
 //! Large artifacts are never held in memory: a local file is used where it lies, and
 //! anything remote is streamed into a temporary file first.
 //!
-//! `s3://` sources are tenant-scoped and every URI is shown redacted: see [`source`].
+//! `s3://` sources are tenant-scoped and every URI is shown redacted (`artifact/source.rs`).
 
 mod source;
 

@@ -170,7 +170,14 @@ fn fill_tenant(template: &str, tenant: &Tenant) -> String {
 /// A template must bind both the organization and the project (or one tenant could read
 /// another's objects), name no other placeholder, and give a well-formed prefix.
 fn check_template(template: &str, filled: &str) -> Result<(), String> {
-    let bad = |why: String| Err(format!("template {template:?}: {why}"));
+    let bad = |why: String| {
+        if template == filled {
+            Err(format!("template {template:?}: {why}"))
+        } else {
+            // Name the settings' part too: s3.bucket or s3.staging_prefix may be the cause.
+            Err(format!("template {template:?} (as {filled:?}): {why}"))
+        }
+    };
     for required in [ORGANIZATION, PROJECT] {
         if !filled.contains(required) {
             return bad(format!(
@@ -583,6 +590,14 @@ mod tests {
                 "{template}: {err}"
             );
         }
+        // A bad s3.bucket or s3.staging_prefix shows in the filled-in template.
+        let err = S3Sources::new(
+            &["s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/".to_string()],
+            Some("Legacy_Bucket"),
+            "k6-staging",
+        )
+        .unwrap_err();
+        assert!(err.contains("as \"s3://Legacy_Bucket/k6-staging/"), "{err}");
         // Tenant placeholders may sit in the bucket, and the prefix may then be empty.
         let per_tenant = S3Sources::new(
             &["s3://k6-{organization_id}/{project_id}/".to_string()],
