@@ -181,8 +181,18 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         },
         "summary.json",
     );
+    // With the default template even the sender's other runs are out of reach.
+    let same_project_other_run = staged(
+        &w.s,
+        &Tenant {
+            run_id: victim.run_id,
+            ..sender
+        },
+        "summary.json",
+    );
     let planted = [
         (bucket.clone(), victim_run.clone()),
+        (bucket.clone(), same_project_other_run.clone()),
         (bucket.clone(), victim_staging.clone()),
         (bucket.clone(), same_org_other_project.clone()),
         // The sender's own layout, in a bucket that is not the worker's.
@@ -220,6 +230,10 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         vec![
             (s3_uri(&bucket, &victim_run), "s3.source_templates"),
             (s3_uri(&bucket, &victim_staging), "s3.source_templates"),
+            (
+                s3_uri(&bucket, &same_project_other_run),
+                "s3.source_templates",
+            ),
             (
                 s3_uri(&bucket, &same_org_other_project),
                 "s3.source_templates",
