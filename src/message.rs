@@ -4,7 +4,7 @@
 //! an unknown version is named as such instead of failing on some field of it. Unknown
 //! fields of a known version are ignored: later producers may add some.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -96,12 +96,16 @@ pub struct RunCompleted {
     pub config_snapshot: Option<Value>,
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// What decoding changed in the message (NUL characters replaced), for the run's
+    /// warnings. Never part of the message itself.
+    #[serde(skip)]
+    pub decode_warnings: Vec<String>,
 }
 
 impl RunCompleted {
     /// Decodes a message body of any version this worker knows.
     pub fn decode(body: &[u8]) -> Result<Self, MessageError> {
-        let value: Value =
+        let mut value: Value =
             serde_json::from_slice(body).map_err(|e| MessageError::NotJson(e.to_string()))?;
         let version = value
             .get("schema_version")
@@ -110,8 +114,22 @@ impl RunCompleted {
         if version != 1 {
             return Err(MessageError::UnknownVersion(version));
         }
-        let msg: Self =
+        // PostgreSQL text and jsonb cannot hold NUL: replaced like in summaries, so a
+        // NUL in a location, a version or deep in metadata does not cost the run.
+        let nul = replace_nul(&mut value);
+        let mut msg: Self =
             serde_json::from_value(value).map_err(|e| MessageError::Invalid(e.to_string()))?;
+        msg.decode_warnings = nul.warnings("message");
+        for (name, at) in [
+            ("started_at", Some(msg.started_at)),
+            ("completed_at", msg.completed_at),
+        ] {
+            if let Some(at) = at.filter(|t| t.year() < 1) {
+                return Err(MessageError::Invalid(format!(
+                    "{name} {at} is before the year 1 (PostgreSQL cannot store it)"
+                )));
+            }
+        }
         if let Some(loc) = &msg.location {
             if loc.chars().count() > 50 {
                 return Err(MessageError::Invalid(format!(
@@ -133,6 +151,69 @@ impl RunCompleted {
     pub fn wall_duration_ms(&self) -> Option<i64> {
         self.completed_at
             .map(|c| (c - self.started_at).num_milliseconds())
+    }
+}
+
+/// What [`replace_nul`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NulReplaced {
+    /// NUL characters replaced by U+FFFD, in strings and object keys.
+    pub count: usize,
+    /// Object keys that became equal to another key of the same object once their NUL
+    /// characters were replaced; the later entry is kept, as for a key written twice.
+    pub collisions: Vec<String>,
+}
+
+impl NulReplaced {
+    /// The warnings to keep on the run, naming `what` was changed.
+    pub fn warnings(&self, what: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.count > 0 {
+            out.push(format!(
+                "{what}: {} NUL character(s) replaced by U+FFFD (PostgreSQL text cannot hold NUL)",
+                self.count
+            ));
+        }
+        for key in &self.collisions {
+            out.push(format!(
+                "{what}: key {key:?} appears twice once NUL characters are replaced; the last occurrence is kept"
+            ));
+        }
+        out
+    }
+}
+
+/// Replaces NUL characters in every string and object key of `v` with U+FFFD: k6 allows
+/// them in names, and PostgreSQL text and jsonb cannot store them.
+pub fn replace_nul(v: &mut Value) -> NulReplaced {
+    let mut out = NulReplaced::default();
+    replace_nul_into(v, &mut out);
+    out
+}
+
+fn replace_nul_into(v: &mut Value, out: &mut NulReplaced) {
+    match v {
+        Value::String(s) if s.contains('\0') => {
+            out.count += s.matches('\0').count();
+            *s = s.replace('\0', "\u{FFFD}");
+        }
+        Value::Array(a) => a.iter_mut().for_each(|v| replace_nul_into(v, out)),
+        Value::Object(o) => {
+            if o.keys().any(|k| k.contains('\0')) {
+                let entries: Vec<(String, Value)> = std::mem::take(o).into_iter().collect();
+                for (k, val) in entries {
+                    out.count += k.matches('\0').count();
+                    let key = k.replace('\0', "\u{FFFD}");
+                    // Document order is kept (serde_json's preserve_order): the later
+                    // entry replaces the earlier, in the earlier one's place.
+                    if o.insert(key.clone(), val).is_some() {
+                        out.collisions.push(key);
+                    }
+                }
+            }
+            o.values_mut().for_each(|v| replace_nul_into(v, out));
+        }
+        _ => {}
     }
 }
 
@@ -165,6 +246,40 @@ mod tests {
         let m = RunCompleted::decode(valid().to_string().as_bytes()).unwrap();
         assert_eq!(m.trigger, Some(Trigger::CiCd));
         assert_eq!(m.wall_duration_ms(), Some(5000));
+    }
+
+    #[test]
+    fn nul_is_replaced_everywhere_with_a_warning() {
+        let mut v = valid();
+        v["location"] = "us\u{0}east".into();
+        v["metadata"] =
+            serde_json::json!({"a\u{0}": ["\u{0}"], "a\u{FFFD}": 1, "b": {"c\u{0}": "d"}});
+        let m = RunCompleted::decode(v.to_string().as_bytes()).unwrap();
+        assert_eq!(m.location.as_deref(), Some("us\u{FFFD}east"));
+        // "a\0" and "a\u{FFFD}" collide: the later entry (1) is kept, and the NUL in the
+        // dropped value is not counted.
+        assert_eq!(
+            m.metadata,
+            Some(serde_json::json!({"a\u{FFFD}": 1, "b": {"c\u{FFFD}": "d"}}))
+        );
+        assert_eq!(
+            m.decode_warnings,
+            vec![
+                "message: 3 NUL character(s) replaced by U+FFFD (PostgreSQL text cannot hold NUL)"
+                    .to_string(),
+                "message: key \"a\u{FFFD}\" appears twice once NUL characters are replaced; the last occurrence is kept".to_string(),
+            ]
+        );
+        let clean = RunCompleted::decode(valid().to_string().as_bytes()).unwrap();
+        assert!(clean.decode_warnings.is_empty());
+    }
+
+    #[test]
+    fn timestamps_before_the_year_1_are_refused() {
+        let mut v = valid();
+        v["started_at"] = "-0001-01-01T00:00:00Z".into();
+        let err = RunCompleted::decode(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("started_at"), "{err}");
     }
 
     #[test]

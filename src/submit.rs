@@ -193,6 +193,7 @@ pub async fn submit(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Su
         artifacts,
         config_snapshot: args.config_snapshot.clone(),
         metadata: args.metadata.clone(),
+        decode_warnings: Vec::new(),
     };
     if !args.dry_run {
         let body = serde_json::to_vec(&message)?;

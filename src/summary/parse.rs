@@ -124,7 +124,25 @@ fn finish(
     checks: Vec<Check>,
     warnings: Vec<String>,
 ) -> Summary {
+    // Stable: metrics listed twice keep their document order, and the last one wins.
     metrics.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut warnings = warnings;
+    let mut kept: Vec<Metric> = Vec::with_capacity(metrics.len());
+    for m in metrics {
+        if let Some(prev) = kept.last_mut().filter(|p| p.name == m.name) {
+            warnings.push(format!(
+                "{}: metric listed more than once; the last occurrence is kept",
+                m.name
+            ));
+            *prev = m;
+        } else {
+            kept.push(m);
+        }
+    }
+    let mut metrics = kept;
+    for m in &mut metrics {
+        dedup_thresholds(m, &mut warnings);
+    }
     Summary {
         format,
         test_run_duration_ms: duration,
@@ -133,6 +151,24 @@ fn finish(
         checks,
         warnings,
     }
+}
+
+/// One threshold per expression and metric: the last occurrence wins, with a warning
+/// (the database keeps one result per metric and expression).
+fn dedup_thresholds(m: &mut Metric, warnings: &mut Vec<String>) {
+    let mut kept: Vec<Threshold> = Vec::with_capacity(m.thresholds.len());
+    for t in std::mem::take(&mut m.thresholds) {
+        if let Some(prev) = kept.iter_mut().find(|p| p.expression == t.expression) {
+            warnings.push(format!(
+                "{}: threshold {:?} listed more than once; the last occurrence is kept",
+                m.name, t.expression
+            ));
+            *prev = t;
+        } else {
+            kept.push(t);
+        }
+    }
+    m.thresholds = kept;
 }
 
 fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
@@ -430,7 +466,6 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
             thresholds: Vec::new(),
         });
     }
-    metrics.dedup_by(|a, b| a.name == b.name);
     let duration = at(obj, &["config", "duration"])
         .and_then(number)
         .map(|s| s * 1000.0);
@@ -477,6 +512,55 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_listed_twice_keeps_the_last_occurrence() {
+        let doc = br#"{"version":"1.0.0","config":{"duration":1},"results":{"checks":{"metrics":[
+            {"name":"b","type":"counter","contains":"default","values":{"count":3}}]},
+          "metrics":[
+            {"name":"b","type":"counter","contains":"default","values":{"count":1}},
+            {"name":"a","type":"gauge","contains":"default","values":{"value":1}},
+            {"name":"b","type":"counter","contains":"default","values":{"count":2}}]}}"#;
+        let s = parse_summary(doc).unwrap();
+        let names: Vec<&str> = s.metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(s.metric("b").unwrap().value("count"), Some(3.0));
+        let dup: Vec<&String> = s
+            .warnings
+            .iter()
+            .filter(|w| w.contains("listed more than once"))
+            .collect();
+        assert_eq!(dup.len(), 2, "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn a_threshold_listed_twice_keeps_the_last_occurrence() {
+        let mut m = Metric {
+            name: "m".into(),
+            base_name: "m".into(),
+            tags: BTreeMap::new(),
+            metric_type: None,
+            contains: None,
+            values: BTreeMap::new(),
+            thresholds: ["x<1", "y<1", "x<1"]
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Threshold {
+                    expression: (*e).into(),
+                    ok: i == 2,
+                })
+                .collect(),
+        };
+        let mut warnings = Vec::new();
+        dedup_thresholds(&mut m, &mut warnings);
+        let kept: Vec<(&str, bool)> = m
+            .thresholds
+            .iter()
+            .map(|t| (t.expression.as_str(), t.ok))
+            .collect();
+        assert_eq!(kept, [("x<1", true), ("y<1", false)]);
+        assert_eq!(warnings.len(), 1);
+    }
 
     #[test]
     fn rejects_non_objects_and_garbage() {
