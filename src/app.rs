@@ -41,12 +41,10 @@ pub async fn build_ingestor(
     let fetcher = Fetcher::new(&settings.fetch, client)?
         .with_roots(extra_roots)
         .with_s3_sources(settings.s3.sources()?);
-    Ok(Ingestor::new(
-        pool,
-        store,
-        fetcher,
-        settings.s3.inline_summary_max_bytes,
-    ))
+    Ok(
+        Ingestor::new(pool, store, fetcher, settings.s3.inline_summary_max_bytes)
+            .with_prepared_statements(settings.database.prepared_statements),
+    )
 }
 
 /// A token cancelled on SIGTERM (Kubernetes) or Ctrl-C, for the long-running commands.

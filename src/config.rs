@@ -45,6 +45,10 @@ pub struct DatabaseSettings {
     pub migrate_url: Option<SecretString>,
     pub max_connections: u32,
     pub acquire_timeout_secs: u64,
+    /// Named prepared statements (sqlx's statement cache). Set false behind a
+    /// transaction pooler without prepared-statement support (PgBouncer before 1.21):
+    /// every statement then goes unnamed, inside an explicit transaction (SPEC §13).
+    pub prepared_statements: bool,
 }
 
 impl DatabaseSettings {
@@ -204,6 +208,7 @@ const DEFAULTS: &str = r#"
 [database]
 max_connections = 10
 acquire_timeout_secs = 10
+prepared_statements = true
 
 [s3]
 prefix = "k6-runs"

@@ -477,11 +477,7 @@ pub async fn watch_database(
 ) {
     loop {
         let ok = matches!(
-            tokio::time::timeout(
-                every.max(Duration::from_secs(1)),
-                sqlx::query("SELECT 1").execute(&pool)
-            )
-            .await,
+            tokio::time::timeout(every.max(Duration::from_secs(1)), crate::db::probe(&pool)).await,
             Ok(Ok(_))
         );
         if ok != health.database() {

@@ -4,12 +4,14 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::query::Query;
 use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
+use crate::ingest::RunLine;
 use crate::message::RunCompleted;
 use crate::summary::Extraction;
 
@@ -29,6 +31,51 @@ pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .acquire_timeout(Duration::from_secs(s.acquire_timeout_secs))
         .connect_lazy_with(options.application_name("k6-ingest"));
     Ok(pool)
+}
+
+/// Every statement the worker sends goes through this: it knows whether named prepared
+/// statements may be used (`database.prepared_statements`).
+///
+/// Without them (a transaction pooler such as PgBouncer 1.18), sqlx sends the unnamed
+/// statement as Parse+Describe+Sync and then Bind+Execute+Sync: outside a transaction the
+/// pooler may hand the second half to another server connection. So every statement with
+/// parameters runs inside an explicit transaction (BEGIN goes as a simple query), and a
+/// parameterless probe uses the simple protocol.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: PgPool,
+    prepared: bool,
+}
+
+impl Db {
+    pub fn new(pool: PgPool, prepared_statements: bool) -> Self {
+        Self {
+            pool,
+            prepared: prepared_statements,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn prepared_statements(&self) -> bool {
+        self.prepared
+    }
+
+    fn query<'q>(&self, sql: &'q str) -> Query<'q, Postgres, PgArguments> {
+        sqlx::query(sql).persistent(self.prepared)
+    }
+
+    /// A round trip that needs no prepared statement, for health checks.
+    pub async fn probe(&self) -> Result<(), sqlx::Error> {
+        probe(&self.pool).await
+    }
+}
+
+/// `SELECT 1` over the simple query protocol: works directly and through any pooler.
+pub async fn probe(pool: &PgPool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("SELECT 1").execute(pool).await.map(|_| ())
 }
 
 /// Applies the migrations over `migrate_url` if set (a direct connection: the migrator's
@@ -76,16 +123,73 @@ pub enum StoreError {
     },
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// PostgreSQL refused the run's content for good (a value too long or out of range,
+    /// a check or unique violation, an index row too large...): retrying cannot help.
+    #[error("the database refused the run's {step} rows: {}", refusal_reason(.source))]
+    Refused {
+        /// The table whose write was refused.
+        step: &'static str,
+        source: sqlx::Error,
+    },
 }
 
 impl StoreError {
     /// Connection trouble, pool exhaustion, serialization failures and deadlocks may pass.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::TenantMismatch { .. } => false,
+            Self::TenantMismatch { .. } | Self::Refused { .. } => false,
             Self::Db(e) => is_transient_db(e),
         }
     }
+
+    /// A write of `step` failed: a refusal of what was sent (SQLSTATE class 22 data
+    /// exception, 23 integrity constraint violation, 54 program limit exceeded) becomes
+    /// [`StoreError::Refused`]; anything else (connection trouble, a statement the
+    /// server does not know...) stays `Db`, so a fault of the setup is never recorded
+    /// against the run.
+    fn from_write(step: &'static str, e: sqlx::Error) -> Self {
+        let refused = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+            // A value sqlx itself could not encode came from the run's content too.
+            sqlx::Error::Encode(_) => true,
+            _ => false,
+        };
+        if refused {
+            Self::Refused { step, source: e }
+        } else {
+            Self::Db(e)
+        }
+    }
+}
+
+/// PostgreSQL's reason, with its SQLSTATE and the constraint it names, never the
+/// refused value itself (the DETAIL line may quote it; it is left out), and bounded.
+fn refusal_reason(e: &sqlx::Error) -> String {
+    let mut out = match e {
+        sqlx::Error::Database(db) => {
+            let mut s = format!(
+                "{} (SQLSTATE {})",
+                db.message(),
+                db.code().unwrap_or_default()
+            );
+            if let Some(c) = db.constraint() {
+                s.push_str(&format!(", constraint {c}"));
+            }
+            s
+        }
+        other => other.to_string(),
+    };
+    if out.len() > 500 {
+        let mut end = 500;
+        while !out.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.truncate(end);
+        out.push('…');
+    }
+    out
 }
 
 pub fn is_transient_db(e: &sqlx::Error) -> bool {
@@ -146,24 +250,6 @@ impl Existing {
     }
 }
 
-pub async fn existing(pool: &PgPool, run_id: Uuid) -> Result<Existing, sqlx::Error> {
-    let tenant = sqlx::query("SELECT organization_id, project_id FROM runs WHERE id = $1")
-        .bind(run_id)
-        .fetch_optional(pool)
-        .await?
-        .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
-    let performance_has_summary = sqlx::query_scalar::<_, bool>(
-        "SELECT summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(Existing {
-        tenant,
-        performance_has_summary,
-    })
-}
-
 /// Everything one run writes.
 pub struct NewRun<'a> {
     pub msg: &'a RunCompleted,
@@ -188,110 +274,313 @@ pub enum Stored {
     AlreadyPresent,
 }
 
-/// Writes the run in one transaction: upsert `runs`, insert `k6_performance_runs` and
-/// its detail rows. Nothing is written twice; a tenant mismatch writes nothing.
-pub async fn store_run(pool: &PgPool, new: &NewRun<'_>) -> Result<Stored, StoreError> {
-    let mut tx = pool.begin().await?;
-    let msg = new.msg;
-    let tenant =
-        sqlx::query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(msg.run_id)
+/// Values the rows can refer to: every `s3://` URI in `runs.artifact_paths`, in
+/// `runs.logs_s3_url` and in `k6_performance_runs.summary_s3_url` of a run.
+fn collect_s3_uris(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) if s.starts_with("s3://") => out.push(s.clone()),
+        Value::Array(a) => a.iter().for_each(|v| collect_s3_uris(v, out)),
+        Value::Object(o) => o.values().for_each(|v| collect_s3_uris(v, out)),
+        _ => {}
+    }
+}
+
+/// The smallest record of a run whose content cannot be stored: status `error`, the
+/// reason, and where its artifacts are; nothing taken from the refused content.
+pub struct ErrorRecord<'a> {
+    pub msg: &'a RunCompleted,
+    pub reason: &'a str,
+    pub artifact_paths: &'a Value,
+    pub logs_s3_url: Option<&'a str>,
+}
+
+impl Db {
+    /// What is stored for the run, read before any artifact is touched.
+    pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let tenant = self
+            .query("SELECT organization_id, project_id FROM runs WHERE id = $1")
+            .bind(run_id)
             .fetch_optional(&mut *tx)
             .await?
             .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
-    let prior = sqlx::query("SELECT id, summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1 FOR UPDATE")
-        .bind(msg.run_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .map(|r| (r.get::<Uuid, _>(0), r.get::<bool, _>(1)));
-    let existing = Existing {
-        tenant,
-        performance_has_summary: prior.map(|p| p.1),
-    };
-    existing.check_tenant(msg)?;
-    if existing.is_final(new.has_summary) {
-        tx.rollback().await?;
-        return Ok(Stored::AlreadyPresent);
+        let performance_has_summary = self
+            .query("SELECT summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.get::<bool, _>(0));
+        tx.commit().await?;
+        Ok(Existing {
+            tenant,
+            performance_has_summary,
+        })
     }
-    let replaced = if let Some((old_id, _)) = prior {
-        sqlx::query("DELETE FROM k6_performance_runs WHERE id = $1")
-            .bind(old_id)
-            .execute(&mut *tx)
+
+    /// Every `s3://` URI a committed row of the run refers to. Objects listed here are
+    /// never deleted: a concurrent duplicate that committed first refers to the same
+    /// deterministic keys.
+    pub async fn referenced_s3_uris(&self, run_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row = self
+            .query(
+                "SELECT r.artifact_paths, r.logs_s3_url, p.summary_s3_url FROM runs r \
+                 LEFT JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
+            )
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
             .await?;
-        true
-    } else {
-        false
-    };
-
-    upsert_run(&mut tx, new).await?;
-    let k6_run_id = Uuid::now_v7();
-    let inserted = insert_performance(&mut tx, new, k6_run_id).await?;
-    if !inserted {
-        // A concurrent ingest of the same run committed first.
-        tx.rollback().await?;
-        return Ok(Stored::AlreadyPresent);
+        tx.commit().await?;
+        let mut out = Vec::new();
+        if let Some(r) = row {
+            let paths: Option<Json<Value>> = r.get(0);
+            if let Some(Json(v)) = paths {
+                collect_s3_uris(&v, &mut out);
+            }
+            out.extend(r.get::<Option<String>, _>(1));
+            out.extend(r.get::<Option<String>, _>(2));
+        }
+        Ok(out)
     }
-    insert_metrics(&mut tx, new, k6_run_id).await?;
-    insert_thresholds(&mut tx, new, k6_run_id).await?;
-    insert_checks(&mut tx, new, k6_run_id).await?;
-    tx.commit().await?;
-    Ok(if replaced {
-        Stored::Replaced { k6_run_id }
-    } else {
-        Stored::Inserted { k6_run_id }
-    })
+
+    /// Writes the run in one transaction: upsert `runs`, insert `k6_performance_runs`
+    /// and its detail rows. Nothing is written twice; a tenant mismatch writes nothing.
+    pub async fn store_run(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let msg = new.msg;
+        let Some(replaced) = self.lock_run(&mut tx, msg, new.has_summary).await? else {
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
+        };
+        let c = &new.extraction.columns;
+        let run = RunValues {
+            status: c.status.as_str(),
+            duration_ms: new.duration_ms,
+            artifact_paths: &new.artifact_paths,
+            logs_s3_url: new.logs_s3_url.as_deref(),
+            error_details: new.extraction.status_details.as_deref(),
+            metadata: true,
+        };
+        self.upsert_run(&mut tx, msg, &run)
+            .await
+            .map_err(|e| StoreError::from_write("runs", e))?;
+        let k6_run_id = Uuid::now_v7();
+        let inserted = self
+            .insert_performance(&mut tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+        if !inserted {
+            // A concurrent ingest of the same run committed first.
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
+        }
+        self.insert_metrics(&mut tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_metrics_history", e))?;
+        self.insert_thresholds(&mut tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_threshold_results", e))?;
+        self.insert_checks(&mut tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_check_results", e))?;
+        tx.commit().await?;
+        Ok(if replaced {
+            Stored::Replaced { k6_run_id }
+        } else {
+            Stored::Inserted { k6_run_id }
+        })
+    }
+
+    /// Records a run whose content the database refused as `error`, in a transaction of
+    /// its own, with the tenant check of every write. A stored run with a summary stays
+    /// (`AlreadyPresent`); an earlier `error` record is replaced by this one.
+    pub async fn store_error(&self, rec: &ErrorRecord<'_>) -> Result<Stored, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let msg = rec.msg;
+        // `has_summary = true`: an earlier error record is replaced, a full one is kept.
+        let Some(replaced) = self.lock_run(&mut tx, msg, true).await? else {
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
+        };
+        let run = RunValues {
+            status: "error",
+            duration_ms: msg.wall_duration_ms(),
+            artifact_paths: rec.artifact_paths,
+            logs_s3_url: rec.logs_s3_url,
+            error_details: Some(rec.reason),
+            metadata: false,
+        };
+        self.upsert_run(&mut tx, msg, &run)
+            .await
+            .map_err(|e| StoreError::from_write("runs", e))?;
+        let k6_run_id = Uuid::now_v7();
+        let row = self
+            .query(
+                "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, \
+                     status, started_at, completed_at, duration_ms, exit_code, warnings) \
+                 VALUES ($1, $2, $3, $4, $5, COALESCE($6, 'us-east'), 'error', $7, $8, $9, $10, $11) \
+                 ON CONFLICT (run_id) DO NOTHING RETURNING id",
+            )
+            .bind(k6_run_id)
+            .bind(msg.run_id)
+            .bind(msg.test_id)
+            .bind(msg.organization_id)
+            .bind(msg.project_id)
+            .bind(&msg.location)
+            .bind(msg.started_at)
+            .bind(msg.completed_at)
+            .bind(msg.wall_duration_ms())
+            .bind(msg.exit_code)
+            .bind(Json(vec![rec.reason]))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+        if row.is_none() {
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
+        }
+        tx.commit().await?;
+        Ok(if replaced {
+            Stored::Replaced { k6_run_id }
+        } else {
+            Stored::Inserted { k6_run_id }
+        })
+    }
+
+    /// Locks the run's rows, checks the tenant, and clears an earlier record this write
+    /// replaces. `None` when the stored record is final (nothing to write); else whether
+    /// an earlier record was replaced.
+    async fn lock_run(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        has_summary: bool,
+    ) -> Result<Option<bool>, StoreError> {
+        let tenant = self
+            .query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(msg.run_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
+        let prior = self
+            .query(
+                "SELECT id, summary_format IS NOT NULL FROM k6_performance_runs \
+                 WHERE run_id = $1 FOR UPDATE",
+            )
+            .bind(msg.run_id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .map(|r| (r.get::<Uuid, _>(0), r.get::<bool, _>(1)));
+        let existing = Existing {
+            tenant,
+            performance_has_summary: prior.map(|p| p.1),
+        };
+        existing.check_tenant(msg)?;
+        if existing.is_final(has_summary) {
+            return Ok(None);
+        }
+        if let Some((old_id, _)) = prior {
+            self.query("DELETE FROM k6_performance_runs WHERE id = $1")
+                .bind(old_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(Some(prior.is_some()))
+    }
+
+    /// The headline numbers of a stored run.
+    pub async fn stored_line(&self, run_id: Uuid) -> Result<RunLine, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row = self
+            .query(
+                "SELECT status, p95_response_time_ms, request_rate, thresholds_total, thresholds_failed, \
+                 checks_total, checks_passed FROM k6_performance_runs WHERE run_id = $1",
+            )
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row.map_or_else(RunLine::default, |r| RunLine {
+            status: r.get(0),
+            p95_ms: r.get(1),
+            request_rate: r.get(2),
+            thresholds_total: r.get(3),
+            thresholds_failed: r.get(4),
+            checks_total: r.get(5),
+            checks_passed: r.get(6),
+        }))
+    }
 }
 
-async fn upsert_run(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewRun<'_>,
-) -> Result<(), sqlx::Error> {
-    let msg = new.msg;
-    let c = &new.extraction.columns;
-    sqlx::query(
-        "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
-             completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT (id) DO UPDATE SET \
-             job_id = COALESCE(EXCLUDED.job_id, runs.job_id), \
-             test_id = COALESCE(EXCLUDED.test_id, runs.test_id), \
-             status = EXCLUDED.status, duration_ms = EXCLUDED.duration_ms, \
-             started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, \
-             artifact_paths = EXCLUDED.artifact_paths, logs_s3_url = EXCLUDED.logs_s3_url, \
-             error_details = EXCLUDED.error_details, \
-             trigger = COALESCE(EXCLUDED.trigger, runs.trigger), \
-             location = COALESCE(EXCLUDED.location, runs.location), \
-             metadata = runs.metadata || EXCLUDED.metadata, \
-             updated_at = now()",
-    )
-    .bind(msg.run_id)
-    .bind(msg.job_id)
-    .bind(msg.test_id)
-    .bind(msg.organization_id)
-    .bind(msg.project_id)
-    .bind(c.status.as_str())
-    .bind(new.duration_ms)
-    .bind(msg.started_at)
-    .bind(msg.completed_at)
-    .bind(Json(&new.artifact_paths))
-    .bind(&new.logs_s3_url)
-    .bind(&new.extraction.status_details)
-    .bind(msg.trigger.map(|t| t.as_str()))
-    .bind(&msg.location)
-    .bind(Json(msg.metadata.clone().filter(Value::is_object).unwrap_or_else(|| Value::Object(Default::default()))))
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+/// The `runs` columns a write sets besides the message's.
+struct RunValues<'a> {
+    status: &'a str,
+    duration_ms: Option<i64>,
+    artifact_paths: &'a Value,
+    logs_s3_url: Option<&'a str>,
+    error_details: Option<&'a str>,
+    /// Merge the message's metadata (an error record leaves it out: it may be what
+    /// was refused).
+    metadata: bool,
 }
 
-async fn insert_performance(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewRun<'_>,
-    id: Uuid,
-) -> Result<bool, sqlx::Error> {
-    let msg = new.msg;
-    let c = &new.extraction.columns;
-    let row = sqlx::query(
+impl Db {
+    async fn upsert_run(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        run: &RunValues<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let metadata = msg
+            .metadata
+            .clone()
+            .filter(|m| run.metadata && m.is_object())
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        self.query(
+            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
+                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT (id) DO UPDATE SET \
+                 job_id = COALESCE(EXCLUDED.job_id, runs.job_id), \
+                 test_id = COALESCE(EXCLUDED.test_id, runs.test_id), \
+                 status = EXCLUDED.status, duration_ms = EXCLUDED.duration_ms, \
+                 started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, \
+                 artifact_paths = EXCLUDED.artifact_paths, logs_s3_url = EXCLUDED.logs_s3_url, \
+                 error_details = EXCLUDED.error_details, \
+                 trigger = COALESCE(EXCLUDED.trigger, runs.trigger), \
+                 location = COALESCE(EXCLUDED.location, runs.location), \
+                 metadata = runs.metadata || EXCLUDED.metadata, \
+                 updated_at = now()",
+        )
+        .bind(msg.run_id)
+        .bind(msg.job_id)
+        .bind(msg.test_id)
+        .bind(msg.organization_id)
+        .bind(msg.project_id)
+        .bind(run.status)
+        .bind(run.duration_ms)
+        .bind(msg.started_at)
+        .bind(msg.completed_at)
+        .bind(Json(run.artifact_paths))
+        .bind(run.logs_s3_url)
+        .bind(run.error_details)
+        .bind(msg.trigger.map(|t| t.as_str()))
+        .bind(&msg.location)
+        .bind(Json(metadata))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_performance(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewRun<'_>,
+        id: Uuid,
+    ) -> Result<bool, sqlx::Error> {
+        let msg = new.msg;
+        let c = &new.extraction.columns;
+        let row = self.query(
         "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, status, \
              started_at, completed_at, duration_ms, total_requests, failed_requests, request_rate, \
              avg_response_time_ms, p50_response_time_ms, p90_response_time_ms, p95_response_time_ms, \
@@ -345,103 +634,116 @@ async fn insert_performance(
     .bind(msg.config_snapshot.as_ref().map(Json))
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(row.is_some())
-}
+        Ok(row.is_some())
+    }
 
-async fn insert_metrics(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewRun<'_>,
-    k6_run_id: Uuid,
-) -> Result<(), sqlx::Error> {
-    let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
-    for chunk in new.extraction.metrics.chunks(ROWS_PER_INSERT) {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
+    async fn insert_metrics(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewRun<'_>,
+        k6_run_id: Uuid,
+    ) -> Result<(), sqlx::Error> {
+        let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
+        for chunk in new.extraction.metrics.chunks(ROWS_PER_INSERT) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
              scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
              p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at) ",
-        );
-        qb.push_values(chunk, |mut b, m| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(&m.metric_name)
-                .push_bind(&m.base_name)
-                .push_bind(m.metric_type)
-                .push_bind(m.contains)
-                .push_bind(Json(&m.tags))
-                .push_bind(m.scale)
-                .push_bind(m.value)
-                .push_bind(m.count)
-                .push_bind(m.rate)
-                .push_bind(m.rate_scale)
-                .push_bind(m.passes)
-                .push_bind(m.fails)
-                .push_bind(m.min_value)
-                .push_bind(m.max_value)
-                .push_bind(m.avg_value)
-                .push_bind(m.med_value)
-                .push_bind(m.p90_value)
-                .push_bind(m.p95_value)
-                .push_bind(m.p99_value)
-                .push_bind(Json(&m.percentiles))
-                .push_bind(Json(&m.raw_values))
-                .push_bind(Json(&m.sources))
-                .push_bind(Json(&m.warnings))
-                .push_bind(recorded_at);
-        });
-        qb.build().execute(&mut **tx).await?;
+            );
+            qb.push_values(chunk, |mut b, m| {
+                b.push_bind(Uuid::now_v7())
+                    .push_bind(k6_run_id)
+                    .push_bind(&m.metric_name)
+                    .push_bind(&m.base_name)
+                    .push_bind(m.metric_type)
+                    .push_bind(m.contains)
+                    .push_bind(Json(&m.tags))
+                    .push_bind(m.scale)
+                    .push_bind(m.value)
+                    .push_bind(m.count)
+                    .push_bind(m.rate)
+                    .push_bind(m.rate_scale)
+                    .push_bind(m.passes)
+                    .push_bind(m.fails)
+                    .push_bind(m.min_value)
+                    .push_bind(m.max_value)
+                    .push_bind(m.avg_value)
+                    .push_bind(m.med_value)
+                    .push_bind(m.p90_value)
+                    .push_bind(m.p95_value)
+                    .push_bind(m.p99_value)
+                    .push_bind(Json(&m.percentiles))
+                    .push_bind(Json(&m.raw_values))
+                    .push_bind(Json(&m.sources))
+                    .push_bind(Json(&m.warnings))
+                    .push_bind(recorded_at);
+            });
+            qb.build()
+                .persistent(self.prepared)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn insert_thresholds(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewRun<'_>,
-    k6_run_id: Uuid,
-) -> Result<(), sqlx::Error> {
-    for chunk in new.extraction.thresholds.chunks(ROWS_PER_INSERT) {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
+    async fn insert_thresholds(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewRun<'_>,
+        k6_run_id: Uuid,
+    ) -> Result<(), sqlx::Error> {
+        for chunk in new.extraction.thresholds.chunks(ROWS_PER_INSERT) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
              aggregation, observed_value, observed_scale, observed_raw, observed_source) ",
-        );
-        qb.push_values(chunk, |mut b, t| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(&t.metric_name)
-                .push_bind(&t.base_name)
-                .push_bind(Json(&t.tags))
-                .push_bind(&t.expression)
-                .push_bind(t.ok)
-                .push_bind(&t.aggregation)
-                .push_bind(t.observed_value)
-                .push_bind(t.observed_scale)
-                .push_bind(t.observed_raw)
-                .push_bind(t.observed_source);
-        });
-        qb.build().execute(&mut **tx).await?;
+            );
+            qb.push_values(chunk, |mut b, t| {
+                b.push_bind(Uuid::now_v7())
+                    .push_bind(k6_run_id)
+                    .push_bind(&t.metric_name)
+                    .push_bind(&t.base_name)
+                    .push_bind(Json(&t.tags))
+                    .push_bind(&t.expression)
+                    .push_bind(t.ok)
+                    .push_bind(&t.aggregation)
+                    .push_bind(t.observed_value)
+                    .push_bind(t.observed_scale)
+                    .push_bind(t.observed_raw)
+                    .push_bind(t.observed_source);
+            });
+            qb.build()
+                .persistent(self.prepared)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn insert_checks(
-    tx: &mut Transaction<'_, Postgres>,
-    new: &NewRun<'_>,
-    k6_run_id: Uuid,
-) -> Result<(), sqlx::Error> {
-    for chunk in new.extraction.checks.chunks(ROWS_PER_INSERT) {
-        let mut qb = QueryBuilder::<Postgres>::new(
-            "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails) ",
-        );
-        qb.push_values(chunk, |mut b, c| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(c.position)
-                .push_bind(&c.group_path)
-                .push_bind(&c.path)
-                .push_bind(&c.name)
-                .push_bind(c.passes)
-                .push_bind(c.fails);
-        });
-        qb.build().execute(&mut **tx).await?;
+    async fn insert_checks(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewRun<'_>,
+        k6_run_id: Uuid,
+    ) -> Result<(), sqlx::Error> {
+        for chunk in new.extraction.checks.chunks(ROWS_PER_INSERT) {
+            let mut qb = QueryBuilder::<Postgres>::new(
+                "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails) ",
+            );
+            qb.push_values(chunk, |mut b, c| {
+                b.push_bind(Uuid::now_v7())
+                    .push_bind(k6_run_id)
+                    .push_bind(c.position)
+                    .push_bind(&c.group_path)
+                    .push_bind(&c.path)
+                    .push_bind(&c.name)
+                    .push_bind(c.passes)
+                    .push_bind(c.fails);
+            });
+            qb.build()
+                .persistent(self.prepared)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
 }

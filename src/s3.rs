@@ -206,6 +206,38 @@ impl ArtifactStore {
         Ok(size)
     }
 
+    /// Deletes one object; deleting a key that does not exist succeeds (as in S3).
+    pub async fn delete(&self, key: &str) -> Result<(), UploadError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(key, &e))?;
+        Ok(())
+    }
+
+    /// Deletes the objects one request each (a run has a handful, and plain
+    /// DeleteObject is what every S3-compatible store implements). Tries every key and
+    /// returns the failures.
+    pub async fn delete_objects(&self, keys: &[String]) -> Vec<UploadError> {
+        let mut failed = Vec::new();
+        for key in keys {
+            if let Err(e) = self.delete(key).await {
+                failed.push(e);
+            }
+        }
+        failed
+    }
+
+    /// The key of an `s3://<bucket>/<key>` URI of this store's bucket.
+    pub fn key_of<'a>(&self, uri: &'a str) -> Option<&'a str> {
+        uri.strip_prefix("s3://")?
+            .strip_prefix(self.bucket.as_str())?
+            .strip_prefix('/')
+    }
+
     async fn upload_multipart(
         &self,
         path: &Path,

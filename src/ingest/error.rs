@@ -49,6 +49,10 @@ pub enum IngestError {
     SummaryUnusable { run_id: Uuid, reason: String },
     #[error("run {run_id}: {message}")]
     Config { run_id: Uuid, message: String },
+    /// The database refused the run's content for good; the run was recorded as
+    /// `error` with the reason, and the message is kept for a replay after a fix.
+    #[error("run {run_id} recorded as error: {reason}")]
+    ContentRefused { run_id: Uuid, reason: String },
 }
 
 impl IngestError {
@@ -71,6 +75,11 @@ impl IngestError {
                 source: StoreError::TenantMismatch { .. },
                 ..
             } => "tenant_mismatch",
+            Self::Store {
+                source: StoreError::Refused { .. },
+                ..
+            }
+            | Self::ContentRefused { .. } => "content_refused",
             Self::Store { .. } => "database",
             Self::SummaryUnusable { .. } => "summary_unusable",
             Self::Config { .. } => "config",

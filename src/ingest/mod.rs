@@ -10,14 +10,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use error::{Disposition, IngestError};
 
 use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines, redact_uri};
-use crate::db::{self, NewRun, Stored};
-use crate::message::RunCompleted;
+use crate::db::{Db, ErrorRecord, NewRun, StoreError, Stored};
+use crate::message::{RunCompleted, replace_nul};
 use crate::s3::{ArtifactStore, content_type_for};
 use crate::summary::parse::parse_summary_value;
 use crate::summary::samples::{SampleSets, collect_samples};
@@ -94,7 +94,7 @@ pub struct IngestReport {
 /// Everything `ingest_one` needs; cheap to clone (pools and clients are shared).
 #[derive(Clone)]
 pub struct Ingestor {
-    pool: Option<PgPool>,
+    db: Option<Db>,
     store: Option<ArtifactStore>,
     fetcher: Fetcher,
     inline_summary_max: u64,
@@ -137,7 +137,7 @@ impl Ingestor {
         inline_summary_max: u64,
     ) -> Self {
         Self {
-            pool,
+            db: pool.map(|p| Db::new(p, true)),
             store,
             fetcher,
             inline_summary_max,
@@ -145,7 +145,14 @@ impl Ingestor {
     }
 
     pub fn pool(&self) -> Option<&PgPool> {
-        self.pool.as_ref()
+        self.db.as_ref().map(Db::pool)
+    }
+
+    /// `database.prepared_statements`: false behind a transaction pooler without
+    /// prepared-statement support (see [`Db`]).
+    pub fn with_prepared_statements(mut self, on: bool) -> Self {
+        self.db = self.db.map(|d| Db::new(d.pool().clone(), on));
+        self
     }
 
     /// Ingests one run. `Ok` means the run is stored (now or before) or, in a dry run,
@@ -159,11 +166,11 @@ impl Ingestor {
     ) -> Result<IngestReport, IngestError> {
         let run_id = msg.run_id;
         let store_err = |source| IngestError::Store { run_id, source };
-        let existing = match &self.pool {
-            Some(pool) => Some(
-                db::existing(pool, run_id)
+        let existing = match &self.db {
+            Some(db) => Some(
+                db.existing(run_id)
                     .await
-                    .map_err(|e| store_err(db::StoreError::Db(e)))?,
+                    .map_err(|e| store_err(StoreError::Db(e)))?,
             ),
             None => None,
         };
@@ -180,7 +187,7 @@ impl Ingestor {
             return self.already_present(run_id).await;
         }
 
-        let mut warnings: Vec<String> = Vec::new();
+        let mut warnings: Vec<String> = msg.decode_warnings.clone();
         let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
         for (role, uri) in [
             ("logs", &msg.artifacts.logs),
@@ -254,7 +261,7 @@ impl Ingestor {
             });
         }
 
-        let Some(pool) = &self.pool else {
+        let Some(db) = &self.db else {
             return Err(IngestError::Config {
                 run_id,
                 message: "no database configured (database.url)".into(),
@@ -262,7 +269,7 @@ impl Ingestor {
         };
 
         // --- uploads: deterministic keys, so a retry overwrites ---
-        let mut bytes_uploaded = 0u64;
+        let mut uploads = Uploads::default();
         let mut artifact_paths = BTreeMap::<String, Value>::new();
         let mut logs_s3_url = None;
         let mut summary_json = None;
@@ -271,7 +278,7 @@ impl Ingestor {
         for (role, uri, source, local) in &locals {
             let name = unique_name(&source.file_name(), role, &mut taken_names);
             let uri_s3 = self
-                .upload(msg, &name, Body::File(local), &mut bytes_uploaded)
+                .upload(db, msg, &name, Body::File(local), &mut uploads)
                 .await?;
             if *role == "logs" {
                 logs_s3_url = Some(uri_s3.clone());
@@ -299,7 +306,7 @@ impl Ingestor {
                 } else {
                     let name = unique_name(&file_name, "summary", &mut taken_names);
                     let s3_uri = self
-                        .upload(msg, &name, Body::Bytes(bytes), &mut bytes_uploaded)
+                        .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
                         .await?;
                     artifact_paths.insert(
                         "summary".into(),
@@ -314,7 +321,7 @@ impl Ingestor {
                 // Keep the unreadable file where a person can look at it.
                 let name = unique_name(&file_name, "summary", &mut taken_names);
                 let s3_uri = self
-                    .upload(msg, &name, Body::Bytes(bytes), &mut bytes_uploaded)
+                    .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
                     .await?;
                 artifact_paths.insert(
                     "summary".into(),
@@ -323,6 +330,7 @@ impl Ingestor {
             }
             SummaryLoad::Missing { .. } => {}
         }
+        let bytes_uploaded = uploads.bytes;
 
         let duration_ms = extraction
             .columns
@@ -338,11 +346,30 @@ impl Ingestor {
             summary_json,
             summary_s3_url,
         };
-        let stored = db::store_run(pool, &new).await.map_err(store_err)?;
+        let stored = match db.store_run(&new).await {
+            Ok(stored) => stored,
+            Err(refusal @ StoreError::Refused { .. }) => {
+                return Err(self.record_refusal(db, &new, &uploads, refusal).await);
+            }
+            Err(e) => {
+                // A transient failure is retried and overwrites the same keys; only a
+                // permanent one (a tenant mismatch found in the transaction) would
+                // leave the uploads orphaned.
+                if !e.is_transient() {
+                    self.remove_unreferenced(db, run_id, &uploads).await;
+                }
+                return Err(store_err(e));
+            }
+        };
         let outcome = match stored {
             Stored::Inserted { .. } => Outcome::Ingested,
             Stored::Replaced { .. } => Outcome::Replaced,
-            Stored::AlreadyPresent => return self.already_present(run_id).await,
+            Stored::AlreadyPresent => {
+                // The stored record refers to its own uploads (the same deterministic
+                // keys, for the same message); anything else of this attempt goes.
+                self.remove_unreferenced(db, run_id, &uploads).await;
+                return self.already_present(run_id).await;
+            }
         };
         tracing::debug!(
             outcome = outcome.as_str(),
@@ -362,9 +389,88 @@ impl Ingestor {
         })
     }
 
+    /// The database refused the run's content: record the run as `error` (in its own
+    /// transaction, without the refused content, referring to the uploaded artifacts so
+    /// a person can look at them) and say so, for the message to be dead-lettered. If
+    /// even that record cannot be written, the uploads no row refers to are deleted and
+    /// the refusal is returned as it is.
+    async fn record_refusal(
+        &self,
+        db: &Db,
+        new: &NewRun<'_>,
+        uploads: &Uploads,
+        refusal: StoreError,
+    ) -> IngestError {
+        let run_id = new.msg.run_id;
+        let reason = refusal.to_string();
+        tracing::warn!(error = %reason, "the database refused the run; recording it as error");
+        let record = ErrorRecord {
+            msg: new.msg,
+            reason: &reason,
+            artifact_paths: &new.artifact_paths,
+            logs_s3_url: new.logs_s3_url.as_deref(),
+        };
+        match db.store_error(&record).await {
+            Ok(Stored::Inserted { .. } | Stored::Replaced { .. }) => {
+                IngestError::ContentRefused { run_id, reason }
+            }
+            Ok(Stored::AlreadyPresent) => {
+                self.remove_unreferenced(db, run_id, uploads).await;
+                IngestError::ContentRefused { run_id, reason }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the error record of a refused run was not stored either");
+                if !e.is_transient() {
+                    self.remove_unreferenced(db, run_id, uploads).await;
+                }
+                match e {
+                    // The tenant check of the error record wins over the refusal.
+                    e @ StoreError::TenantMismatch { .. } => {
+                        IngestError::Store { run_id, source: e }
+                    }
+                    _ => IngestError::Store {
+                        run_id,
+                        source: refusal,
+                    },
+                }
+            }
+        }
+    }
+
+    /// Deletes this attempt's uploads that no committed row of the run refers to. Best
+    /// effort: when the rows cannot be read, or a delete fails, objects stay (and a
+    /// warning says which), since deleting one a row refers to would lose data.
+    async fn remove_unreferenced(&self, db: &Db, run_id: Uuid, uploads: &Uploads) {
+        if uploads.uris.is_empty() {
+            return;
+        }
+        let Some(store) = &self.store else { return };
+        let referenced = match db.referenced_s3_uris(run_id).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, objects = uploads.uris.len(),
+                    "cannot tell which uploads a stored row refers to; leaving them in S3");
+                return;
+            }
+        };
+        let keys: Vec<String> = uploads
+            .uris
+            .iter()
+            .filter(|u| !referenced.contains(u))
+            .filter_map(|u| store.key_of(u).map(str::to_string))
+            .collect();
+        for e in store.delete_objects(&keys).await {
+            tracing::warn!(error = %e, "could not delete an upload no row refers to");
+        }
+        if !keys.is_empty() {
+            tracing::info!(objects = keys.len(), "deleted uploads no row refers to");
+        }
+    }
+
     async fn already_present(&self, run_id: Uuid) -> Result<IngestReport, IngestError> {
-        let line = match &self.pool {
-            Some(pool) => stored_line(pool, run_id)
+        let line = match &self.db {
+            Some(db) => db
+                .stored_line(run_id)
                 .await
                 .map_err(|e| IngestError::Store {
                     run_id,
@@ -440,11 +546,7 @@ impl Ingestor {
                 })
                 .and_then(|(doc, replaced)| {
                     let mut summary = parse_summary_value(&doc)?;
-                    if replaced > 0 {
-                        summary.warnings.push(format!(
-                            "{replaced} NUL character(s) in names replaced by U+FFFD (PostgreSQL text cannot hold NUL)"
-                        ));
-                    }
+                    summary.warnings.extend(replaced.warnings("summary"));
                     Ok((doc, summary))
                 });
             (result, bytes)
@@ -519,12 +621,16 @@ impl Ingestor {
     }
 
     /// Uploads one artifact of the run under its deterministic key; returns its S3 URI.
+    /// When it fails, this attempt's earlier uploads are removed (unless a stored row
+    /// refers to them): the message may end dead-lettered, and a retry uploads them
+    /// again under the same keys.
     async fn upload(
         &self,
+        db: &Db,
         msg: &RunCompleted,
         name: &str,
         body: Body<'_>,
-        total: &mut u64,
+        uploads: &mut Uploads,
     ) -> Result<String, IngestError> {
         let store = self.store_for(msg.run_id)?;
         let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
@@ -533,43 +639,33 @@ impl Ingestor {
             Body::File(local) => store.upload_file(&local.path, &key, content_type).await,
             Body::Bytes(bytes) => store.upload_bytes(bytes, &key, content_type).await,
         };
-        *total += sent.map_err(|source| IngestError::Upload {
-            run_id: msg.run_id,
-            source,
-        })?;
-        Ok(store.uri(&key))
+        match sent {
+            Ok(n) => uploads.bytes += n,
+            Err(source) => {
+                self.remove_unreferenced(db, msg.run_id, uploads).await;
+                return Err(IngestError::Upload {
+                    run_id: msg.run_id,
+                    source,
+                });
+            }
+        }
+        let uri = store.uri(&key);
+        uploads.uris.push(uri.clone());
+        Ok(uri)
     }
+}
+
+/// What this attempt put in S3: the objects' URIs and the bytes sent.
+#[derive(Default)]
+struct Uploads {
+    uris: Vec<String>,
+    bytes: u64,
 }
 
 /// What an upload sends: a local file, streamed, or a small document already in memory.
 enum Body<'a> {
     File(&'a LocalArtifact),
     Bytes(Vec<u8>),
-}
-
-/// Replaces NUL characters in every string and key (k6 allows them in check and group
-/// names; PostgreSQL text and jsonb cannot store them) and returns how many there were.
-fn replace_nul(v: &mut Value) -> usize {
-    match v {
-        Value::String(s) if s.contains('\0') => {
-            let n = s.matches('\0').count();
-            *s = s.replace('\0', "\u{FFFD}");
-            n
-        }
-        Value::Array(a) => a.iter_mut().map(replace_nul).sum(),
-        Value::Object(o) => {
-            let mut n = 0;
-            if o.keys().any(|k| k.contains('\0')) {
-                let entries: Vec<(String, Value)> = std::mem::take(o).into_iter().collect();
-                for (k, val) in entries {
-                    n += k.matches('\0').count();
-                    o.insert(k.replace('\0', "\u{FFFD}"), val);
-                }
-            }
-            n + o.values_mut().map(replace_nul).sum::<usize>()
-        }
-        _ => 0,
-    }
 }
 
 /// A file name unique among this run's artifacts (two roles may share a source name).
@@ -586,24 +682,4 @@ fn unique_name(name: &str, role: &str, taken: &mut Vec<String>) -> String {
     };
     taken.push(name.clone());
     name
-}
-
-/// The headline numbers of a stored run.
-pub async fn stored_line(pool: &PgPool, run_id: Uuid) -> Result<RunLine, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT status, p95_response_time_ms, request_rate, thresholds_total, thresholds_failed, checks_total, \
-         checks_passed FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map_or_else(RunLine::default, |r| RunLine {
-        status: r.get(0),
-        p95_ms: r.get(1),
-        request_rate: r.get(2),
-        thresholds_total: r.get(3),
-        thresholds_failed: r.get(4),
-        checks_total: r.get(5),
-        checks_passed: r.get(6),
-    }))
 }

@@ -1,0 +1,546 @@
+//! What the database is sent, and what happens when it refuses it: keys of any length,
+//! duplicates merged, NUL replaced, a refused run recorded as `error`, and no S3 object
+//! left behind that no row refers to. Real PostgreSQL and S3 throughout; refusals are
+//! forced with triggers installed in the test's own database (real refusals, raised by
+//! PostgreSQL, for content the schema itself now accepts).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use k6_ingest::ingest::{Disposition, IngestError, Outcome};
+use k6_ingest::message::RunCompleted;
+use k6_ingest::s3::ArtifactStore;
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn write_json(path: &Path, v: &Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// The fixture's message as JSON with a fresh run and event id, so one fixture can be
+/// ingested as several runs.
+fn fresh_message(dir: &Path) -> Value {
+    let mut m = read_json(&dir.join("message.json"));
+    m["run_id"] = json!(Uuid::now_v7());
+    m["event_id"] = json!(Uuid::now_v7());
+    m
+}
+
+fn decode(v: &Value) -> RunCompleted {
+    RunCompleted::decode(v.to_string().as_bytes()).unwrap()
+}
+
+/// Every object key under the run's prefix in the test's bucket.
+async fn objects_of_run(store: &ArtifactStore, msg: &RunCompleted) -> Vec<String> {
+    let prefix = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "");
+    let listed = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(&prefix)
+        .send()
+        .await
+        .unwrap();
+    listed
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_string))
+        .collect()
+}
+
+async fn perf_warnings(pool: &PgPool, run_id: Uuid) -> String {
+    let w: Value = sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
+        .bind(run_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    w.to_string()
+}
+
+async fn detail_rows(pool: &PgPool, run_id: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) \
+              + (SELECT count(*) FROM k6_threshold_results t WHERE t.k6_run_id = p.id) \
+              + (SELECT count(*) FROM k6_check_results c WHERE c.k6_run_id = p.id) \
+         FROM k6_performance_runs p WHERE p.run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// k6 does not bound metric names, selectors or threshold expressions; the btree limit
+/// (about 2.7 KB) used to fail the whole run on a 10,000-character key.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
+    let s = settings("long-keys");
+    let ing = ingestor(&pool, &s).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let path = dir.path().join("summary.json");
+    let mut summary = read_json(&path);
+    let long_name = format!("my_trend{{label:{}}}", "x".repeat(10_000));
+    let long_expr = format!("p(95)<{}", "9".repeat(10_000));
+    let metrics = summary["metrics"].as_object_mut().unwrap();
+    let mut trend = metrics["http_req_duration"].clone();
+    trend["thresholds"] = json!({ long_expr.clone(): {"ok": true} });
+    metrics.insert(long_name.clone(), trend);
+    // Names a text-to-bytea cast would confuse (`\x41` reads as 'A'): two rows.
+    let counter = metrics["http_reqs"].clone();
+    metrics.insert("A".into(), counter.clone());
+    metrics.insert(r"\x41".into(), counter);
+    write_json(&path, &summary);
+
+    let msg = message(dir.path());
+    let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Ingested);
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+         WHERE p.run_id = $1 AND (length(m.metric_name) > 10000 OR m.metric_name IN ('A', '\\x41')) \
+         ORDER BY 1",
+    )
+    .bind(msg.run_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        vec!["A".to_string(), r"\x41".into(), long_name.clone()]
+    );
+    let (metric, expr): (String, String) = sqlx::query_as(
+        "SELECT t.metric_name, t.expression FROM k6_threshold_results t \
+         JOIN k6_performance_runs p ON p.id = t.k6_run_id WHERE p.run_id = $1 AND length(t.expression) > 10000",
+    )
+    .bind(msg.run_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((metric, expr), (long_name, long_expr));
+}
+
+/// The machine-readable summary lists metrics in arrays: a metric listed twice (or
+/// twice once NUL characters are replaced) is kept once, the last occurrence, with a
+/// warning on the run.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: PgPool) {
+    let s = settings("dup-metric");
+    let ing = ingestor(&pool, &s).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    // k6 1.5's schema 1.0.0 (the same document tests/extract.rs reads), with
+    // http_req_duration repeated, and a counter repeated under a NUL-bearing name.
+    let doc = json!({
+        "version": "1.0.0",
+        "config": {"duration": 2.5, "execution": "local", "script": "s.js"},
+        "metadata": {"generatedAt": "2026-11-22T00:00:00Z", "k6Version": "1.5.0"},
+        "results": {
+            "checks": {"metrics": [], "results": [{"name": "ok", "passes": 9, "fails": 1}]},
+            "metrics": [
+                {"name": "http_reqs", "type": "counter", "contains": "default", "values": {"count": 50}},
+                {"name": "http_req_duration", "type": "trend", "contains": "time",
+                 "values": {"avg": 10, "min": 1, "med": 9, "max": 40, "p(90)": 20, "p(95)": 30.5}},
+                {"name": "my\u{FFFD}count", "type": "counter", "contains": "default", "values": {"count": 1}},
+                {"name": "http_req_failed", "type": "rate", "contains": "default",
+                 "values": {"rate": 0.1, "matches": 5, "total": 50}},
+                {"name": "http_req_duration", "type": "trend", "contains": "time",
+                 "values": {"avg": 11, "min": 2, "med": 10, "max": 45, "p(90)": 21, "p(95)": 41.5}},
+                {"name": "my\u{0}count", "type": "counter", "contains": "default", "values": {"count": 2}}
+            ]
+        }
+    });
+    write_json(&dir.path().join("summary.json"), &doc);
+    let msg = message(dir.path());
+    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+
+    let rows = sqlx::query(
+        "SELECT m.metric_name, m.p95_value, (m.raw_values->>'count')::float8 FROM k6_metrics_history m \
+         JOIN k6_performance_runs p ON p.id = m.k6_run_id WHERE p.run_id = $1 \
+         AND m.metric_name IN ('http_req_duration', 'my\u{FFFD}count') ORDER BY 1",
+    )
+    .bind(msg.run_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "one row each");
+    assert_eq!(rows[0].get::<String, _>(0), "http_req_duration");
+    assert_eq!(
+        rows[0].get::<Option<i64>, _>(1),
+        Some(41_500),
+        "the last occurrence"
+    );
+    assert_eq!(rows[1].get::<String, _>(0), "my\u{FFFD}count");
+    assert_eq!(
+        rows[1].get::<Option<f64>, _>(2),
+        Some(2.0),
+        "the last occurrence"
+    );
+    let p95: Option<i64> = sqlx::query_scalar(
+        "SELECT p95_response_time_ms FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(msg.run_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(p95, Some(42), "the run's columns use the kept occurrence");
+    let warnings = perf_warnings(&pool, msg.run_id).await;
+    assert!(
+        warnings.contains(
+            "http_req_duration: metric listed more than once; the last occurrence is kept"
+        ),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("my\u{FFFD}count: metric listed more than once"),
+        "{warnings}"
+    );
+}
+
+/// In handleSummary's objects a key written twice already keeps its last value (JSON
+/// parsing); keys that become equal once NUL is replaced do the same, with a warning,
+/// for metrics and for a metric's thresholds.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgPool) {
+    let s = settings("dup-nul");
+    let ing = ingestor(&pool, &s).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let path = dir.path().join("summary.json");
+    let mut summary = read_json(&path);
+    let metrics = summary["metrics"].as_object_mut().unwrap();
+    let mut first = metrics["http_reqs"].clone();
+    first["values"]["count"] = json!(1);
+    first["thresholds"] = json!({"count>\u{FFFD}0": {"ok": true}});
+    let mut last = metrics["http_reqs"].clone();
+    last["values"]["count"] = json!(2);
+    last["thresholds"] = json!({"count>\u{FFFD}0": {"ok": true}, "count>\u{0}0": {"ok": false}});
+    metrics.insert("reqs\u{FFFD}copy".into(), first);
+    metrics.insert("reqs\u{0}copy".into(), last);
+    write_json(&path, &summary);
+    let msg = message(dir.path());
+    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+
+    let counts: Vec<Option<f64>> = sqlx::query_scalar(
+        "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+         WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'",
+    )
+    .bind(msg.run_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(counts, vec![Some(2.0)], "one row, the last value");
+    let oks: Vec<bool> = sqlx::query_scalar(
+        "SELECT t.ok FROM k6_threshold_results t JOIN k6_performance_runs p ON p.id = t.k6_run_id \
+         WHERE p.run_id = $1 AND t.metric_name = 'reqs\u{FFFD}copy'",
+    )
+    .bind(msg.run_id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(oks, vec![false], "one threshold row, the last occurrence");
+    let warnings = perf_warnings(&pool, msg.run_id).await;
+    assert!(
+        warnings.contains("appears twice once NUL characters are replaced"),
+        "{warnings}"
+    );
+}
+
+/// PostgreSQL text and jsonb cannot hold NUL: in the message's strings (and keys deep in
+/// metadata and config_snapshot) it is replaced by U+FFFD, with a warning on the run.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn nul_in_message_strings_is_replaced_with_a_warning(pool: PgPool) {
+    let s = settings("nul-msg");
+    let ing = ingestor(&pool, &s).await;
+    let dir = fixture_dir("v1.1.0", "thresholds-pass");
+    let mut m = fresh_message(&dir);
+    m["location"] = json!("us\u{0}east");
+    m["k6_version"] = json!("1.1.0\u{0}");
+    m["metadata"] = json!({"team\u{0}": {"note": "a\u{0}b", "list": ["\u{0}"]}});
+    m["config_snapshot"] = json!({"opt\u{0}": 1});
+    let msg = decode(&m);
+    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Ingested);
+    let row = sqlx::query(
+        "SELECT r.location, p.k6_version, r.metadata, p.config_snapshot, p.warnings \
+         FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
+    )
+    .bind(msg.run_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<String, _>(0), "us\u{FFFD}east");
+    assert_eq!(row.get::<String, _>(1), "1.1.0\u{FFFD}");
+    let metadata: Value = row.get(2);
+    assert_eq!(
+        metadata["team\u{FFFD}"],
+        json!({"note": "a\u{FFFD}b", "list": ["\u{FFFD}"]})
+    );
+    let config: Value = row.get(3);
+    assert_eq!(config, json!({"opt\u{FFFD}": 1}));
+    let warnings: Value = row.get(4);
+    assert!(
+        warnings
+            .to_string()
+            .contains("message: 6 NUL character(s) replaced by U+FFFD"),
+        "{warnings}"
+    );
+}
+
+/// A trigger that refuses, with `code`, any metric row named `refuse_me`: a real
+/// PostgreSQL refusal of content the schema itself accepts.
+async fn refuse_marker_metric(pool: &PgPool, code: &str) {
+    sqlx::raw_sql(&format!(
+        "CREATE OR REPLACE FUNCTION refuse_marker() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.metric_name = 'refuse_me' THEN \
+           RAISE EXCEPTION 'refused by the test (%)', '{code}' USING ERRCODE = '{code}'; \
+         END IF; RETURN NEW; END $$; \
+         DROP TRIGGER IF EXISTS refuse_marker ON k6_metrics_history; \
+         CREATE TRIGGER refuse_marker BEFORE INSERT ON k6_metrics_history \
+           FOR EACH ROW EXECUTE FUNCTION refuse_marker();"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A fixture copy whose summary has a metric named `refuse_me`.
+fn with_marker_metric() -> tempfile::TempDir {
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let path = dir.path().join("summary.json");
+    let mut summary = read_json(&path);
+    let metrics = summary["metrics"].as_object_mut().unwrap();
+    let counter = metrics["http_reqs"].clone();
+    metrics.insert("refuse_me".into(), counter);
+    write_json(&path, &summary);
+    dir
+}
+
+/// Each kind of permanent refusal (value too long, check violation, out of range,
+/// index row too large, unique violation, bad text) ends as an `error` record with the
+/// reason and no detail rows, its artifacts kept in S3 and referenced, and a
+/// dead-letter disposition. Replayed after the fix, the run replaces its error record.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
+    let s = settings("refused");
+    let ing = ingestor(&pool, &s).await;
+    let store = store(&s).await;
+    let dir = with_marker_metric();
+    let mut last = None;
+    for code in ["22001", "23514", "22003", "54000", "23505", "22P02"] {
+        refuse_marker_metric(&pool, code).await;
+        let msg = decode(&fresh_message(dir.path()));
+        let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
+        assert!(
+            matches!(&err, IngestError::ContentRefused { run_id, .. } if *run_id == msg.run_id),
+            "{code}: {err}"
+        );
+        assert_eq!(err.disposition(), Disposition::DeadLetter, "{code}");
+        assert_eq!(err.class(), "content_refused", "{code}");
+        assert!(err.to_string().contains(code), "{code}: {err}");
+
+        let row = sqlx::query(
+            "SELECT r.status, r.error_details, p.status, p.summary_format, r.artifact_paths, \
+                    r.logs_s3_url, p.warnings, p.organization_id \
+             FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
+        )
+        .bind(msg.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(row.get::<String, _>(0), "error", "{code}");
+        let details: String = row.get(1);
+        assert!(
+            details.contains("k6_metrics_history")
+                && details.contains(code)
+                && details.contains("refused by the test"),
+            "{code}: {details}"
+        );
+        assert_eq!(row.get::<String, _>(2), "error");
+        assert_eq!(row.get::<Option<String>, _>(3), None, "no summary content");
+        assert_eq!(row.get::<Uuid, _>(7), msg.organization_id);
+        assert!(row.get::<Value, _>(6).to_string().contains(code));
+        assert_eq!(
+            detail_rows(&pool, msg.run_id).await,
+            0,
+            "{code}: no detail rows"
+        );
+
+        // The uploads stay, referenced by the record, where a person can read them.
+        let paths: Value = row.get(4);
+        let logs_uri = paths["logs"]["s3"].as_str().unwrap().to_string();
+        assert_eq!(
+            row.get::<Option<String>, _>(5).as_deref(),
+            Some(logs_uri.as_str())
+        );
+        let objects = objects_of_run(&store, &msg).await;
+        assert!(
+            objects.iter().any(|k| logs_uri.ends_with(k.as_str())),
+            "{code}: {objects:?}"
+        );
+        let logs_key = store.key_of(&logs_uri).unwrap().to_string();
+        assert_eq!(
+            get_object(&store, &logs_key).await,
+            std::fs::read(dir.path().join("k6.log")).unwrap()
+        );
+        last = Some(msg);
+    }
+
+    // A fault that is not about the content (here an internal error) records nothing
+    // against the run: it is the plain database error it always was.
+    refuse_marker_metric(&pool, "XX000").await;
+    let msg = decode(&fresh_message(dir.path()));
+    let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
+    assert_eq!(err.class(), "database", "{err}");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
+        .bind(msg.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+
+    // The cause fixed, the dead-lettered message replayed: the error record is replaced.
+    sqlx::raw_sql("DROP TRIGGER refuse_marker ON k6_metrics_history")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let msg = last.unwrap();
+    let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Replaced);
+    let (status, details): (String, Option<String>) =
+        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
+            .bind(msg.run_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((status.as_str(), details), ("passed", None));
+    assert!(detail_rows(&pool, msg.run_id).await > 0);
+}
+
+/// When even the `error` record is refused, the refusal is returned (the message is
+/// dead-lettered with it), nothing is stored, and the uploads no row refers to are
+/// deleted from S3.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPool) {
+    let s = settings("refused-twice");
+    let ing = ingestor(&pool, &s).await;
+    let store = store(&s).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let msg = decode(&fresh_message(dir.path()));
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_run() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF NEW.run_id = '{}' THEN \
+           RAISE EXCEPTION 'no row for this run' USING ERRCODE = '23514'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_run BEFORE INSERT ON k6_performance_runs \
+           FOR EACH ROW EXECUTE FUNCTION refuse_run();",
+        msg.run_id
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
+    assert!(matches!(err, IngestError::Store { .. }), "{err}");
+    assert_eq!(err.disposition(), Disposition::DeadLetter);
+    assert_eq!(err.class(), "content_refused");
+    assert!(err.to_string().contains("no row for this run"), "{err}");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
+        .bind(msg.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+
+    // The same path stores a run the trigger does not refuse, and its objects stay:
+    // the listing above can see objects.
+    let other = decode(&fresh_message(dir.path()));
+    ing.ingest_one(&other, &ctx(dir.path())).await.unwrap();
+    assert!(objects_of_run(&store, &other).await.len() >= 2);
+}
+
+/// Serves the run's log over HTTP; serving it first creates the run's `runs` row for
+/// another organization: the tenant changes between the worker's pre-check and its
+/// store transaction, after the other artifacts were fetched, before they are uploaded.
+async fn serve_log_and_steal_the_run(
+    pool: PgPool,
+    log: Vec<u8>,
+    victim: RunCompleted,
+    hits: Arc<AtomicUsize>,
+) -> String {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/k6.log",
+        get(move || {
+            let (pool, log, victim, hits) =
+                (pool.clone(), log.clone(), victim.clone(), hits.clone());
+            async move {
+                if hits.fetch_add(1, Ordering::SeqCst) == 0 {
+                    sqlx::query(
+                        "INSERT INTO runs (id, organization_id, project_id, status) \
+                         VALUES ($1, $2, $3, 'running')",
+                    )
+                    .bind(victim.run_id)
+                    .bind(Uuid::now_v7())
+                    .bind(victim.project_id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                }
+                log
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr.to_string()
+}
+
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPool) {
+    let dir = fixture_dir("v1.1.0", "thresholds-pass");
+    let msg = decode(&fresh_message(&dir));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let log = std::fs::read(dir.join("k6.log")).unwrap();
+    let host = serve_log_and_steal_the_run(pool.clone(), log, msg.clone(), hits.clone()).await;
+    let mut s = settings("tenant-race");
+    s.fetch.allowed_hosts.push(host.clone());
+    let ing = ingestor(&pool, &s).await;
+    let store = store(&s).await;
+    let mut msg = msg;
+    msg.artifacts.logs = Some(format!("http://{host}/k6.log"));
+    assert!(
+        msg.artifacts.metrics.is_some(),
+        "two objects go up: logs and metrics"
+    );
+
+    let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the log was fetched once");
+    assert_eq!(err.class(), "tenant_mismatch", "{err}");
+    assert_eq!(err.disposition(), Disposition::DeadLetter);
+    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
+        .bind(msg.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
+    // Without the race the same message's uploads stay (the listing can see them).
+    let mut fine = decode(&fresh_message(&dir));
+    fine.artifacts.logs = msg.artifacts.logs.clone();
+    ing.ingest_one(&fine, &ctx(&dir)).await.unwrap();
+    let kept = objects_of_run(&store, &fine).await;
+    assert!(
+        kept.iter().any(|k| k.ends_with("k6.log")) && kept.len() >= 2,
+        "{kept:?}"
+    );
+}
