@@ -11,13 +11,14 @@
 #   scripts/services-up.sh --status      # health of the three services, no changes
 #
 # Knobs (env): INFRA_HOME (state: logs, pid files, S3 data; default /var/tmp/k6-ingest-services),
-#   PG_PORT (5432), AMQP_PORT (5672), S3_PORT (8014), S3_BUCKET (k6-artifacts-test),
+#   PG_PORT (5432), PGBOUNCER_PORT (6432), AMQP_PORT (5672), S3_PORT (8014), S3_BUCKET (k6-artifacts-test),
 #   S3_ACCESS_KEY / S3_SECRET_KEY (test-access-key / test-secret-key), S3S_FS_VERSION (0.14.1).
 # stdout: only `export NAME=value` lines; progress goes to stderr.
 set -euo pipefail
 
 : "${INFRA_HOME:=/var/tmp/k6-ingest-services}"
 : "${PG_PORT:=5432}"
+: "${PGBOUNCER_PORT:=6432}"
 : "${AMQP_PORT:=5672}"
 : "${S3_PORT:=8014}"
 : "${S3_BUCKET:=k6-ingest}"
@@ -111,6 +112,58 @@ SQL
     log "PostgreSQL ok: $(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d test -qAtc 'show server_version')"
 }
 
+# ------------------------------------------------------------------ PgBouncer
+# Debian 12's PgBouncer (1.18, no prepared-statement support) in transaction pooling mode
+# in front of the PostgreSQL above, for the tests of `database.prepared_statements = false`
+# (SPEC section 13). Its own config under INFRA_HOME; the package's service stays off.
+PGB_DIR="$INFRA_HOME/pgbouncer"
+pgb_ok() { psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U postgres -w -d postgres -qAtc 'select 1' >/dev/null 2>&1; }
+pgb_pid() { cat "$PGB_DIR/pgbouncer.pid" 2>/dev/null; }
+pgb_ours() { local pid; pid=$(pgb_pid) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q pgbouncer "/proc/$pid/cmdline" 2>/dev/null; }
+pgbouncer_up() {
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || apt_install pgbouncer
+    local bin
+    bin=$(command -v pgbouncer 2>/dev/null || echo /usr/sbin/pgbouncer)
+    mkdir -p "$PGB_DIR"
+    # trust still needs the user names in auth_file; PostgreSQL itself trusts loopback.
+    printf '"postgres" ""\n"root" ""\n' >"$PGB_DIR/userlist.txt"
+    cat >"$PGB_DIR/pgbouncer.ini" <<EOF
+[databases]
+; every database name, including the per-test databases of #[sqlx::test]
+* = host=127.0.0.1 port=${PG_PORT}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = ${PGBOUNCER_PORT}
+unix_socket_dir =
+auth_type = trust
+auth_file = ${PGB_DIR}/userlist.txt
+admin_users = postgres
+pool_mode = transaction
+; sqlx sends extra_float_digits at startup; 1.18 refuses unknown startup parameters
+ignore_startup_parameters = extra_float_digits
+max_client_conn = 1000
+default_pool_size = 20
+; test databases are dropped right after their tests: do not keep idle sessions long
+server_idle_timeout = 10
+logfile = ${PGB_DIR}/pgbouncer.log
+pidfile = ${PGB_DIR}/pgbouncer.pid
+EOF
+    chown -R postgres:postgres "$PGB_DIR"
+    if pgb_ours; then
+        # Already running from this config: pick up any change to it.
+        psql -h 127.0.0.1 -p "$PGBOUNCER_PORT" -U postgres -w -d pgbouncer -qAtc 'RELOAD' >/dev/null 2>&1 || true
+    elif port_open "$PGBOUNCER_PORT"; then
+        pgb_ok || die "port $PGBOUNCER_PORT is taken by something that is not a PgBouncer in front of PostgreSQL"
+        log "port $PGBOUNCER_PORT already answers as a pooler; using it"
+    else
+        log "starting PgBouncer on 127.0.0.1:$PGBOUNCER_PORT (transaction pooling; config $PGB_DIR/pgbouncer.ini)"
+        "$bin" -d -u postgres "$PGB_DIR/pgbouncer.ini" >&2
+    fi
+    wait_for "PgBouncer on 127.0.0.1:$PGBOUNCER_PORT" 30 pgb_ok || die "PgBouncer does not answer; see $PGB_DIR/pgbouncer.log"
+    log "PgBouncer ok: $("$bin" --version 2>/dev/null | head -1) pid $(pgb_pid || echo '?')"
+}
+
 # ------------------------------------------------------------------ RabbitMQ
 rmq_up() {
     command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
@@ -168,6 +221,7 @@ s3_up() {
 print_env() {
     cat <<EOF
 export DATABASE_URL=postgres://postgres@127.0.0.1:${PG_PORT}/test
+export K6_TEST_PGBOUNCER_URL=postgres://postgres@127.0.0.1:${PGBOUNCER_PORT}
 export AMQP_URL=amqp://guest:guest@127.0.0.1:${AMQP_PORT}/%2f
 export S3_ENDPOINT=http://127.0.0.1:${S3_PORT}
 export S3_BUCKET=${S3_BUCKET}
@@ -187,6 +241,7 @@ EOF
 status() {
     local rc=0
     if pg_isready -h 127.0.0.1 -p "$PG_PORT" -q 2>/dev/null; then log "postgres: up (127.0.0.1:$PG_PORT)"; else log "postgres: DOWN"; rc=1; fi
+    if pgb_ok; then log "pgbouncer: up (127.0.0.1:$PGBOUNCER_PORT)"; else log "pgbouncer: DOWN"; rc=1; fi
     if rmq_running; then log "rabbitmq: up (127.0.0.1:$AMQP_PORT)"; else log "rabbitmq: DOWN"; rc=1; fi
     if s3_ok; then log "s3s-fs: up (127.0.0.1:$S3_PORT)"; else log "s3s-fs: DOWN"; rc=1; fi
     return $rc
@@ -201,6 +256,10 @@ down() {
             kill "$pid"
         fi
         rm -f "$INFRA_HOME/s3s-fs.pid"
+    fi
+    if pgb_ours; then
+        log "stopping PgBouncer pid $(pgb_pid)"
+        kill "$(pgb_pid)"
     fi
     if [ -f "$INFRA_HOME/started-rabbitmq" ]; then
         log "stopping RabbitMQ (rabbitmqctl shutdown)"
@@ -218,6 +277,7 @@ case "${1:-up}" in
 up | --up)
     t0=$SECONDS
     pg_up
+    pgbouncer_up
     rmq_up
     s3_up
     log "all services healthy in $((SECONDS - t0))s"
