@@ -5,6 +5,7 @@
 //! PostgreSQL, for content the schema itself now accepts).
 
 mod common;
+mod queue_support;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -543,4 +544,77 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
         kept.iter().any(|k| k.ends_with("k6.log")) && kept.len() >= 2,
         "{kept:?}"
     );
+}
+
+/// Through the consumer: a refused run is dead-lettered once (never retried), with the
+/// class `content_refused` and the reason, and its `error` record is stored.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool) {
+    use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
+    use queue_support as q;
+    let t = q::tag();
+    let s = q::settings(&t);
+    let refused = q::message("thresholds-pass");
+    let good = q::message("thresholds-fail");
+    let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();
+    // Refuses the metric rows of that one run, as PostgreSQL would an oversized value.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse_run_metrics() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM k6_performance_runs p \
+                          WHERE p.id = NEW.k6_run_id AND p.run_id = '{refused_id}') THEN \
+           RAISE EXCEPTION 'value too long for the test' USING ERRCODE = '22001'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_run_metrics BEFORE INSERT ON k6_metrics_history \
+           FOR EACH ROW EXECUTE FUNCTION refuse_run_metrics();"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    q::declare(&s).await;
+    q::publish_bodies(&s, &q::bodies(&[refused.clone(), good.clone()])).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = k6_ingest::consumer::start(&s, q::ingestor(&pool, &s).await, shutdown.clone())
+        .await
+        .unwrap();
+    let conn = q::connect().await;
+    let topo = Topology::new(&s.amqp);
+    q::wait_for("one dead letter", || async {
+        (q::queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
+    })
+    .await;
+    q::wait_for("the good run", || async {
+        (q::stored(&pool, &q::run_ids(std::slice::from_ref(&good))).await == 1).then_some(())
+    })
+    .await;
+    let dead = q::drain(&conn, &topo.dead_letter_queue).await;
+    let (body, props) = &dead[0];
+    assert_eq!(body, &serde_json::to_vec(&refused).unwrap());
+    assert_eq!(
+        amqp::header_str(props, REASON_CLASS_HEADER).as_deref(),
+        Some("content_refused")
+    );
+    let reason = amqp::header_str(props, REASON_HEADER).unwrap_or_default();
+    assert!(
+        reason.contains("value too long for the test") && reason.contains("k6_metrics_history"),
+        "{reason}"
+    );
+    assert_eq!(
+        amqp::header_u64(props, ATTEMPTS_HEADER),
+        Some(1),
+        "never retried"
+    );
+    assert_eq!(running.metrics.dead_lettered_count("content_refused"), 1);
+    let (status, details): (String, String) =
+        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
+            .bind(refused_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "error");
+    assert!(details.contains("value too long for the test"), "{details}");
+    assert_eq!(detail_rows(&pool, refused_id).await, 0);
+
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    q::cleanup(&s).await;
 }
