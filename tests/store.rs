@@ -618,3 +618,43 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     running.done.await.unwrap().unwrap();
     q::cleanup(&s).await;
 }
+
+/// An upload that fails after another one succeeded: the message ends dead-lettered or
+/// retried, and the object already uploaded is not left without a row. The failure is
+/// the S3 server's own: s3s-fs cannot store a key whose metadata file name exceeds the
+/// file system's limit.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_failed_upload_leaves_none_of_the_runs_objects(pool: PgPool) {
+    let s = settings("upload-fails");
+    let ing = ingestor(&pool, &s).await;
+    let store = store(&s).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let long = format!("{}.ndjson.gz", "m".repeat(240));
+    std::fs::rename(dir.path().join("metrics.ndjson.gz"), dir.path().join(&long)).unwrap();
+    let mut m = fresh_message(dir.path());
+    m["artifacts"]["metrics"] = json!(long);
+    let msg = decode(&m);
+
+    let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
+    assert!(matches!(err, IngestError::Upload { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&long[..40]),
+        "the metrics upload failed: {err}"
+    );
+    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
+        .bind(msg.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(runs, 0);
+
+    // The logs did go up first: with a short metrics name the same run keeps them.
+    let mut fine = fresh_message(dir.path());
+    std::fs::copy(dir.path().join(&long), dir.path().join("metrics.ndjson.gz")).unwrap();
+    fine["artifacts"]["metrics"] = json!("metrics.ndjson.gz");
+    let fine = decode(&fine);
+    ing.ingest_one(&fine, &ctx(dir.path())).await.unwrap();
+    let kept = objects_of_run(&store, &fine).await;
+    assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
+}
