@@ -269,3 +269,57 @@ async fn the_consumer_works_through_pgbouncer(pool: PgPool) {
     cleanup(&s).await;
     release_server_sessions(&pool).await;
 }
+
+/// The real binary, configured from the environment as in a deployment: `replay` of
+/// every fixture through PgBouncer fails on prepared-statement collisions with
+/// `K6_INGEST__DATABASE__PREPARED_STATEMENTS=true` and stores every run with `false`.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn replay_through_pgbouncer_follows_the_environment_setting(pool: PgPool) {
+    let s = common::settings("pgbouncer-env");
+    common::store(&s).await; // the bucket
+    let db = pool.connect_options().get_database().unwrap().to_string();
+    let url = format!("{}/{db}", pgbouncer_url());
+    let bucket = s.s3.bucket().unwrap().to_string();
+    let replay = |prepared: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
+            .args(["replay", common::fixtures().to_str().unwrap()])
+            .env("K6_INGEST__DATABASE__URL", &url)
+            .env("K6_INGEST__DATABASE__PREPARED_STATEMENTS", prepared)
+            .env("K6_INGEST__S3__BUCKET", &bucket)
+            .env("K6_INGEST__S3__PREFIX", "")
+            .env("K6_INGEST__INGEST__CONCURRENCY", "8")
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let with_prepared = replay("true");
+    assert!(
+        with_prepared.contains("prepared statement"),
+        "expected prepared-statement errors:\n{with_prepared}"
+    );
+    let without = replay("false");
+    assert!(!without.contains("prepared statement"), "{without}");
+
+    let ids: Vec<Uuid> = common::all_fixture_runs()
+        .iter()
+        .map(|(v, c)| common::message(&common::fixture_dir(v, c)).run_id)
+        .collect();
+    let (runs, perf): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM runs WHERE id = ANY($1)), \
+                (SELECT count(*) FROM k6_performance_runs WHERE run_id = ANY($1))",
+    )
+    .bind(&ids)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (runs, perf),
+        (ids.len() as i64, ids.len() as i64),
+        "{without}"
+    );
+    release_server_sessions(&pool).await;
+}
