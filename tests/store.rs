@@ -619,42 +619,64 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     q::cleanup(&s).await;
 }
 
-/// An upload that fails after another one succeeded: the message ends dead-lettered or
-/// retried, and the object already uploaded is not left without a row. The failure is
-/// the S3 server's own: s3s-fs cannot store a key whose metadata file name exceeds the
-/// file system's limit.
+/// Serves the same bytes under any path.
+async fn serve_any_path(body: Vec<u8>) -> String {
+    let app = axum::Router::new().fallback(move || {
+        let body = body.clone();
+        async move { body }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr.to_string()
+}
+
+/// An upload refused for good after another one succeeded: the message is
+/// dead-lettered, and the object already uploaded is not left without a row. The
+/// refusal is the S3 server's own (`KeyTooLongError`: keys are limited to 1024 bytes).
+/// A transient failure deletes nothing (it is retried under the same keys, and a
+/// concurrent duplicate may be about to commit rows referring to them).
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
-async fn a_failed_upload_leaves_none_of_the_runs_objects(pool: PgPool) {
-    let s = settings("upload-fails");
+async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPool) {
+    let dir = fixture_dir("v1.1.0", "thresholds-pass");
+    let host = serve_any_path(std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()).await;
+    let mut s = settings("upload-fails");
+    s.fetch.allowed_hosts.push(host.clone());
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    let long = format!("{}.ndjson.gz", "m".repeat(240));
-    std::fs::rename(dir.path().join("metrics.ndjson.gz"), dir.path().join(&long)).unwrap();
-    let mut m = fresh_message(dir.path());
-    m["artifacts"]["metrics"] = json!(long);
+    let runs_of = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+
+    // Logs first (from the fixture), then the metrics under a 1,100-byte name.
+    let mut m = fresh_message(&dir);
+    m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(1100)));
     let msg = decode(&m);
-
-    let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
-    assert!(matches!(err, IngestError::Upload { .. }), "{err}");
+    let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
     assert!(
-        err.to_string().contains(&long[..40]),
-        "the metrics upload failed: {err}"
+        matches!(&err, IngestError::Upload { source, .. } if !source.transient
+            && source.message.contains("KeyTooLong")),
+        "{err}"
     );
+    assert_eq!(err.disposition(), Disposition::DeadLetter);
     assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(runs, 0);
+    assert_eq!(runs_of(msg.run_id).await, 0);
 
-    // The logs did go up first: with a short metrics name the same run keeps them.
-    let mut fine = fresh_message(dir.path());
-    std::fs::copy(dir.path().join(&long), dir.path().join("metrics.ndjson.gz")).unwrap();
-    fine["artifacts"]["metrics"] = json!("metrics.ndjson.gz");
-    let fine = decode(&fine);
-    ing.ingest_one(&fine, &ctx(dir.path())).await.unwrap();
-    let kept = objects_of_run(&store, &fine).await;
+    // A transient failure (s3s-fs answers InternalError for a key its file system
+    // cannot hold) keeps what went up: the logs stay for the retry to overwrite.
+    let mut m = fresh_message(&dir);
+    m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(240)));
+    let msg = decode(&m);
+    let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
+    assert_eq!(err.disposition(), Disposition::Retry, "{err}");
+    let kept = objects_of_run(&store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
+    assert_eq!(runs_of(msg.run_id).await, 0);
 }

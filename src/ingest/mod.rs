@@ -621,9 +621,8 @@ impl Ingestor {
     }
 
     /// Uploads one artifact of the run under its deterministic key; returns its S3 URI.
-    /// When it fails, this attempt's uploads, the failed one included, are removed
-    /// (unless a stored row refers to them): the message may end dead-lettered, and a
-    /// retry uploads them again under the same keys.
+    /// When it fails for good, this attempt's uploads, the failed one included, are
+    /// removed unless a stored row refers to them.
     async fn upload(
         &self,
         db: &Db,
@@ -642,9 +641,14 @@ impl Ingestor {
         match sent {
             Ok(n) => uploads.bytes += n,
             Err(source) => {
-                // The failed key too: some stores keep part of a failed upload.
-                uploads.uris.push(store.uri(&key));
-                self.remove_unreferenced(db, msg.run_id, uploads).await;
+                // A permanent failure ends in the dead-letter queue: remove this attempt's
+                // objects, the failed key too (some stores keep part of a failed upload).
+                // A transient one deletes nothing: it is retried under the same keys, and
+                // a concurrent duplicate may be about to commit rows referring to them.
+                if !source.transient {
+                    uploads.uris.push(store.uri(&key));
+                    self.remove_unreferenced(db, msg.run_id, uploads).await;
+                }
                 return Err(IngestError::Upload {
                     run_id: msg.run_id,
                     source,
