@@ -352,10 +352,7 @@ impl Ingestor {
                 return Err(self.record_refusal(db, &new, &uploads, refusal).await);
             }
             Err(e) => {
-                // A transient failure is retried and overwrites the same keys; only a
-                // permanent one (a tenant mismatch found in the transaction) would
-                // leave the uploads orphaned.
-                if !e.is_transient() {
+                if refuses_every_attempt(&e) {
                     self.remove_unreferenced(db, run_id, &uploads).await;
                 }
                 return Err(store_err(e));
@@ -420,7 +417,7 @@ impl Ingestor {
             }
             Err(e) => {
                 tracing::error!(error = %e, "the error record of a refused run was not stored either");
-                if !e.is_transient() {
+                if refuses_every_attempt(&e) {
                     self.remove_unreferenced(db, run_id, uploads).await;
                 }
                 match e {
@@ -659,6 +656,18 @@ impl Ingestor {
         uploads.uris.push(uri.clone());
         Ok(uri)
     }
+}
+
+/// A store failure every attempt of the message meets (the content or the tenant is
+/// refused), so no concurrent duplicate can be about to commit rows referring to the
+/// same keys: only then are this attempt's uploads removed. After any other failure
+/// (connection trouble, a misconfigured pooler...) they stay; a retry or a replay
+/// uploads them again under the same keys and refers to them.
+fn refuses_every_attempt(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::TenantMismatch { .. } | StoreError::Refused { .. }
+    )
 }
 
 /// What this attempt put in S3: the objects' URIs and the bytes sent.
