@@ -60,18 +60,20 @@ fn statuses_follow_thresholds_and_exit_codes() {
         ("all-fail", "failed"),
         ("legacy-export", "failed"),
     ];
-    for version in ["v1.1.0", "v0.57.0"] {
+    for version in ["v2.2.0", "v1.1.0", "v0.57.0"] {
         for (case, status) in expect {
             let e = extract_fixture(&fixture_dir(version, case));
             assert_eq!(e.columns.status.as_str(), status, "{version}/{case}");
         }
     }
-    let e = extract_fixture(&fixture_dir("v1.1.0", "test-fail"));
-    assert_eq!(
-        e.columns.status.as_str(),
-        "failed",
-        "exec.test.fail() exits 110"
-    );
+    for version in ["v2.2.0", "v1.1.0"] {
+        let e = extract_fixture(&fixture_dir(version, "test-fail"));
+        assert_eq!(
+            e.columns.status.as_str(),
+            "failed",
+            "{version}: exec.test.fail() exits 110"
+        );
+    }
 }
 
 #[test]
@@ -178,6 +180,10 @@ fn line_after<'a>(stdout: &'a str, label: &str) -> &'a str {
 #[test]
 fn extracted_values_match_what_k6_printed() {
     let cases = [
+        ("v2.2.0", "thresholds-fail-printed"),
+        ("v2.2.0", "thresholds-pass-printed"),
+        ("v2.2.0", "legacy-export"),
+        ("v2.2.0", "legacy-export-full"),
         ("v1.1.0", "thresholds-fail-printed"),
         ("v1.1.0", "thresholds-pass-printed"),
         ("v1.1.0", "legacy-export"),
@@ -253,8 +259,8 @@ fn extracted_values_match_what_k6_printed() {
             "{ctx} failed requests"
         );
 
-        // checks: `checks_succeeded: 73.68% 28 out of 38` (1.x) or `checks: 73.68% 28 out of 38` (0.57).
-        let label = if version == "v1.1.0" {
+        // checks: `checks_succeeded: 73.68% 28 out of 38` (1.x, 2.x) or `checks: 73.68% 28 out of 38` (0.57).
+        let label = if version != "v0.57.0" {
             "checks_succeeded"
         } else {
             "checks"
@@ -271,8 +277,8 @@ fn extracted_values_match_what_k6_printed() {
             "{ctx} checks total"
         );
 
-        // 1.x prints each threshold with the value it was judged on: ✗ 'p(95)<5' p(95)=50.9ms
-        if version == "v1.1.0" {
+        // 1.x and 2.x print each threshold with the value it was judged on: ✗ 'p(95)<5' p(95)=50.9ms
+        if version != "v0.57.0" {
             for line in stdout.lines().map(str::trim) {
                 let Some(rest) = line
                     .strip_prefix("✗ '")
@@ -305,7 +311,7 @@ fn extracted_values_match_what_k6_printed() {
 /// within float tolerance: drop p(99) from a summary that has it and recompute it.
 #[test]
 fn percentiles_from_samples_equal_k6s_own() {
-    for version in ["v1.1.0", "v0.57.0"] {
+    for version in ["v2.2.0", "v1.1.0", "v0.57.0"] {
         let dir = fixture_dir(version, "trend-stats");
         let full = parse_summary(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
         let mut reduced = full.clone();
@@ -381,7 +387,7 @@ fn samples_that_disagree_with_the_summary_are_not_used() {
 
 #[test]
 fn extreme_values_become_null_with_a_warning_never_a_wrapped_number() {
-    for version in ["v1.1.0", "v0.57.0"] {
+    for version in ["v2.2.0", "v1.1.0", "v0.57.0"] {
         let e = extract_fixture(&fixture_dir(version, "extreme-values"));
         let m = |name: &str| e.metrics.iter().find(|m| m.metric_name == name).unwrap();
         assert_eq!(m("x_big_counter").value, None, "2e20 × 1000 does not fit");

@@ -4,7 +4,7 @@
 //! Pure: no I/O, no clock. A value k6 did not report stays `None` (NULL); a value that
 //! cannot be stored becomes `None` with a warning saying why.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -267,7 +267,7 @@ pub fn extract(
     let metrics: Vec<MetricRow> = summary
         .metrics
         .iter()
-        .map(|m| metric_row(m, samples))
+        .map(|m| metric_row(m, samples, summary.derived.get(&m.name)))
         .collect();
     for row in &metrics {
         warnings.extend(row.warnings.iter().cloned());
@@ -286,6 +286,9 @@ pub fn extract(
         "http_reqs rate",
         &mut warnings,
     );
+    if summary.is_derived("http_reqs", "rate") && request_rate.is_some() {
+        sources.insert("request_rate".into(), "derived".into());
+    }
     // http_req_failed counts a failed request as a *pass* of the rate.
     let failed_requests = count_or_warn(
         summary
@@ -371,6 +374,25 @@ pub fn extract(
             count_or_warn(m.value("passes"), "checks passes", &mut warnings),
             count_or_warn(m.value("fails"), "checks fails", &mut warnings),
         ),
+        // The machine-readable format has no `checks` rate but two rates whose matches
+        // are the successful and the failed checks.
+        None if summary.metric("checks_succeeded").is_some()
+            && summary.metric("checks_failed").is_some() =>
+        {
+            let matches = |name: &str| summary.metric(name).and_then(|m| m.value("matches"));
+            (
+                count_or_warn(
+                    matches("checks_succeeded"),
+                    "checks_succeeded matches",
+                    &mut warnings,
+                ),
+                count_or_warn(
+                    matches("checks_failed"),
+                    "checks_failed matches",
+                    &mut warnings,
+                ),
+            )
+        }
         None if !checks.is_empty() => {
             sources.insert("checks_total".into(), "check_tree".into());
             (
@@ -402,6 +424,9 @@ pub fn extract(
         "iterations rate",
         &mut warnings,
     );
+    if summary.is_derived("iterations", "rate") && iterations_rate.is_some() {
+        sources.insert("iterations_rate".into(), "derived".into());
+    }
     let data_received_bytes = count_or_warn(
         summary
             .metric("data_received")
@@ -531,7 +556,13 @@ fn describe_status(
     }
 }
 
-fn metric_row(m: &Metric, samples: Option<&SampleSets>) -> MetricRow {
+/// `derived`: the stats of `m` that parsing computed rather than read (see
+/// [`Summary::derived`]), marked as such in the row's sources.
+fn metric_row(
+    m: &Metric,
+    samples: Option<&SampleSets>,
+    derived: Option<&BTreeSet<String>>,
+) -> MetricRow {
     let mut warnings = Vec::new();
     null_warnings(m, &mut warnings);
     let scale_i = history_scale(m.metric_type, m.contains);
@@ -632,6 +663,9 @@ fn metric_row(m: &Metric, samples: Option<&SampleSets>) -> MetricRow {
                 }
             }
         }
+    }
+    for stat in derived.into_iter().flatten() {
+        sources.insert(stat.clone(), "derived".to_string());
     }
     dedup_keep_order(&mut warnings);
     row.sources = sources;

@@ -1,7 +1,7 @@
 //! The normalised form of every k6 summary format. Parsing fills it; extraction reads it.
 //! Nothing here knows which file format it came from except `Summary::format`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -141,6 +141,10 @@ pub struct Summary {
     pub checks: Vec<Check>,
     /// Problems found while normalising that did not stop parsing.
     pub warnings: Vec<String>,
+    /// Stats the file did not carry but parsing computed from it, by metric name, so
+    /// extraction can say a value was derived (machine-readable counters carry no
+    /// `rate`; it is `count` over `config.duration`).
+    pub derived: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Summary {
@@ -149,5 +153,10 @@ impl Summary {
             .binary_search_by(|m| m.name.as_str().cmp(name))
             .ok()
             .map(|i| &self.metrics[i])
+    }
+
+    /// Whether `metric`'s `stat` was computed by parsing rather than read from the file.
+    pub fn is_derived(&self, metric: &str, stat: &str) -> bool {
+        self.derived.get(metric).is_some_and(|s| s.contains(stat))
     }
 }

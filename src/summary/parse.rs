@@ -3,12 +3,12 @@
 //! Every number goes through `f64`: k6 writes JavaScript numbers, so integers beyond
 //! 2^64 (`100000000000000000000`), exponents and `null` for non-finite values all occur.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Map, Value};
 
 use super::model::{Check, Contains, Metric, MetricType, Summary, SummaryFormat, Threshold};
-use super::selector::parse_metric_key;
+use super::selector::{parse_metric_key, percentile_of};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SummaryError {
@@ -150,6 +150,7 @@ fn finish(
         metrics,
         checks,
         warnings,
+        derived: BTreeMap::new(),
     }
 }
 
@@ -421,6 +422,15 @@ fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     ))
 }
 
+/// A machine-readable trend stat key in the handleSummary spelling: k6 writes `p90`
+/// and `p95` there where every other format has `p(90)` and `p(95)`.
+fn machine_readable_stat(key: &str) -> String {
+    match key.strip_prefix('p') {
+        Some(n) if percentile_of(&format!("p({n})")).is_some() => format!("p({n})"),
+        _ => key.to_string(),
+    }
+}
+
 fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
     let mut metrics = Vec::new();
@@ -442,11 +452,24 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
             continue;
         };
         let (base_name, tags, metric_type, contains) = typed_key(name, m);
-        let mut values = m
+        let raw = m
             .get("values")
             .and_then(Value::as_object)
             .map(|v| values_map(v, &[], &mut warnings, name))
             .unwrap_or_default();
+        let mut values = BTreeMap::new();
+        for (k, v) in raw {
+            let stat = machine_readable_stat(&k);
+            // k6 writes `p90`/`p95` as null when summaryTrendStats leaves them out: not
+            // reported, rather than a non-finite value.
+            if v.is_none() && percentile_of(&stat).is_some() {
+                warnings.push(format!(
+                    "{name}: k6 wrote {k} as null (not computed: summaryTrendStats leaves it out), treated as not reported"
+                ));
+                continue;
+            }
+            values.insert(stat, v);
+        }
         // Version 1 rates carry matches/total; keep k6's handleSummary names as well.
         if metric_type == Some(MetricType::Rate) {
             if let (Some(Some(matches)), Some(Some(total))) =
@@ -480,33 +503,59 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
+            // No group and no k6 path: the format lists checks flat, by name alone.
             checks.push(Check {
                 group_path: Vec::new(),
-                path: format!("::{name}"),
+                path: String::new(),
                 name,
                 passes: c.get("passes").and_then(number),
                 fails: c.get("fails").and_then(number),
             });
         }
+        if !checks.is_empty() {
+            warnings.push(
+                "machine-readable summary v1 lists checks without their groups; k6 adds up same-named checks of different groups into one"
+                    .into(),
+            );
+        }
     }
     // Counters in version 1 carry only `count`; derive k6's per-second `rate`.
+    let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     if let Some(d) = duration.filter(|d| *d > 0.0) {
         for m in &mut metrics {
             if m.metric_type == Some(MetricType::Counter) && !m.values.contains_key("rate") {
                 let rate = m.value("count").map(|c| c / (d / 1000.0));
                 m.values.insert("rate".into(), rate);
+                derived
+                    .entry(m.name.clone())
+                    .or_default()
+                    .insert("rate".into());
             }
         }
     }
-    warnings.push("machine-readable summary v1 carries no thresholds".into());
-    Ok(finish(
+    warnings.push(
+        "machine-readable summary v1 carries no thresholds: thresholds_passed/total/failed stored NULL, and the status follows the exit code alone"
+            .into(),
+    );
+    if metrics
+        .iter()
+        .any(|m| m.metric_type == Some(MetricType::Trend))
+    {
+        warnings.push(
+            "machine-readable summary v1 ignores summaryTrendStats: trends carry avg, min, med, max, p(90), p(95) only (no count, no p(99) except from raw samples)"
+                .into(),
+        );
+    }
+    let mut summary = finish(
         metrics,
         SummaryFormat::MachineReadable,
         duration,
         None,
         checks,
         warnings,
-    ))
+    );
+    summary.derived = derived;
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -593,6 +642,24 @@ mod tests {
         assert_eq!(m.metric_type, Some(MetricType::Rate));
         assert_eq!(m.value("rate"), Some(0.33));
         assert!(!m.thresholds[0].ok);
+    }
+
+    #[test]
+    fn machine_readable_percentiles_use_the_handle_summary_spelling() {
+        let s = parse_summary(
+            br#"{"version":"1.0.0","config":{"duration":2},"results":{"metrics":[
+              {"name":"t","type":"trend","contains":"time","values":{"avg":1,"med":2,"p90":3,"p95":null,"p99.9":4}},
+              {"name":"c","type":"counter","contains":"default","values":{"count":10}}]}}"#,
+        )
+        .unwrap();
+        let t = s.metric("t").unwrap();
+        assert_eq!(t.value("p(90)"), Some(3.0));
+        assert_eq!(t.value("p(99.9)"), Some(4.0));
+        assert!(!t.values.contains_key("p90") && !t.values.contains_key("p(95)"));
+        assert!(s.warnings.iter().any(|w| w.contains("p95 as null")));
+        assert_eq!(s.metric("c").unwrap().value("rate"), Some(5.0));
+        assert!(s.is_derived("c", "rate"));
+        assert!(!s.is_derived("c", "count"));
     }
 
     #[test]
