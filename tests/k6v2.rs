@@ -1,5 +1,6 @@
-//! k6 2.x: its default summaries read like 1.1.0's, and its machine-readable summary
-//! gives the default summary's columns wherever it carries the information.
+//! k6 2.x: its default summaries read like 1.1.0's, its machine-readable summary gives
+//! the default summary's columns wherever it carries the information, and k6's own
+//! threshold verdicts are reproduced by the threshold evaluator in every fixture.
 //! Files only, no services.
 
 mod common;
@@ -10,6 +11,7 @@ use std::path::Path;
 use common::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
+use k6_ingest::summary::threshold::evaluate_on_metric;
 use k6_ingest::summary::{
     Extraction, SummaryFormat, extract, extract_without_summary, parse_summary, wanted_samples,
 };
@@ -443,4 +445,50 @@ fn k6_2_2_0_default_fixtures_extract_like_1_1_0() {
             }
         }
     }
+}
+
+/// The threshold evaluator gives k6's own verdict for every threshold of every fixture,
+/// judged on that run's summary values: summary.json (`ok`) and the legacy export
+/// (`true` = failed), every version.
+#[test]
+fn threshold_evaluator_reproduces_k6s_verdicts() {
+    let mut judged = 0;
+    let mut failed_judged = 0;
+    let mut files = BTreeSet::new();
+    let mut problems = Vec::new();
+    for (version, case) in all_fixture_runs() {
+        let dir = fixture_dir(&version, &case);
+        for file in ["summary.json", "summary-export.json"] {
+            let Ok(bytes) = std::fs::read(dir.join(file)) else {
+                continue;
+            };
+            let summary = parse_summary(&bytes).unwrap();
+            if summary.format == SummaryFormat::MachineReadable {
+                assert!(
+                    summary.metrics.iter().all(|m| m.thresholds.is_empty()),
+                    "{version}/{case}/{file}: the machine-readable format has no thresholds"
+                );
+                continue;
+            }
+            for m in &summary.metrics {
+                for t in &m.thresholds {
+                    let at = format!("{version}/{case}/{file} {} {}", m.name, t.expression);
+                    match evaluate_on_metric(&t.expression, m) {
+                        Ok(ok) if ok == t.ok => {
+                            judged += 1;
+                            failed_judged += usize::from(!ok);
+                            files.insert(format!("{version}/{case}/{file}"));
+                        }
+                        Ok(ok) => problems.push(format!("{at}: evaluator {ok}, k6 {}", t.ok)),
+                        Err(e) => problems.push(format!("{at}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Three versions, both files, ~17 threshold-carrying runs each.
+    assert!(judged >= 250, "only {judged} thresholds judged");
+    assert!(failed_judged >= 40, "only {failed_judged} failing verdicts");
+    assert!(files.len() >= 60, "only {} files", files.len());
 }

@@ -5,7 +5,8 @@
 //!   machine-readable v1) and normalise it into [`model::Summary`];
 //! - [`extract`]: the `k6_performance_runs` columns and detail rows;
 //! - [`scale`]: the integer scaling table; [`status`]: the status table;
-//! - [`samples`]: percentiles from raw `--out json` samples, exactly as k6 computes them.
+//! - [`samples`]: percentiles from raw `--out json` samples, exactly as k6 computes them;
+//! - [`threshold`]: k6's threshold expressions, parsed and judged as k6 does.
 
 pub mod extract;
 pub mod model;
@@ -14,6 +15,7 @@ pub mod samples;
 pub mod scale;
 pub mod selector;
 pub mod status;
+pub mod threshold;
 
 pub use extract::{Extraction, extract, extract_without_summary, wanted_samples};
 pub use model::{Summary, SummaryFormat};
