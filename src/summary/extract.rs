@@ -376,7 +376,8 @@ pub fn extract(
         ),
         // The machine-readable format has no `checks` rate but two rates whose matches
         // are the successful and the failed checks.
-        None if summary.metric("checks_succeeded").is_some()
+        None if summary.format == super::model::SummaryFormat::MachineReadable
+            && summary.metric("checks_succeeded").is_some()
             && summary.metric("checks_failed").is_some() =>
         {
             let matches = |name: &str| summary.metric(name).and_then(|m| m.value("matches"));
