@@ -181,13 +181,17 @@ pub fn parse_threshold(expression: &str) -> Result<ThresholdExpr, ThresholdError
 }
 
 /// Go's `strconv.ParseFloat(s, 64)` for the decimal forms: an optional sign, digits with
-/// an optional fraction and exponent, `_` only between digits, or `inf`/`infinity`/`nan`
-/// in any case. Hexadecimal floats (`0x1p-2`) are refused: no k6 threshold uses them.
+/// an optional fraction and exponent, `_` only between digits, `inf`/`infinity` with an
+/// optional sign or `nan`, in any case. A finite literal beyond f64's range is an error
+/// in Go (`ErrRange`), so it is refused here too rather than read as infinity.
+/// Hexadecimal floats (`0x1p-2`) are refused: no k6 threshold uses them.
 fn go_parse_float(s: &str) -> Option<f64> {
     let unsigned = s.strip_prefix(['+', '-']).unwrap_or(s);
     let lower = unsigned.to_ascii_lowercase();
-    if matches!(lower.as_str(), "inf" | "infinity" | "nan") {
-        return s.parse().ok();
+    match lower.as_str() {
+        "inf" | "infinity" => return s.parse().ok(),
+        "nan" => return (unsigned.len() == s.len()).then_some(f64::NAN),
+        _ => {}
     }
     let bytes = unsigned.as_bytes();
     let mut digits = 0;
@@ -210,7 +214,10 @@ fn go_parse_float(s: &str) -> Option<f64> {
         return None;
     }
     // Rust's grammar for these characters is Go's, minus the underscores.
-    s.replace('_', "").parse().ok()
+    s.replace('_', "")
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
 }
 
 /// Which aggregations k6 accepts per metric type (`metrics/metric_type.go`).
@@ -388,8 +395,14 @@ mod tests {
             assert_eq!(parse_threshold(text).unwrap().value, want, "{text}");
         }
         assert_eq!(parse_threshold("count<Inf").unwrap().value, f64::INFINITY);
+        assert_eq!(
+            parse_threshold("count>-Infinity").unwrap().value,
+            f64::NEG_INFINITY
+        );
         assert!(parse_threshold("count<nan").unwrap().value.is_nan());
         for bad in [
+            "count<+NaN",
+            "count<1e400",
             "count<",
             "count<1_",
             "count<_1",
