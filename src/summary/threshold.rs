@@ -7,12 +7,18 @@
 //! - the expression is split at the first occurrence of the first operator found, trying
 //!   `<=`, `<`, `>=`, `>`, `===`, `==`, `!=` in that order; the two sides are trimmed;
 //! - the left side is one of `avg min max med count rate value` or `p(N)` with
-//!   0 ≤ N ≤ 100 written without inner spaces;
+//!   0 ≤ N ≤ 100 written without inner spaces; a bare `p` is k6's percentile token with
+//!   no value, so it means `p(0)` (the minimum);
 //! - the right side is a Go `strconv.ParseFloat` number (sign, decimals, exponent,
 //!   `Inf`, `NaN`, underscores between digits);
 //! - `==` and `===` are the same float comparison;
 //! - only some aggregations exist per metric type (k6 refuses the others before the run);
 //! - a Rate with no samples has no `rate` to test and passes, whatever the expression.
+//!
+//! Checked against the real k6 2.2.0 and 1.1.0 binaries: `p<1.5` passes and `p<0.5`
+//! fails on the values 1..5; `p(101)` and `p(-1)` stop k6 2.2.0 with exit 104 (1.1.0
+//! panics on them, exit 109); `p( 50 )`, `+NaN`, `1e400`, `0x10` and `<==` are refused;
+//! `1_000`, `Inf` and `!=NaN` are accepted.
 //!
 //! Pure: no I/O. Values are the stats as k6 reports them: trend times in milliseconds,
 //! rates in 0..1, counter `rate` per second.
@@ -152,6 +158,7 @@ pub fn parse_threshold(expression: &str) -> Result<ThresholdExpr, ThresholdError
         "count" => Aggregation::Count,
         "rate" => Aggregation::Rate,
         "value" => Aggregation::Value,
+        "p" => Aggregation::Percentile(0.0),
         _ => {
             let inner = method
                 .strip_prefix("p(")
@@ -267,8 +274,9 @@ impl ThresholdExpr {
         Ok(self.operator.apply(lhs, self.value))
     }
 
-    /// The stat the expression compares, looked up by meaning: `med` and `p(50)` are the
-    /// same number in k6, and `p(99.0)` is `p(99)`.
+    /// The stat the expression compares, looked up by meaning: `p(99.0)` is `p(99)`, and
+    /// k6's `p(50)`, `p(0)` and `p(100)` are exactly its `med`, `min` and `max` (the
+    /// interpolation lands on a sample).
     fn stat(&self, values: &BTreeMap<String, Option<f64>>) -> Result<f64, ThresholdError> {
         let found = |key: &str| values.get(key).map(|v| (key.to_string(), *v));
         let percentile = |p: f64| {
@@ -278,9 +286,12 @@ impl ThresholdExpr {
                 .map(|(k, v)| (k.clone(), *v))
         };
         let hit = match self.aggregation {
-            Aggregation::Percentile(p) => {
-                percentile(p).or_else(|| if p == 50.0 { found("med") } else { None })
-            }
+            Aggregation::Percentile(p) => percentile(p).or_else(|| {
+                [(0.0, "min"), (50.0, "med"), (100.0, "max")]
+                    .iter()
+                    .find(|(q, _)| *q == p)
+                    .and_then(|(_, stat)| found(stat))
+            }),
             Aggregation::Med => found("med").or_else(|| percentile(50.0)),
             other => found(&other.to_string()),
         };
@@ -445,6 +456,11 @@ mod tests {
                 "{bad}"
             );
         }
+        assert_eq!(
+            parse_threshold("p < 1.5").unwrap().aggregation,
+            Aggregation::Percentile(0.0),
+            "k6 reads a bare `p` as p(0)"
+        );
         for bad in ["mean<1", "P(95)<1", "<1", "p95<1"] {
             assert!(
                 matches!(
@@ -464,6 +480,14 @@ mod tests {
         assert_eq!(judge("p(95)<=30", MetricType::Trend, &trend), Ok(true));
         assert_eq!(judge("p(95.0)===30", MetricType::Trend, &trend), Ok(true));
         assert_eq!(judge("p(50)==8", MetricType::Trend, &trend), Ok(true));
+        assert_eq!(judge("p(100)>=40", MetricType::Trend, &trend), Ok(true));
+        assert_eq!(
+            judge("p<1", MetricType::Trend, &trend),
+            Err(ThresholdError::MissingStat {
+                stat: "p(0)".into()
+            }),
+            "no min in these values"
+        );
         assert_eq!(judge("avg!=10", MetricType::Trend, &trend), Ok(false));
         assert_eq!(
             judge("p(99)<1", MetricType::Trend, &trend),
