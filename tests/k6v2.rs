@@ -487,8 +487,8 @@ fn threshold_evaluator_reproduces_k6s_verdicts() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    // Three versions, both files, ~17 threshold-carrying runs each.
-    assert!(judged >= 250, "only {judged} thresholds judged");
-    assert!(failed_judged >= 40, "only {failed_judged} failing verdicts");
-    assert!(files.len() >= 60, "only {} files", files.len());
+    // 443 thresholds (77 failed) in 99 files when this was written.
+    assert!(judged >= 400, "only {judged} thresholds judged");
+    assert!(failed_judged >= 70, "only {failed_judged} failing verdicts");
+    assert!(files.len() >= 90, "only {} files", files.len());
 }
