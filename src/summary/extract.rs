@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::model::{Contains, Metric, MetricType, Summary};
-use super::samples::{SampleRequest, SampleSets, percentile};
+use super::samples::{SampleRequest, SampleSets, SampleStats};
 use super::scale::{self, history_scale};
 use super::selector::{percentile_of, threshold_aggregation};
 use super::status::{RunStatus, exit_code_meaning, status_for};
@@ -122,6 +122,7 @@ pub fn wanted_samples(summary: &Summary) -> Vec<SampleRequest> {
                 key: m.name.clone(),
                 base_name: m.base_name.clone(),
                 tags: m.tags.clone(),
+                percentiles: sample_percentiles(m),
             });
         }
     };
@@ -148,6 +149,24 @@ pub fn wanted_samples(summary: &Summary) -> Vec<SampleRequest> {
     out
 }
 
+/// Every percentile extraction may take from a metric's samples: the columns' and rows'
+/// p(50)/p(90)/p(95)/p(99), and each p(N) the summary reports or a threshold judges (to
+/// verify the samples against, or to fill in).
+fn sample_percentiles(m: &Metric) -> Vec<f64> {
+    let mut ps = vec![50.0, 90.0, 95.0, 99.0];
+    let stats = m.values.keys().cloned();
+    let judged = m
+        .thresholds
+        .iter()
+        .filter_map(|t| threshold_aggregation(&t.expression));
+    for p in stats.chain(judged).filter_map(|k| percentile_of(&k)) {
+        if !ps.iter().any(|q: &f64| q.to_bits() == p.to_bits()) {
+            ps.push(p);
+        }
+    }
+    ps
+}
+
 /// Trend samples for a metric, if complete and consistent with what the summary says.
 ///
 /// Samples are only trusted when they reproduce every order statistic the summary did
@@ -157,7 +176,7 @@ fn trusted_samples<'a>(
     m: &Metric,
     samples: Option<&'a SampleSets>,
     warnings: &mut Vec<String>,
-) -> Option<&'a [f64]> {
+) -> Option<&'a SampleStats> {
     let s = samples?.complete(&m.name, &m.base_name)?;
     if s.is_empty() {
         return None;
@@ -165,20 +184,20 @@ fn trusted_samples<'a>(
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
     let mut checks: Vec<(String, f64, f64)> = Vec::new();
     if let Some(c) = m.value("count") {
-        checks.push(("count".into(), c, s.len() as f64));
+        checks.push(("count".into(), c, s.count as f64));
     }
     if let Some(v) = m.value("min") {
-        checks.push(("min".into(), v, s[0]));
+        checks.push(("min".into(), v, s.min));
     }
     if let Some(v) = m.value("max") {
-        checks.push(("max".into(), v, s[s.len() - 1]));
+        checks.push(("max".into(), v, s.max));
     }
     if let Some(v) = m.value("med") {
-        checks.push(("med".into(), v, percentile(s, 50.0)));
+        checks.push(("med".into(), v, s.percentile(50.0)?));
     }
     for (k, v) in &m.values {
         if let (Some(p), Some(v)) = (percentile_of(k), v) {
-            checks.push((k.clone(), *v, percentile(s, p)));
+            checks.push((k.clone(), *v, s.percentile(p)?));
         }
     }
     if checks.is_empty() {
@@ -316,7 +335,7 @@ pub fn extract(
                 (Some(v), _, _) => Some(v),
                 (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
                     sources.insert(column.to_string(), "samples".to_string());
-                    Some(percentile(s, p))
+                    s.percentile(p)
                 }
                 _ => None,
             };
@@ -652,7 +671,7 @@ fn metric_row(
                     (Some(v), _) => Some(v),
                     (None, Some(s)) if !m.values.contains_key(key) => {
                         sources.insert(key.to_string(), "samples".to_string());
-                        Some(percentile(s, p))
+                        s.percentile(p)
                     }
                     _ => None,
                 };
@@ -691,8 +710,9 @@ fn threshold_row(
             source = Some("summary");
         } else if let Some(p) = percentile_of(agg) {
             let mut ignore = Vec::new();
-            if let Some(s) = trusted_samples(m, samples, &mut ignore) {
-                observed_raw = Some(percentile(s, p));
+            if let Some(v) = trusted_samples(m, samples, &mut ignore).and_then(|s| s.percentile(p))
+            {
+                observed_raw = Some(v);
                 source = Some("samples");
             }
         }

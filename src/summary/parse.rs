@@ -18,6 +18,9 @@ pub enum SummaryError {
     NotASummary(String),
     #[error("unsupported machine-readable summary version {0:?} (supported: 1.x)")]
     UnsupportedVersion(String),
+    /// Above a size cap (see `summary::limits`): refused whole, never cut.
+    #[error("summary is too large: {0}")]
+    TooLarge(String),
 }
 
 /// Parses summary bytes of any supported format.

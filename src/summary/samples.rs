@@ -11,20 +11,74 @@ use std::io::BufRead;
 
 use serde::Deserialize;
 
-/// Which metric (and submetric tag filter) to collect samples for.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+use super::sink::SampleSink;
+
+/// Which metric (and submetric tag filter) to collect samples for, and which
+/// percentiles of it extraction may ask for.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampleRequest {
     /// The summary key, e.g. `http_req_duration{status:200}`.
     pub key: String,
     pub base_name: String,
     pub tags: BTreeMap<String, String>,
+    /// Percentiles (0..=100) computed exactly from the samples; others are not available.
+    pub percentiles: Vec<f64>,
 }
 
-/// Sorted samples per requested key.
+/// What a samples file may cost. Every limit is enforced while the file streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleLimits {
+    /// Samples kept over all keys; reaching it stops reading (`truncated`).
+    pub max_samples: usize,
+    /// A longer line is skipped in bounded chunks, never buffered whole, and counted as bad.
+    pub max_line_bytes: usize,
+    /// Samples held in memory over all keys before sorted runs spill to temporary files.
+    pub buffer_bytes: usize,
+}
+
+impl Default for SampleLimits {
+    /// The compiled-in defaults of `fetch.max_samples`, `fetch.max_line_bytes` and
+    /// `fetch.samples_buffer_bytes`.
+    fn default() -> Self {
+        Self {
+            max_samples: 50_000_000,
+            max_line_bytes: 1024 * 1024,
+            buffer_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Order statistics of one key's samples: count, min, max, sum and the requested
+/// percentiles, all exact. Small and plain, so extraction stays free of I/O.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SampleStats {
+    pub count: u64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    percentiles: Vec<(f64, f64)>,
+}
+
+impl SampleStats {
+    /// k6's percentile `p`, if it was requested (see [`SampleRequest::percentiles`]).
+    pub fn percentile(&self, p: f64) -> Option<f64> {
+        self.percentiles
+            .iter()
+            .find(|(q, _)| q.to_bits() == p.to_bits())
+            .map(|(_, v)| *v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Sample statistics per requested key.
 #[derive(Debug, Default, Clone)]
 pub struct SampleSets {
-    pub sets: HashMap<String, Vec<f64>>,
-    /// Lines that were not valid JSON (k6 writes `+Inf` bare) or were cut short.
+    pub sets: HashMap<String, SampleStats>,
+    /// Lines that were not valid JSON (k6 writes `+Inf` bare), were cut short or were
+    /// longer than the line limit.
     pub bad_lines: u64,
     /// Base names mentioned on bad lines: their sample sets are incomplete.
     pub tainted: Vec<String>,
@@ -33,12 +87,12 @@ pub struct SampleSets {
 }
 
 impl SampleSets {
-    /// Samples of a key, if they were collected completely.
-    pub fn complete(&self, key: &str, base_name: &str) -> Option<&[f64]> {
+    /// Statistics of a key, if its samples were collected completely.
+    pub fn complete(&self, key: &str, base_name: &str) -> Option<&SampleStats> {
         if self.truncated || self.tainted.iter().any(|t| t == base_name) {
             return None;
         }
-        self.sets.get(key).map(Vec::as_slice)
+        self.sets.get(key)
     }
 }
 
@@ -58,29 +112,70 @@ struct Point<'a> {
     tags: Option<HashMap<Cow<'a, str>, Cow<'a, str>>>,
 }
 
-/// Reads metrics.ndjson and keeps the samples the requests ask for, up to `max_samples`.
+/// Reads metrics.ndjson and keeps the samples the requests ask for, up to `max_samples`,
+/// with the default line and buffer limits.
 pub fn collect_samples<R: BufRead>(
-    mut reader: R,
+    reader: R,
     requests: &[SampleRequest],
     max_samples: usize,
+) -> std::io::Result<SampleSets> {
+    let limits = SampleLimits {
+        max_samples,
+        ..SampleLimits::default()
+    };
+    collect_samples_with(reader, requests, &limits)
+}
+
+/// Reads metrics.ndjson within `limits` and returns exact statistics per request.
+///
+/// Memory is bounded whatever the file: one line of at most `max_line_bytes` is held at a
+/// time, and samples beyond `buffer_bytes` spill to sorted runs on disk (see
+/// [`super::sink`]). An I/O error (such as the inflated-size cap of the reader) is
+/// returned as such: the caller then uses no samples at all.
+pub fn collect_samples_with<R: BufRead>(
+    mut reader: R,
+    requests: &[SampleRequest],
+    limits: &SampleLimits,
 ) -> std::io::Result<SampleSets> {
     let mut out = SampleSets::default();
     if requests.is_empty() {
         return Ok(out);
     }
-    let mut by_base: HashMap<&str, Vec<&SampleRequest>> = HashMap::new();
+    let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut keys: Vec<&SampleRequest> = Vec::new();
     for r in requests {
-        by_base.entry(r.base_name.as_str()).or_default().push(r);
-        out.sets.entry(r.key.clone()).or_default();
+        if keys.iter().any(|k| k.key == r.key) {
+            continue;
+        }
+        by_base
+            .entry(r.base_name.as_str())
+            .or_default()
+            .push(keys.len());
+        keys.push(r);
     }
+    // The budget is shared evenly: a key that gets no samples wastes its share, which
+    // keeps the bound simple (the budget is a ceiling, not a target).
+    let share = limits.buffer_bytes / keys.len();
+    let mut sinks: Vec<SampleSink> = keys.iter().map(|_| SampleSink::new(share)).collect();
+    let needles: Vec<(&str, String)> = by_base
+        .keys()
+        .map(|base| (*base, format!("\"metric\":\"{base}\"")))
+        .collect();
     let mut kept = 0usize;
     let mut buf = Vec::with_capacity(1024);
-    loop {
-        buf.clear();
-        if reader.read_until(b'\n', &mut buf)? == 0 {
-            break;
-        }
-        let line = trim_ascii(&buf);
+    'lines: loop {
+        let read = read_bounded_line(&mut reader, &mut buf, limits.max_line_bytes)?;
+        let line = match read {
+            LineRead::Eof => break,
+            LineRead::Line => trim_ascii(&buf),
+            LineRead::TooLong => {
+                // Only the first `max_line_bytes` were kept: k6 writes `metric` first,
+                // so that prefix still names the metric the line belonged to.
+                out.bad_lines += 1;
+                taint(&mut out.tainted, &buf, &needles);
+                continue;
+            }
+        };
         if line.is_empty() {
             continue;
         }
@@ -88,25 +183,20 @@ pub fn collect_samples<R: BufRead>(
             Ok(l) => l,
             Err(_) => {
                 out.bad_lines += 1;
-                for base in by_base.keys() {
-                    let needle = format!("\"metric\":\"{base}\"");
-                    if contains(line, needle.as_bytes()) && !out.tainted.iter().any(|t| t == base) {
-                        out.tainted.push((*base).to_string());
-                    }
-                }
+                taint(&mut out.tainted, line, &needles);
                 continue;
             }
         };
         if parsed.kind != "Point" {
             continue;
         }
-        let Some(reqs) = by_base.get(parsed.metric.as_ref()) else {
+        let Some(idx) = by_base.get(parsed.metric.as_ref()) else {
             continue;
         };
         let Some(point) = parsed.data else { continue };
         let Some(value) = point.value else { continue };
-        for r in reqs {
-            let matches = r.tags.iter().all(|(k, v)| {
+        for &i in idx {
+            let matches = keys[i].tags.iter().all(|(k, v)| {
                 point
                     .tags
                     .as_ref()
@@ -114,26 +204,96 @@ pub fn collect_samples<R: BufRead>(
                     .is_some_and(|sv| sv == v)
             });
             if matches {
-                if kept >= max_samples {
+                if kept >= limits.max_samples {
                     out.truncated = true;
-                    return Ok(finish(out));
+                    break 'lines;
                 }
                 kept += 1;
-                out.sets
-                    .get_mut(&r.key)
-                    .expect("inserted above")
-                    .push(value);
+                sinks[i].push(value)?;
             }
         }
     }
-    Ok(finish(out))
+    for (r, sink) in keys.iter().zip(sinks) {
+        let sorted = sink.finish()?;
+        let values = if out.truncated {
+            Vec::new()
+        } else {
+            sorted.percentiles(&r.percentiles)?
+        };
+        out.sets.insert(
+            r.key.clone(),
+            SampleStats {
+                count: sorted.count(),
+                min: sorted.min().unwrap_or_default(),
+                max: sorted.max().unwrap_or_default(),
+                sum: sorted.sum(),
+                percentiles: r.percentiles.iter().copied().zip(values).collect(),
+            },
+        );
+    }
+    Ok(out)
 }
 
-fn finish(mut out: SampleSets) -> SampleSets {
-    for v in out.sets.values_mut() {
-        v.sort_by(f64::total_cmp);
+fn taint(tainted: &mut Vec<String>, line: &[u8], needles: &[(&str, String)]) {
+    for (base, needle) in needles {
+        if contains(line, needle.as_bytes()) && !tainted.iter().any(|t| t == base) {
+            tainted.push((*base).to_string());
+        }
     }
-    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LineRead {
+    Eof,
+    /// `buf` holds the whole line (with its newline, if any).
+    Line,
+    /// The line was longer than the cap: `buf` holds its first `max` bytes and the rest
+    /// was read and dropped in the reader's own chunks.
+    TooLong,
+}
+
+/// Reads one line into `buf` (cleared first), holding at most `max` bytes of it.
+fn read_bounded_line<R: BufRead>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<LineRead> {
+    buf.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if chunk.is_empty() {
+            break;
+        }
+        any = true;
+        let (take, done) = match memchr::memchr(b'\n', chunk) {
+            Some(i) => (i + 1, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            let room = max - buf.len();
+            if take <= room {
+                buf.extend_from_slice(&chunk[..take]);
+            } else {
+                buf.extend_from_slice(&chunk[..room]);
+                too_long = true;
+            }
+        }
+        reader.consume(take);
+        if done {
+            break;
+        }
+    }
+    Ok(match (any, too_long) {
+        (false, _) => LineRead::Eof,
+        (true, false) => LineRead::Line,
+        (true, true) => LineRead::TooLong,
+    })
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
@@ -149,7 +309,7 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// k6's percentile: 0 samples → 0, 1 sample → that sample, else linear interpolation
@@ -198,18 +358,154 @@ mod tests {
                 key: "d".into(),
                 base_name: "d".into(),
                 tags: BTreeMap::new(),
+                percentiles: vec![50.0],
             },
             SampleRequest {
                 key: "d{status:200}".into(),
                 base_name: "d".into(),
                 tags: [("status".to_string(), "200".to_string())].into(),
+                percentiles: vec![50.0],
             },
         ];
         let s = collect_samples(data.as_bytes(), &reqs, 1000).unwrap();
-        assert_eq!(s.sets["d"], vec![1.0, 3.0]);
-        assert_eq!(s.sets["d{status:200}"], vec![3.0]);
+        let d = &s.sets["d"];
+        assert_eq!((d.count, d.min, d.max, d.sum), (2, 1.0, 3.0, 4.0));
+        assert_eq!(d.percentile(50.0), Some(2.0));
+        assert_eq!(d.percentile(99.0), None, "not requested");
+        assert_eq!(s.sets["d{status:200}"].count, 1);
         assert_eq!(s.bad_lines, 2);
         // The cut-short last line names `d`, so its sets are not trusted as complete.
+        assert!(s.complete("d", "d").is_none());
+    }
+
+    fn request(base: &str) -> SampleRequest {
+        SampleRequest {
+            key: base.into(),
+            base_name: base.into(),
+            tags: BTreeMap::new(),
+            percentiles: vec![0.0, 50.0, 100.0],
+        }
+    }
+
+    fn point(metric: &str, value: f64) -> String {
+        format!(
+            "{{\"metric\":\"{metric}\",\"type\":\"Point\",\"data\":{{\"time\":\"t\",\"value\":{value},\"tags\":{{}}}}}}\n"
+        )
+    }
+
+    /// A reader that hands out `left` bytes of `fill` without a newline, then `tail`,
+    /// without ever holding the long line itself.
+    struct Endless {
+        left: u64,
+        fill: u8,
+        tail: std::io::Cursor<Vec<u8>>,
+    }
+
+    impl std::io::Read for Endless {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.left > 0 {
+                let n = (out.len() as u64).min(self.left) as usize;
+                out[..n].fill(self.fill);
+                self.left -= n as u64;
+                return Ok(n);
+            }
+            self.tail.read(out)
+        }
+    }
+
+    impl Endless {
+        fn new(left: u64, fill: u8, tail: &str) -> std::io::BufReader<Self> {
+            std::io::BufReader::with_capacity(
+                64 * 1024,
+                Self {
+                    left,
+                    fill,
+                    tail: std::io::Cursor::new(tail.as_bytes().to_vec()),
+                },
+            )
+        }
+    }
+
+    #[test]
+    fn an_overlong_line_is_skipped_in_chunks_and_counted_as_bad() {
+        let limits = SampleLimits {
+            max_line_bytes: 4096,
+            ..SampleLimits::default()
+        };
+        // 64 MiB of one byte without a newline, then real samples.
+        let tail = format!("\n{}{}", point("d", 2.0), point("d", 4.0));
+        let s = collect_samples_with(
+            Endless::new(64 << 20, b'0', &tail),
+            &[request("d")],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(s.bad_lines, 1);
+        let d = s.complete("d", "d").expect("the long line did not name d");
+        assert_eq!((d.count, d.percentile(50.0)), (2, Some(3.0)));
+
+        // An overlong line that starts as a sample of `d` taints `d`.
+        let mut long = point("d", 1.0);
+        long.insert_str(long.len() - 3, &" ".repeat(10_000));
+        let data = format!("{}{long}", point("d", 5.0));
+        let s = collect_samples_with(data.as_bytes(), &[request("d")], &limits).unwrap();
+        assert_eq!(s.bad_lines, 1);
+        assert!(s.complete("d", "d").is_none());
+        assert_eq!(s.sets["d"].count, 1);
+    }
+
+    #[test]
+    fn bounded_lines_split_exactly_at_newlines() {
+        let mut r = "ab\ncdef\n\ngh".as_bytes();
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            match read_bounded_line(&mut r, &mut buf, 3).unwrap() {
+                LineRead::Eof => break,
+                k => got.push((k, String::from_utf8(buf.clone()).unwrap())),
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (LineRead::Line, "ab\n".to_string()),
+                (LineRead::TooLong, "cde".to_string()),
+                (LineRead::Line, "\n".to_string()),
+                (LineRead::Line, "gh".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn samples_beyond_the_buffer_spill_and_stay_exact() {
+        let limits = SampleLimits {
+            buffer_bytes: 0,
+            ..SampleLimits::default()
+        };
+        let mut data = String::new();
+        let mut values = Vec::new();
+        for i in 0..20_000u64 {
+            let v = ((i * 7919) % 10_007) as f64 / 4.0;
+            values.push(v);
+            data.push_str(&point("d", v));
+        }
+        values.sort_by(f64::total_cmp);
+        let mut req = request("d");
+        req.percentiles = vec![50.0, 90.0, 95.0, 99.0, 99.9];
+        let s = collect_samples_with(data.as_bytes(), &[req.clone()], &limits).unwrap();
+        let d = s.complete("d", "d").unwrap();
+        for p in &req.percentiles {
+            assert_eq!(d.percentile(*p), Some(percentile(&values, *p)), "p({p})");
+        }
+        assert_eq!(d.count, 20_000);
+        assert_eq!((d.min, d.max), (values[0], values[19_999]));
+    }
+
+    #[test]
+    fn the_sample_cap_marks_the_sets_truncated() {
+        let data: String = (0..10).map(|i| point("d", f64::from(i))).collect();
+        let s = collect_samples(data.as_bytes(), &[request("d")], 5).unwrap();
+        assert!(s.truncated);
         assert!(s.complete("d", "d").is_none());
     }
 }
