@@ -43,7 +43,8 @@ pub async fn build_ingestor(
         .with_s3_sources(settings.s3.sources()?);
     Ok(
         Ingestor::new(pool, store, fetcher, settings.s3.inline_summary_max_bytes)
-            .with_prepared_statements(settings.database.prepared_statements),
+            .with_prepared_statements(settings.database.prepared_statements)
+            .with_summary_limits(settings.summary_limits()),
     )
 }
 

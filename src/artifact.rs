@@ -548,64 +548,166 @@ async fn temp_file(uri: &str) -> Result<(tokio::fs::File, tempfile::TempPath), F
 }
 
 /// Reads a file whole, inflating gzip (detected by its magic bytes) up to `inflate_cap`.
+///
+/// The bytes land in one buffer sized from what the file says it holds (its length, or
+/// the gzip trailer's inflated size) and grown at most to `inflate_cap + 1`: a lying
+/// trailer costs a few regrowths, never a doubling past the cap. A gzip file is inflated
+/// straight from disk, so its compressed bytes are never held beside the inflated ones.
 pub fn read_maybe_gzip(
     uri: &str,
     path: &Path,
     limit: u64,
     inflate_cap: u64,
 ) -> Result<Vec<u8>, FetchError> {
-    let file = std::fs::File::open(path).map_err(|e| io_error(uri, e))?;
-    let mut raw = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut raw)
+    use std::io::{Seek, SeekFrom};
+    let too_large = |limit| FetchError::TooLarge {
+        uri: uri.into(),
+        limit,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| io_error(uri, e))?;
+    let size = file.metadata().map_err(|e| io_error(uri, e))?.len();
+    if size > limit {
+        return Err(too_large(limit));
+    }
+    let mut magic = [0u8; 2];
+    let n = read_full(&mut file, &mut magic).map_err(|e| io_error(uri, e))?;
+    let gzip = n == 2 && is_gzip(&magic);
+    let hint = if gzip && size >= 18 {
+        let mut trailer = [0u8; 4];
+        file.seek(SeekFrom::End(-4))
+            .and_then(|_| file.read_exact(&mut trailer))
+            .map_err(|e| io_error(uri, e))?;
+        u64::from(u32::from_le_bytes(trailer))
+    } else {
+        size
+    };
+    file.seek(SeekFrom::Start(0))
         .map_err(|e| io_error(uri, e))?;
-    if raw.len() as u64 > limit {
-        return Err(FetchError::TooLarge {
-            uri: uri.into(),
-            limit,
-        });
-    }
-    if !is_gzip(&raw) {
-        return Ok(raw);
-    }
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(raw.as_slice())
-        .take(inflate_cap + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| FetchError::Corrupt {
+    // `take` also bounds a local file that grows while it is read.
+    let file = file.take(limit + 1);
+    let (read, cap) = if gzip {
+        let decoder = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file));
+        (read_capped(decoder, inflate_cap, hint), inflate_cap)
+    } else {
+        (read_capped(file, limit, hint), limit)
+    };
+    match read {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(too_large(cap)),
+        Err(e) if gzip && e.kind() != std::io::ErrorKind::NotFound => Err(FetchError::Corrupt {
             uri: uri.into(),
             message: e.to_string(),
-        })?;
-    if out.len() as u64 > inflate_cap {
-        return Err(FetchError::TooLarge {
-            uri: uri.into(),
-            limit: inflate_cap,
-        });
+        }),
+        Err(e) => Err(io_error(uri, e)),
     }
-    Ok(out)
+}
+
+/// Reads as much as `buf` holds, fewer bytes only at the end of the file.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads `r` to its end into one buffer of at most `cap + 1` bytes; `None` when there is
+/// more than `cap`. The buffer starts at `hint` and grows by doubling, clamped to the cap.
+fn read_capped(mut r: impl Read, cap: u64, hint: u64) -> std::io::Result<Option<Vec<u8>>> {
+    let cap1 = usize::try_from(cap.saturating_add(1)).unwrap_or(usize::MAX);
+    let start = usize::try_from(hint.saturating_add(1))
+        .unwrap_or(usize::MAX)
+        .max(64 * 1024)
+        .min(cap1);
+    let mut out: Vec<u8> = Vec::with_capacity(start);
+    loop {
+        let room = out.capacity() - out.len();
+        // `take` stops exactly at the capacity, so `read_to_end` never reallocates.
+        let n = (&mut r).take(room as u64).read_to_end(&mut out)?;
+        if out.len() >= cap1 {
+            return Ok(None);
+        }
+        if n < room {
+            return Ok(Some(out));
+        }
+        let grown = out.capacity().saturating_mul(2).min(cap1);
+        out.reserve_exact(grown - out.len());
+    }
 }
 
 pub fn is_gzip(bytes: &[u8]) -> bool {
     bytes.starts_with(&[0x1f, 0x8b])
 }
 
-/// Opens a local file for line reading, transparently gunzipping it.
+/// Opens a local file for line reading, transparently gunzipping it, without a cap on
+/// the inflated size (tools and benchmarks; ingestion uses [`open_lines_capped`]).
 pub fn open_lines(path: &Path) -> std::io::Result<Box<dyn std::io::BufRead + Send>> {
+    open_lines_capped(path, u64::MAX)
+}
+
+/// Opens a local file for line reading, transparently gunzipping it; reading fails with
+/// [`InflatedTooLarge`] once more than `max_bytes` (inflated) came out, so a gzip bomb
+/// costs at most that much reading, never memory.
+pub fn open_lines_capped(
+    path: &Path,
+    max_bytes: u64,
+) -> std::io::Result<Box<dyn std::io::BufRead + Send>> {
     let mut file = std::fs::File::open(path)?;
     let mut magic = [0u8; 2];
-    let n = file.read(&mut magic)?;
+    let n = read_full(&mut file, &mut magic)?;
     drop(file);
     let file = std::fs::File::open(path)?;
-    if n == 2 && is_gzip(&magic) {
-        Ok(Box::new(std::io::BufReader::with_capacity(
-            256 * 1024,
-            flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file)),
-        )))
-    } else {
-        Ok(Box::new(std::io::BufReader::with_capacity(
-            256 * 1024,
+    let inner: Box<dyn Read + Send> = if n == 2 && is_gzip(&magic) {
+        Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
             file,
         )))
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(std::io::BufReader::with_capacity(
+        256 * 1024,
+        CappedRead {
+            inner,
+            left: max_bytes,
+            cap: max_bytes,
+        },
+    )))
+}
+
+/// The error a capped reader returns once its cap is passed.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {cap} bytes once inflated (fetch.max_samples_inflated_bytes)")]
+pub struct InflatedTooLarge {
+    pub cap: u64,
+}
+
+/// A reader that fails, rather than ends, past `cap` bytes: a truncated file must never
+/// pass for a complete one.
+struct CappedRead<R> {
+    inner: R,
+    left: u64,
+    cap: u64,
+}
+
+impl<R: Read> Read for CappedRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            // One byte more tells a file of exactly `cap` bytes from a longer one.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(InflatedTooLarge { cap: self.cap })),
+            };
+        }
+        let want = (buf.len() as u64).min(self.left) as usize;
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
     }
 }
 
@@ -741,5 +843,62 @@ mod tests {
             read_maybe_gzip("u", &p, 3, 100),
             Err(FetchError::TooLarge { limit: 3, .. })
         ));
+    }
+
+    #[test]
+    fn inflated_lines_are_capped_while_they_stream() {
+        use std::io::{BufRead, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.ndjson.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        for _ in 0..1000 {
+            enc.write_all(&[b'x'; 999]).unwrap();
+            enc.write_all(b"\n").unwrap();
+        }
+        std::fs::write(&p, enc.finish().unwrap()).unwrap();
+        let count = |cap: u64| -> std::io::Result<usize> {
+            let mut r = open_lines_capped(&p, cap)?;
+            let mut n = 0;
+            let mut buf = Vec::new();
+            while r.read_until(b'\n', &mut buf)? > 0 {
+                n += 1;
+                buf.clear();
+            }
+            Ok(n)
+        };
+        assert_eq!(count(1_000_000).unwrap(), 1000, "exactly at the cap");
+        let err = count(999_999).unwrap_err();
+        assert!(
+            err.get_ref()
+                .is_some_and(|e| e.downcast_ref::<InflatedTooLarge>().is_some()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_summary_is_read_into_one_buffer_within_its_cap() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.json.gz");
+        let body = vec![b'7'; 300_000];
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&body).unwrap();
+        let mut gz = enc.finish().unwrap();
+        std::fs::write(&p, &gz).unwrap();
+        let out = read_maybe_gzip("u", &p, 1 << 20, 300_000).unwrap();
+        assert_eq!(out, body);
+        assert!(out.capacity() <= 300_001, "{}", out.capacity());
+        // A trailer that claims 10 bytes: the buffer regrows, still within the cap.
+        let n = gz.len();
+        gz[n - 4..].copy_from_slice(&10u32.to_le_bytes());
+        std::fs::write(&p, &gz).unwrap();
+        assert!(matches!(
+            read_maybe_gzip("u", &p, 1 << 20, 299_999),
+            Err(FetchError::TooLarge { limit: 299_999, .. })
+        ));
+        let plain = dir.path().join("s.json");
+        std::fs::write(&plain, b"{}").unwrap();
+        let out = read_maybe_gzip("u", &plain, 2, 0).unwrap();
+        assert_eq!(out, b"{}");
     }
 }

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{Needs, build_ingestor};
 use crate::config::Settings;
-use crate::summary::samples::collect_samples;
+use crate::summary::samples::collect_samples_with;
 use crate::summary::{extract, parse_summary, wanted_samples};
 
 #[derive(Debug, Parser)]
@@ -196,12 +196,13 @@ fn run_extract(
     let summary = parse_summary(&bytes).with_context(|| format!("Failed to read {uri}"))?;
     let samples = match metrics {
         Some(path) => {
-            let reader = crate::artifact::open_lines(path)
-                .with_context(|| format!("Failed to open {}", path.display()))?;
-            Some(collect_samples(
+            let reader =
+                crate::artifact::open_lines_capped(path, settings.fetch.max_samples_inflated_bytes)
+                    .with_context(|| format!("Failed to open {}", path.display()))?;
+            Some(collect_samples_with(
                 reader,
                 &wanted_samples(&summary),
-                settings.fetch.max_samples,
+                &settings.fetch.sample_limits(),
             )?)
         }
         None => None,

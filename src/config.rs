@@ -128,12 +128,33 @@ pub struct FetchSettings {
     /// Idle time allowed between bytes of an HTTP(S) fetch.
     pub timeout_secs: u64,
     pub connect_timeout_secs: u64,
+    /// A summary is read whole: this and `max_inflated_bytes` bound its bytes in memory
+    /// (README "Memory budget").
     pub max_summary_bytes: u64,
     pub max_artifact_bytes: u64,
     /// Cap on the inflated size of a gzip-compressed summary (zip bombs).
     pub max_inflated_bytes: u64,
-    /// Cap on raw samples read from metrics.ndjson for percentiles.
+    /// Cap on the JSON values of a summary, counted before its tree is built.
+    pub max_summary_nodes: u64,
+    /// Cap on raw samples read from metrics.ndjson for percentiles (they spill to temp
+    /// files beyond `samples_buffer_bytes`, so this bounds disk and time, not memory).
     pub max_samples: usize,
+    /// Cap on the bytes read from metrics.ndjson once inflated; above it no samples are used.
+    pub max_samples_inflated_bytes: u64,
+    /// A metrics.ndjson line longer than this is skipped (read in chunks) and counted as bad.
+    pub max_line_bytes: usize,
+    /// Samples held in memory per run before sorted runs spill to temp files.
+    pub samples_buffer_bytes: usize,
+}
+
+impl FetchSettings {
+    pub fn sample_limits(&self) -> crate::summary::samples::SampleLimits {
+        crate::summary::samples::SampleLimits {
+            max_samples: self.max_samples,
+            max_line_bytes: self.max_line_bytes,
+            buffer_bytes: self.samples_buffer_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +223,21 @@ pub struct ShutdownSettings {
 pub struct IngestSettings {
     /// Runs ingested at once by `replay`.
     pub concurrency: usize,
+    /// Caps on a summary's detail rows; a summary above one is refused as unusable.
+    pub max_metrics: usize,
+    pub max_checks: usize,
+    pub max_thresholds: usize,
+}
+
+impl Settings {
+    pub fn summary_limits(&self) -> crate::summary::limits::SummaryLimits {
+        crate::summary::limits::SummaryLimits {
+            max_nodes: self.fetch.max_summary_nodes,
+            max_metrics: self.ingest.max_metrics,
+            max_checks: self.ingest.max_checks,
+            max_thresholds: self.ingest.max_thresholds,
+        }
+    }
 }
 
 const DEFAULTS: &str = r#"
@@ -226,10 +262,14 @@ allowed_roots = []
 allowed_hosts = []
 timeout_secs = 60
 connect_timeout_secs = 5
-max_summary_bytes = 67108864
+max_summary_bytes = 8388608
 max_artifact_bytes = 10737418240
-max_inflated_bytes = 268435456
-max_samples = 20000000
+max_inflated_bytes = 8388608
+max_summary_nodes = 200000
+max_samples = 50000000
+max_samples_inflated_bytes = 17179869184
+max_line_bytes = 1048576
+samples_buffer_bytes = 16777216
 
 [amqp]
 exchange = "k6.runs"
@@ -257,6 +297,9 @@ grace_secs = 25
 
 [ingest]
 concurrency = 4
+max_metrics = 10000
+max_checks = 10000
+max_thresholds = 10000
 "#;
 
 impl Settings {
@@ -388,6 +431,13 @@ impl Settings {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.fetch.max_line_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                setting: "fetch.max_line_bytes",
+                env: "K6_INGEST__FETCH__MAX_LINE_BYTES",
+                reason: "must be at least 1024 (k6 sample lines are a few hundred bytes)".into(),
+            });
+        }
         if self.http.bind.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 setting: "http.bind",
@@ -406,5 +456,30 @@ impl Settings {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Code that runs without settings (tests, tools) uses the limit structs' defaults:
+    /// they must be the compiled-in defaults.
+    #[test]
+    fn limit_defaults_match_the_compiled_in_settings() {
+        let s: Settings = Config::builder()
+            .add_source(File::from_str(DEFAULTS, FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        assert_eq!(
+            s.fetch.sample_limits(),
+            crate::summary::samples::SampleLimits::default()
+        );
+        assert_eq!(
+            s.summary_limits(),
+            crate::summary::limits::SummaryLimits::default()
+        );
     }
 }

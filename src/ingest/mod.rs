@@ -15,12 +15,15 @@ use uuid::Uuid;
 
 pub use error::{Disposition, IngestError};
 
-use crate::artifact::{FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines, redact_uri};
+use crate::artifact::{
+    FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines_capped, redact_uri,
+};
 use crate::db::{Db, ErrorRecord, NewRun, StoreError, Stored};
 use crate::message::{RunCompleted, replace_nul};
 use crate::s3::{ArtifactStore, content_type_for};
+use crate::summary::limits::{SummaryLimits, check_document, check_rows};
 use crate::summary::parse::parse_summary_value;
-use crate::summary::samples::{SampleSets, collect_samples};
+use crate::summary::samples::{SampleSets, collect_samples_with};
 use crate::summary::{
     Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples,
 };
@@ -98,15 +101,19 @@ pub struct Ingestor {
     store: Option<ArtifactStore>,
     fetcher: Fetcher,
     inline_summary_max: u64,
+    summary_limits: SummaryLimits,
 }
 
 /// The summary after fetching and parsing, or why there is none.
 enum SummaryLoad {
     Parsed {
         size: u64,
-        doc: Value,
-        summary: Box<Summary>,
+        /// The document for `summary_json`, kept only when it is inlined.
+        doc: Option<Value>,
+        /// Shared with the extraction task instead of copied.
+        summary: std::sync::Arc<Summary>,
         file_name: String,
+        /// The file for S3, kept only when it is not inlined.
         bytes: Vec<u8>,
     },
     Missing {
@@ -141,7 +148,14 @@ impl Ingestor {
             store,
             fetcher,
             inline_summary_max,
+            summary_limits: SummaryLimits::default(),
         }
+    }
+
+    /// Caps on a summary's tree and detail rows (`Settings::summary_limits`).
+    pub fn with_summary_limits(mut self, limits: SummaryLimits) -> Self {
+        self.summary_limits = limits;
+        self
     }
 
     pub fn pool(&self) -> Option<&PgPool> {
@@ -222,7 +236,7 @@ impl Ingestor {
 
         let (mut extraction, summary_reason) = match &load {
             SummaryLoad::Parsed { summary, .. } => {
-                let summary = summary.clone();
+                let summary = std::sync::Arc::clone(summary);
                 let exit_code = msg.exit_code;
                 let extraction = tokio::task::spawn_blocking(move || {
                     extract(&summary, exit_code, samples.as_ref())
@@ -297,7 +311,7 @@ impl Ingestor {
                 ..
             } => {
                 let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
-                if size <= self.inline_summary_max {
+                if let Some(doc) = doc {
                     summary_json = Some(doc);
                     artifact_paths.insert(
                         "summary".into(),
@@ -534,9 +548,14 @@ impl Ingestor {
         };
         let file_name = source.file_name();
         let size = bytes.len() as u64;
+        let limits = self.summary_limits;
         let parsed = tokio::task::spawn_blocking(move || {
-            let result = serde_json::from_slice::<Value>(&bytes)
-                .map_err(|e| SummaryError::Json(e.to_string()))
+            // The tree is bounded before it is built, the rows before they are extracted.
+            let result = check_document(&bytes, limits.max_nodes)
+                .and_then(|()| {
+                    serde_json::from_slice::<Value>(&bytes)
+                        .map_err(|e| SummaryError::Json(e.to_string()))
+                })
                 .map(|mut doc| {
                     let replaced = replace_nul(&mut doc);
                     (doc, replaced)
@@ -544,6 +563,7 @@ impl Ingestor {
                 .and_then(|(doc, replaced)| {
                     let mut summary = parse_summary_value(&doc)?;
                     summary.warnings.extend(replaced.warnings("summary"));
+                    check_rows(&summary, &limits)?;
                     Ok((doc, summary))
                 });
             (result, bytes)
@@ -554,13 +574,18 @@ impl Ingestor {
             message: format!("summary parser task failed: {e}"),
         })?;
         match parsed {
-            (Ok((doc, summary)), bytes) => Ok(SummaryLoad::Parsed {
-                size,
-                doc,
-                summary: Box::new(summary),
-                file_name,
-                bytes,
-            }),
+            (Ok((doc, summary)), bytes) => {
+                // Only one of the two is needed later: drop the other now, not after
+                // the uploads and the transaction.
+                let inline = size <= self.inline_summary_max;
+                Ok(SummaryLoad::Parsed {
+                    size,
+                    doc: inline.then_some(doc),
+                    summary: std::sync::Arc::new(summary),
+                    file_name,
+                    bytes: if inline { Vec::new() } else { bytes },
+                })
+            }
             (Err(e), bytes) => Ok(SummaryLoad::Unreadable {
                 reason: format!("summary {}: {e}", redact_uri(uri)),
                 bytes,
@@ -575,22 +600,28 @@ impl Ingestor {
         metrics_file: Option<PathBuf>,
         warnings: &mut Vec<String>,
     ) -> Option<SampleSets> {
-        let max_samples = self.fetcher.settings().max_samples;
+        let settings = self.fetcher.settings();
+        let limits = settings.sample_limits();
+        let max_samples = limits.max_samples;
+        let max_inflated = settings.max_samples_inflated_bytes;
         let requests = wanted_samples(summary);
         let path = metrics_file?;
         if requests.is_empty() {
             return None;
         }
+        // Every cap is enforced by the readers while the file streams: inflated bytes by
+        // `open_lines_capped` (an error: no samples are used), line length, sample count
+        // and memory by `collect_samples_with`.
         let result = tokio::task::spawn_blocking(move || {
-            let reader = open_lines(&path)?;
-            collect_samples(reader, &requests, max_samples)
+            let reader = open_lines_capped(&path, max_inflated)?;
+            collect_samples_with(reader, &requests, &limits)
         })
         .await;
         match result {
             Ok(Ok(sets)) => {
                 if sets.bad_lines > 0 {
                     warnings.push(format!(
-                        "metrics samples: {} lines were not valid JSON and were skipped",
+                        "metrics samples: {} lines were not valid JSON or longer than fetch.max_line_bytes and were skipped",
                         sets.bad_lines
                     ));
                 }
@@ -600,7 +631,9 @@ impl Ingestor {
                 Some(sets)
             }
             Ok(Err(e)) => {
-                warnings.push(format!("metrics samples unreadable: {e}"));
+                warnings.push(format!(
+                    "metrics samples not used, percentiles not computed: {e}"
+                ));
                 None
             }
             Err(e) => {
