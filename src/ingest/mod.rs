@@ -551,7 +551,7 @@ impl Ingestor {
         let limits = self.summary_limits;
         let parsed = tokio::task::spawn_blocking(move || {
             // The tree is bounded before it is built, the rows before they are extracted.
-            let result = check_document(&bytes, limits.max_nodes)
+            let result = check_document(&bytes, &limits)
                 .and_then(|()| {
                     serde_json::from_slice::<Value>(&bytes)
                         .map_err(|e| SummaryError::Json(e.to_string()))
@@ -623,6 +623,13 @@ impl Ingestor {
                     warnings.push(format!(
                         "metrics samples: {} lines were not valid JSON or longer than fetch.max_line_bytes and were skipped",
                         sets.bad_lines
+                    ));
+                }
+                if !sets.skipped.is_empty() {
+                    warnings.push(format!(
+                        "metrics samples: collected for the first {} keys only; percentiles not computed for {}",
+                        crate::summary::samples::MAX_SAMPLE_KEYS,
+                        sets.skipped.join(", ")
                     ));
                 }
                 if sets.truncated {

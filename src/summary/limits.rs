@@ -38,7 +38,7 @@ impl Default for SummaryLimits {
     /// `ingest.max_checks` and `ingest.max_thresholds`.
     fn default() -> Self {
         Self {
-            max_nodes: 200_000,
+            max_nodes: 100_000,
             max_metrics: 10_000,
             max_checks: 10_000,
             max_thresholds: 10_000,
@@ -46,26 +46,33 @@ impl Default for SummaryLimits {
     }
 }
 
-/// Refuses a document with more than `max_nodes` JSON values, without building it.
+/// Refuses a document with more than `max_nodes` JSON values or more than `max_metrics`
+/// metrics, without building it. Metrics are the entries of the top-level `metrics`
+/// object (handleSummary data, legacy export) or of `results.metrics` (machine-readable);
+/// checks and thresholds sit deeper and are counted on the parsed summary.
 ///
 /// A syntax error is not reported here: parsing reports it with its usual message, and
 /// stops at the same place, having built no more values than were counted.
-pub fn check_document(bytes: &[u8], max_nodes: u64) -> Result<(), SummaryError> {
-    let over = Cell::new(false);
-    let count = Cell::new(0u64);
+pub fn check_document(bytes: &[u8], limits: &SummaryLimits) -> Result<(), SummaryError> {
+    let tally = Tally::default();
     let counter = Counter {
-        count: &count,
-        max: max_nodes,
-        over: &over,
+        tally: &tally,
+        limits,
+        role: Role::Top,
     };
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let _ = counter.deserialize(&mut de);
-    if over.get() {
-        return Err(SummaryError::TooLarge(format!(
-            "more than {max_nodes} JSON values (fetch.max_summary_nodes)"
-        )));
+    match tally.over.get() {
+        Some(Over::Nodes) => Err(SummaryError::TooLarge(format!(
+            "more than {} JSON values (fetch.max_summary_nodes)",
+            limits.max_nodes
+        ))),
+        Some(Over::Metrics) => Err(SummaryError::TooLarge(format!(
+            "more than the {} metrics allowed (ingest.max_metrics)",
+            limits.max_metrics
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Refuses a summary with more metrics, checks or thresholds than the caps allow.
@@ -100,29 +107,86 @@ pub fn check_rows(summary: &Summary, limits: &SummaryLimits) -> Result<(), Summa
     Ok(())
 }
 
-/// Counts every value of a document and stops at the cap; builds nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Over {
+    Nodes,
+    Metrics,
+}
+
+#[derive(Default)]
+struct Tally {
+    nodes: Cell<u64>,
+    metrics: Cell<u64>,
+    over: Cell<Option<Over>>,
+}
+
+/// Where in the document a value sits, as far as counting metrics is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// The document itself.
+    Top,
+    /// The machine-readable format's `results` object.
+    Results,
+    /// The object or array whose direct children are the metrics.
+    Metrics,
+    /// One metric.
+    Metric,
+    /// Anything else.
+    Other,
+}
+
+/// Counts every value of a document and stops at a cap; builds nothing.
 #[derive(Clone, Copy)]
 struct Counter<'a> {
-    count: &'a Cell<u64>,
-    max: u64,
-    over: &'a Cell<bool>,
+    tally: &'a Tally,
+    limits: &'a SummaryLimits,
+    role: Role,
 }
 
 impl Counter<'_> {
     fn bump<E: de::Error>(&self) -> Result<(), E> {
-        let n = self.count.get() + 1;
-        self.count.set(n);
-        if n > self.max {
-            self.over.set(true);
-            return Err(E::custom("too many JSON values"));
+        let n = self.tally.nodes.get() + 1;
+        self.tally.nodes.set(n);
+        if n > self.limits.max_nodes {
+            return self.stop(Over::Nodes);
         }
         Ok(())
+    }
+
+    fn stop<E: de::Error>(&self, why: Over) -> Result<(), E> {
+        self.tally.over.set(Some(why));
+        Err(E::custom("summary above a size cap"))
+    }
+
+    /// The seed for a child value: `key` is its key in an object, if any.
+    fn child<E: de::Error>(&self, key: Option<&str>) -> Result<Self, E> {
+        let role = match (self.role, key) {
+            (Role::Top, Some("metrics")) | (Role::Results, Some("metrics")) => Role::Metrics,
+            (Role::Top, Some("results")) => Role::Results,
+            (Role::Metrics, _) => Role::Metric,
+            _ => Role::Other,
+        };
+        Ok(Self { role, ..*self })
+    }
+
+    /// Whether this object's keys decide its children's roles (only near the top).
+    fn reads_keys(&self) -> bool {
+        matches!(self.role, Role::Top | Role::Results)
     }
 }
 
 impl<'de> DeserializeSeed<'de> for Counter<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        if self.role == Role::Metric {
+            // Counted here, once the value exists (a seed is made before a sequence
+            // knows whether another element follows).
+            let n = self.tally.metrics.get() + 1;
+            self.tally.metrics.set(n);
+            if n > self.limits.max_metrics as u64 {
+                self.stop(Over::Metrics)?;
+            }
+        }
         d.deserialize_any(self)
     }
 }
@@ -157,13 +221,19 @@ impl<'de> Visitor<'de> for Counter<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         self.bump()?;
-        while seq.next_element_seed(self)?.is_some() {}
+        while seq.next_element_seed(self.child(None)?)?.is_some() {}
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         self.bump()?;
-        while map.next_key::<de::IgnoredAny>()?.is_some() {
-            map.next_value_seed(self)?;
+        if self.reads_keys() {
+            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                map.next_value_seed(self.child(Some(&key))?)?;
+            }
+        } else {
+            while map.next_key::<de::IgnoredAny>()?.is_some() {
+                map.next_value_seed(self.child(None)?)?;
+            }
         }
         Ok(())
     }
@@ -176,18 +246,45 @@ mod tests {
 
     #[test]
     fn counts_values_without_building_them() {
+        let nodes = |max_nodes| SummaryLimits {
+            max_nodes,
+            ..SummaryLimits::default()
+        };
         // 1 array + 3 numbers; 1 object + 2 values.
-        assert!(check_document(b"[1,2,3]", 4).is_ok());
+        assert!(check_document(b"[1,2,3]", &nodes(4)).is_ok());
         assert!(matches!(
-            check_document(b"[1,2,3]", 3),
+            check_document(b"[1,2,3]", &nodes(3)),
             Err(SummaryError::TooLarge(_))
         ));
-        assert!(check_document(br#"{"a":{"b":null}}"#, 3).is_ok());
-        assert!(check_document(br#"{"a":{"b":null}}"#, 2).is_err());
+        assert!(check_document(br#"{"a":{"b":null}}"#, &nodes(3)).is_ok());
+        assert!(check_document(br#"{"a":{"b":null}}"#, &nodes(2)).is_err());
         // Syntax errors are left to the parser.
-        assert!(check_document(b"{not json", 1).is_ok());
+        assert!(check_document(b"{not json", &nodes(1)).is_ok());
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(check_document(deep.as_bytes(), u64::MAX).is_ok());
+        assert!(check_document(deep.as_bytes(), &nodes(u64::MAX)).is_ok());
+    }
+
+    #[test]
+    fn counts_metrics_of_every_format_before_parsing() {
+        let two = SummaryLimits {
+            max_metrics: 2,
+            ..SummaryLimits::default()
+        };
+        let ok = |doc: &str| check_document(doc.as_bytes(), &two).is_ok();
+        assert!(ok(
+            r#"{"metrics":{"a":{},"b":{"metrics":{"x":1,"y":2,"z":3}}}}"#
+        ));
+        assert!(!ok(r#"{"metrics":{"a":{},"b":{},"c":{}}}"#));
+        assert!(ok(r#"{"version":"1.0.0","results":{"metrics":[{},{}]}}"#));
+        assert!(!ok(
+            r#"{"version":"1.0.0","results":{"metrics":[{},{},{}]}}"#
+        ));
+        // Only the top-level `metrics` (or `results.metrics`) holds metrics.
+        assert!(ok(r#"{"other":{"metrics":{"a":1,"b":2,"c":3}}}"#));
+        let err = check_document(br#"{"metrics":{"a":1,"b":2,"c":3}}"#, &two)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.max_metrics"), "{err}");
     }
 
     #[test]

@@ -84,7 +84,14 @@ pub struct SampleSets {
     pub tainted: Vec<String>,
     /// Set when reading stopped at the sample cap; the sets are then incomplete.
     pub truncated: bool,
+    /// Requested keys beyond [`MAX_SAMPLE_KEYS`], not collected.
+    pub skipped: Vec<String>,
 }
+
+/// Samples are collected for at most this many keys of one run (real runs need one to a
+/// few): each key gets an equal share of the buffer and its own temporary files, so the
+/// share and the number of open files stay bounded.
+pub const MAX_SAMPLE_KEYS: usize = 32;
 
 impl SampleSets {
     /// Statistics of a key, if its samples were collected completely.
@@ -96,7 +103,7 @@ impl SampleSets {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Line<'a> {
     #[serde(borrow)]
     metric: Cow<'a, str>,
@@ -137,14 +144,18 @@ pub fn collect_samples_with<R: BufRead>(
     requests: &[SampleRequest],
     limits: &SampleLimits,
 ) -> std::io::Result<SampleSets> {
-    let mut out = SampleSets::default();
     if requests.is_empty() {
-        return Ok(out);
+        return Ok(SampleSets::default());
     }
     let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut keys: Vec<&SampleRequest> = Vec::new();
+    let mut skipped = Vec::new();
     for r in requests {
         if keys.iter().any(|k| k.key == r.key) {
+            continue;
+        }
+        if keys.len() == MAX_SAMPLE_KEYS {
+            skipped.push(r.key.clone());
             continue;
         }
         by_base
@@ -156,63 +167,62 @@ pub fn collect_samples_with<R: BufRead>(
     // The budget is shared evenly: a key that gets no samples wastes its share, which
     // keeps the bound simple (the budget is a ceiling, not a target).
     let share = limits.buffer_bytes / keys.len();
-    let mut sinks: Vec<SampleSink> = keys.iter().map(|_| SampleSink::new(share)).collect();
-    let needles: Vec<(&str, String)> = by_base
-        .keys()
-        .map(|base| (*base, format!("\"metric\":\"{base}\"")))
-        .collect();
-    let mut kept = 0usize;
-    let mut buf = Vec::with_capacity(1024);
-    'lines: loop {
-        let read = read_bounded_line(&mut reader, &mut buf, limits.max_line_bytes)?;
-        let line = match read {
-            LineRead::Eof => break,
-            LineRead::Line => trim_ascii(&buf),
-            LineRead::TooLong => {
-                // Only the first `max_line_bytes` were kept: k6 writes `metric` first,
-                // so that prefix still names the metric the line belonged to.
-                out.bad_lines += 1;
-                taint(&mut out.tainted, &buf, &needles);
-                continue;
+    let mut state = Collector {
+        out: SampleSets {
+            skipped,
+            ..SampleSets::default()
+        },
+        sinks: keys.iter().map(|_| SampleSink::new(share)).collect(),
+        needles: by_base
+            .keys()
+            .map(|base| (*base, format!("\"metric\":\"{base}\"")))
+            .collect(),
+        by_base: &by_base,
+        keys: &keys,
+        kept: 0,
+        max_samples: limits.max_samples,
+    };
+    let max_line = limits.max_line_bytes;
+    let mut buf = Vec::new();
+    loop {
+        // A whole line inside the reader's buffer is used where it lies; only a line
+        // that straddles two reads is copied, and then at most `max_line` of it.
+        let step = {
+            let chunk = match reader.fill_buf() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            match memchr::memchr(b'\n', chunk) {
+                Some(i) if i < max_line => Some((state.line(&chunk[..i])?, i + 1)),
+                _ => None,
             }
         };
-        if line.is_empty() {
-            continue;
-        }
-        let parsed: Line<'_> = match serde_json::from_slice(line) {
-            Ok(l) => l,
-            Err(_) => {
-                out.bad_lines += 1;
-                taint(&mut out.tainted, line, &needles);
-                continue;
+        let flow = match step {
+            Some((flow, used)) => {
+                reader.consume(used);
+                flow
             }
-        };
-        if parsed.kind != "Point" {
-            continue;
-        }
-        let Some(idx) = by_base.get(parsed.metric.as_ref()) else {
-            continue;
-        };
-        let Some(point) = parsed.data else { continue };
-        let Some(value) = point.value else { continue };
-        for &i in idx {
-            let matches = keys[i].tags.iter().all(|(k, v)| {
-                point
-                    .tags
-                    .as_ref()
-                    .and_then(|t| t.get(k.as_str()))
-                    .is_some_and(|sv| sv == v)
-            });
-            if matches {
-                if kept >= limits.max_samples {
-                    out.truncated = true;
-                    break 'lines;
+            None => match read_bounded_line(&mut reader, &mut buf, max_line)? {
+                LineRead::Eof => break,
+                LineRead::Line => state.line(&buf)?,
+                LineRead::TooLong => {
+                    // Only the first `max_line_bytes` were kept: k6 writes `metric`
+                    // first, so that prefix still names the metric the line belonged to.
+                    state.out.bad_lines += 1;
+                    taint(&mut state.out.tainted, &buf, &state.needles);
+                    Flow::Go
                 }
-                kept += 1;
-                sinks[i].push(value)?;
-            }
+            },
+        };
+        if flow == Flow::Stop {
+            break;
         }
     }
+    let Collector { mut out, sinks, .. } = state;
     for (r, sink) in keys.iter().zip(sinks) {
         let sorted = sink.finish()?;
         let values = if out.truncated {
@@ -232,6 +242,230 @@ pub fn collect_samples_with<R: BufRead>(
         );
     }
     Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Go,
+    /// The sample cap was reached.
+    Stop,
+}
+
+/// What reading a samples file accumulates.
+struct Collector<'r> {
+    out: SampleSets,
+    sinks: Vec<SampleSink>,
+    /// `"metric":"NAME"` per requested base name: a bad line naming one taints it.
+    needles: Vec<(&'r str, String)>,
+    by_base: &'r HashMap<&'r str, Vec<usize>>,
+    keys: &'r [&'r SampleRequest],
+    kept: usize,
+    max_samples: usize,
+}
+
+impl Collector<'_> {
+    fn line(&mut self, line: &[u8]) -> std::io::Result<Flow> {
+        let line = trim_ascii(line);
+        if line.is_empty() {
+            return Ok(Flow::Go);
+        }
+        // k6's own encoding first (a few byte comparisons); any other shape goes
+        // through the JSON parser, which decides what is valid.
+        let fast = k6_point(line);
+        let parsed: Line<'_> = match &fast {
+            Some(_) => Line::default(),
+            None => match serde_json::from_slice(line) {
+                Ok(l) => l,
+                Err(_) => {
+                    self.out.bad_lines += 1;
+                    taint(&mut self.out.tainted, line, &self.needles);
+                    return Ok(Flow::Go);
+                }
+            },
+        };
+        let (metric, value, tags) = match &fast {
+            Some(p) => (p.metric, p.value, Tags::Raw(p.tags)),
+            None => {
+                if parsed.kind != "Point" {
+                    return Ok(Flow::Go);
+                }
+                let Some(point) = &parsed.data else {
+                    return Ok(Flow::Go);
+                };
+                let Some(value) = point.value else {
+                    return Ok(Flow::Go);
+                };
+                (
+                    parsed.metric.as_ref(),
+                    value,
+                    Tags::Parsed(point.tags.as_ref()),
+                )
+            }
+        };
+        let Some(idx) = self.by_base.get(metric) else {
+            return Ok(Flow::Go);
+        };
+        for &i in idx {
+            let matches = self.keys[i]
+                .tags
+                .iter()
+                .all(|(k, v)| tags.get(k).is_some_and(|sv| sv == v));
+            if matches {
+                if self.kept >= self.max_samples {
+                    self.out.truncated = true;
+                    return Ok(Flow::Stop);
+                }
+                self.kept += 1;
+                self.sinks[i].push(value)?;
+            }
+        }
+        Ok(Flow::Go)
+    }
+}
+
+/// A sample line exactly as k6 encodes it:
+/// `{"metric":"NAME","type":"Point","data":{"time":"T","value":V,"tags":{"K":"V",...}}}`,
+/// in this key order, without whitespace, escapes or control characters in its strings.
+/// Most of a metrics file has this shape and is read with a few byte comparisons; a line
+/// of any other shape gives `None` and goes through the JSON parser. Whatever this accepts
+/// is valid JSON that the parser would read to the same metric, value and tags.
+#[derive(Debug, PartialEq)]
+struct K6Point<'a> {
+    metric: &'a str,
+    value: f64,
+    /// The inside of the `tags` object, checked to be `"K":"V"` pairs.
+    tags: &'a str,
+}
+
+fn k6_point(line: &[u8]) -> Option<K6Point<'_>> {
+    // JSON allows no control character in a string, and this shape has no whitespace
+    // between tokens: none may occur anywhere.
+    if has_control(line) {
+        return None;
+    }
+    let line = std::str::from_utf8(line).ok()?;
+    let rest = line.strip_prefix(r#"{"metric":""#)?;
+    let (metric, rest) = plain_string(rest)?;
+    let rest = rest.strip_prefix(r#","type":"Point","data":{"time":""#)?;
+    let (_, rest) = plain_string(rest)?;
+    let rest = rest.strip_prefix(r#","value":"#)?;
+    let end = memchr::memchr(b',', rest.as_bytes())?;
+    let (number, rest) = rest.split_at(end);
+    if !json_number(number) {
+        return None;
+    }
+    // Correctly rounded, as serde_json's `float_roundtrip` parsing; out of range is
+    // an error there, so it is left to the parser here.
+    let value: f64 = number.parse().ok().filter(|v: &f64| v.is_finite())?;
+    let tags = rest.strip_prefix(r#","tags":{"#)?.strip_suffix("}}}")?;
+    let mut pairs = tags;
+    while !pairs.is_empty() {
+        let (_, rest) = plain_string(pairs.strip_prefix('"')?)?;
+        let (_, rest) = plain_string(rest.strip_prefix(":\"")?)?;
+        pairs = match rest.strip_prefix(',') {
+            Some(more) if !more.is_empty() => more,
+            Some(_) => return None,
+            None if rest.is_empty() => rest,
+            None => return None,
+        };
+    }
+    Some(K6Point {
+        metric,
+        value,
+        tags,
+    })
+}
+
+/// The text up to the next `"` and what follows it, if that text needs no unescaping.
+/// (The caller has checked that the line holds no control character.)
+fn plain_string(s: &str) -> Option<(&str, &str)> {
+    let end = memchr::memchr(b'"', s.as_bytes())?;
+    let text = &s[..end];
+    if memchr::memchr(b'\\', text.as_bytes()).is_some() {
+        return None;
+    }
+    Some((text, &s[end + 1..]))
+}
+
+/// Whether any byte is below 0x20, eight at a time: this runs for every string of every
+/// sample line. `(x - 0x20…20) & !x & 0x80…80` is non-zero exactly when some byte of `x`
+/// is below 0x20 (a borrow can only set bits above such a byte).
+fn has_control(b: &[u8]) -> bool {
+    const LOW: u64 = 0x2020_2020_2020_2020;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the
+    // aligned middle of the slice.
+    let (head, words, tail) = unsafe { b.align_to::<u64>() };
+    for &x in words {
+        if x.wrapping_sub(LOW) & !x & HIGH != 0 {
+            return true;
+        }
+    }
+    head.iter().chain(tail).any(|&c| c < 0x20)
+}
+
+/// JSON's number grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+fn json_number(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = usize::from(b.first() == Some(&b'-'));
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while b.get(*i).is_some_and(u8::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    match b.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == b.len()
+}
+
+/// A sample's tags, as the fast path or the parser found them.
+enum Tags<'a, 'b> {
+    Raw(&'a str),
+    Parsed(Option<&'b HashMap<Cow<'a, str>, Cow<'a, str>>>),
+}
+
+impl Tags<'_, '_> {
+    /// The tag's value; with a key given twice, the last (as a map built by the parser).
+    fn get(&self, key: &str) -> Option<&str> {
+        match self {
+            Self::Parsed(t) => t.and_then(|t| t.get(key)).map(AsRef::as_ref),
+            Self::Raw(raw) => {
+                let mut found = None;
+                let mut rest = *raw;
+                while let Some(r) = rest.strip_prefix('"') {
+                    let (k, r) = plain_string(r)?;
+                    let (v, r) = plain_string(r.strip_prefix(":\"")?)?;
+                    if k == key {
+                        found = Some(v);
+                    }
+                    rest = r.strip_prefix(',').unwrap_or(r);
+                }
+                found
+            }
+        }
+    }
 }
 
 fn taint(tainted: &mut Vec<String>, line: &[u8], needles: &[(&str, String)]) {
@@ -499,6 +733,93 @@ mod tests {
         }
         assert_eq!(d.count, 20_000);
         assert_eq!((d.min, d.max), (values[0], values[19_999]));
+    }
+
+    /// Whatever the fast path accepts, the JSON parser reads the same way; the rest it
+    /// leaves to the parser.
+    #[test]
+    fn the_fast_path_agrees_with_the_parser() {
+        let lines = [
+            r#"{"metric":"d","type":"Point","data":{"time":"2026-11-22T03:04:13.042339559Z","value":50.424706,"tags":{"expected_response":"true","status":"200"}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":0,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":-1.5e-3,"tags":{"a":"1","a":"2"}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1E+2,"tags":{"a":""}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":0.1,"tags":{"a":"x:y,z"}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1e400,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":+Inf,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":01,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1.,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":.5,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":{"a":"\u0041"}}}"#,
+            r#"{"metric":"d"x","type":"Point","data":{"time":"t","value":1,"tags":{}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":{"a":1}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":{"a":"b",}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":null}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":{}}}}"#,
+            r#"{"metric":"d","type":"Point","data":{"time":"t","value":1,"tags":{}} }"#,
+            "{\"metric\":\"d\",\"type\":\"Point\",\"data\":{\"time\":\"t\x01\",\"value\":1,\"tags\":{}}}",
+            r#"{"metric":"d","type":"Metric","data":{"name":"d","type":"trend"}}"#,
+            r#"{"type":"Point","metric":"d","data":{"time":"t","value":2,"tags":{}}}"#,
+        ];
+        let mut fast = 0;
+        for line in lines {
+            let parsed = serde_json::from_str::<Line<'_>>(line).ok();
+            match k6_point(line.as_bytes()) {
+                Some(p) => {
+                    fast += 1;
+                    let l = parsed.unwrap_or_else(|| panic!("fast path took invalid {line}"));
+                    let point = l.data.as_ref().unwrap();
+                    assert_eq!((l.metric.as_ref(), l.kind.as_ref()), (p.metric, "Point"));
+                    assert_eq!(point.value.map(f64::to_bits), Some(p.value.to_bits()));
+                    let tags = point.tags.as_ref().unwrap();
+                    for k in tags.keys() {
+                        assert_eq!(
+                            Tags::Raw(p.tags).get(k),
+                            Tags::Parsed(Some(tags)).get(k),
+                            "{line}"
+                        );
+                    }
+                    assert_eq!(Tags::Raw(p.tags).get("missing"), None);
+                }
+                None => assert!(
+                    !line.contains("2026") && !line.ends_with(r#""value":0,"tags":{}}}"#),
+                    "k6's own line missed the fast path: {line}"
+                ),
+            }
+        }
+        assert_eq!(fast, 5);
+    }
+
+    #[test]
+    fn control_bytes_are_found_at_any_offset() {
+        for len in 0..40 {
+            for at in 0..len {
+                for c in [0u8, 0x09, 0x1f] {
+                    let mut v = vec![b'a'; len];
+                    v[at] = c;
+                    assert!(has_control(&v), "{len} {at} {c}");
+                    assert!(has_control(&v[at..]));
+                }
+                let mut v = vec![0x20u8; len];
+                v[at] = 0xff;
+                assert!(!has_control(&v));
+            }
+        }
+    }
+
+    #[test]
+    fn keys_beyond_the_key_cap_are_named_not_collected() {
+        let reqs: Vec<SampleRequest> = (0..MAX_SAMPLE_KEYS + 3)
+            .map(|i| request(&format!("m{i}")))
+            .collect();
+        let data: String = (0..MAX_SAMPLE_KEYS + 3)
+            .map(|i| point(&format!("m{i}"), 1.0))
+            .collect();
+        let s = collect_samples(data.as_bytes(), &reqs, 1000).unwrap();
+        assert_eq!(s.sets.len(), MAX_SAMPLE_KEYS);
+        assert_eq!(s.skipped, ["m32", "m33", "m34"]);
+        assert!(s.complete("m34", "m34").is_none());
+        assert_eq!(s.complete("m0", "m0").map(|d| d.count), Some(1));
     }
 
     #[test]
