@@ -47,7 +47,12 @@ fn own_rss_kib() -> i64 {
 /// (a `pre_exec` hook makes `Command` fork), freed memory is returned first, and the
 /// test's own resident set must lie below the figure, which is then the binary's own.
 fn replay(dir: &Path, db_url: &str, bucket: &str) -> Replayed {
+    replay_with(dir, db_url, bucket, &[])
+}
+
+fn replay_with(dir: &Path, db_url: &str, bucket: &str, env: &[(&str, &str)]) -> Replayed {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+    cmd.envs(env.iter().copied());
     cmd.args(["replay", dir.to_str().unwrap(), "--concurrency", "1"])
         .env("K6_INGEST__DATABASE__URL", db_url)
         .env("K6_INGEST__S3__BUCKET", bucket)
@@ -289,6 +294,34 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     );
     within(
         "a) metrics gzip bomb (2 MiB -> 2 GiB, no newline)",
+        r.peak_kib,
+    );
+    // The same file with an inflated-size cap below its size: refused while it streams.
+    let (dir2, run) = run_dir();
+    std::fs::copy(
+        dir.path().join("metrics.ndjson.gz"),
+        dir2.path().join("metrics.ndjson.gz"),
+    )
+    .unwrap();
+    drop(dir);
+    let r = replay_with(
+        dir2.path(),
+        &db_url,
+        &bucket,
+        &[("K6_INGEST__FETCH__MAX_SAMPLES_INFLATED_BYTES", "1073741824")],
+    );
+    assert_eq!(r.code, 0);
+    let row = stored(&pool, run).await;
+    assert_eq!((row.status.as_str(), row.p99_ms), ("passed", None));
+    assert!(
+        row.warnings.iter().any(|w| w.contains(
+            "percentiles not computed: more than 1073741824 bytes once inflated (fetch.max_samples_inflated_bytes)"
+        )),
+        "{:?}",
+        row.warnings
+    );
+    within(
+        "a2) the same bomb, fetch.max_samples_inflated_bytes = 1 GiB",
         r.peak_kib,
     );
 
