@@ -790,6 +790,46 @@ mod tests {
         assert_eq!(fast, 5);
     }
 
+    proptest::proptest! {
+        /// Random pieces in every variable slot of k6's line shape: whenever the fast
+        /// path accepts a line, the JSON parser reads the same metric, value and tags.
+        #[test]
+        fn the_fast_path_never_disagrees_with_the_parser(
+            name in proptest::prop_oneof![3 => "[a-z_]{1,8}", 1 => "[a-z_\\\\\"{}:,\\x00\\x1f ]{0,6}"],
+            time in proptest::prop_oneof![3 => "[0-9TZ:.]{1,8}", 1 => "[0-9TZ:.\\\\\"\\x01]{0,6}"],
+            value in proptest::prop_oneof![
+                3 => "-?(0|[1-9][0-9]{0,3})(\\.[0-9]{1,3})?([eE][-+]?[0-9]{1,3})?",
+                1 => "[-+0-9.eE]{1,6}|[a-zA-Z]{1,4}",
+            ],
+            tags in proptest::collection::vec(
+                proptest::prop_oneof![
+                    3 => ("[a-z0-9_:,{} ]{0,4}", "[a-z0-9_:,{} ]{0,4}"),
+                    1 => ("[a-z\\\\\",:{} ]{0,4}", "[a-z0-9\\\\\",:{} \\t]{0,4}"),
+                ],
+                0..3,
+            ),
+            tail in proptest::prop_oneof![3 => "\\}\\}", 1 => "(\\}\\}\\}| ?\\}\\}\\}|,\\}\\}\\}| \\}\\})"],
+        ) {
+            let tags: Vec<String> = tags.iter().map(|(k, v)| format!("\"{k}\":\"{v}\"")).collect();
+            let line = format!(
+                "{{\"metric\":\"{name}\",\"type\":\"Point\",\"data\":{{\"time\":\"{time}\",\"value\":{value},\"tags\":{{{}}}{tail}",
+                tags.join(",")
+            );
+            if let Some(p) = k6_point(line.as_bytes()) {
+                let l: Line<'_> = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("fast path took invalid JSON {line:?}: {e}"));
+                let point = l.data.as_ref().unwrap();
+                proptest::prop_assert_eq!(l.metric.as_ref(), p.metric);
+                proptest::prop_assert_eq!(point.value.map(f64::to_bits), Some(p.value.to_bits()));
+                let parsed = point.tags.as_ref().unwrap();
+                let (raw, from_parser) = (Tags::Raw(p.tags), Tags::Parsed(Some(parsed)));
+                for k in parsed.keys() {
+                    proptest::prop_assert_eq!(raw.get(k), from_parser.get(k));
+                }
+            }
+        }
+    }
+
     #[test]
     fn control_bytes_are_found_at_any_offset() {
         for len in 0..40 {
