@@ -18,6 +18,7 @@ use tokio::io::AsyncWriteExt;
 use url::Url;
 
 use crate::config::FetchSettings;
+use crate::fault::{Dependency, Fault};
 pub use source::{REDACTED, S3Scope, S3Sources, Tenant, redact_uri};
 
 /// Why an artifact could not be fetched. `is_transient` decides retry or dead-letter.
@@ -57,14 +58,31 @@ pub enum FetchError {
 impl FetchError {
     /// Worth retrying later: the same request may succeed once a service recovers.
     pub fn is_transient(&self) -> bool {
+        self.fault().is_retryable()
+    }
+
+    /// Whose fault this is. A host that answered with a status is up, so a 5xx, 429 or
+    /// 408 is the message's transient fault; a timeout or a broken connection to an
+    /// HTTP(S) host says the host may be down; an S3 fault that may pass is the worker's
+    /// S3 endpoint being unavailable (s3:// artifacts come from it).
+    pub fn fault(&self) -> Fault {
         match self {
-            Self::Status { status, .. } => *status >= 500 || *status == 429 || *status == 408,
-            Self::Timeout { .. } | Self::Transport { .. } | Self::Io { .. } => true,
-            Self::S3 { transient, .. } => *transient,
-            Self::Refused { .. }
+            Self::Status { status, .. } if *status >= 500 || *status == 429 || *status == 408 => {
+                Fault::Transient
+            }
+            Self::Timeout { uri, .. } | Self::Transport { uri, .. } => {
+                Dependency::host_of(uri).map_or(Fault::Transient, Fault::Dependency)
+            }
+            Self::Io { .. } => Fault::Transient,
+            Self::S3 {
+                transient: true, ..
+            } => Fault::Dependency(Dependency::ArtifactStore),
+            Self::S3 { .. }
+            | Self::Status { .. }
+            | Self::Refused { .. }
             | Self::NotFound { .. }
             | Self::TooLarge { .. }
-            | Self::Corrupt { .. } => false,
+            | Self::Corrupt { .. } => Fault::Permanent,
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct Settings {
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
     pub ingest: IngestSettings,
+    pub breaker: BreakerSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +220,24 @@ pub struct ShutdownSettings {
     pub grace_secs: u64,
 }
 
+/// Circuit breakers: how the worker probes a dependency it found down, and how long a
+/// delivery may wait for an artifact host.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BreakerSettings {
+    /// First delay between probes of a dependency that is down; it doubles up to
+    /// `probe_max_ms`.
+    pub probe_base_ms: u64,
+    pub probe_max_ms: u64,
+    /// A probe that takes longer counts as failed.
+    pub probe_timeout_ms: u64,
+    /// How often PostgreSQL and S3 are probed while up, so `/readyz` shows an outage and
+    /// new deliveries wait before they fail on it.
+    pub check_interval_ms: u64,
+    /// How long a delivery waits for its artifact host to come back; after that the
+    /// failure counts as an attempt, so one tenant's dead host cannot hold the worker.
+    pub host_wait_secs: u64,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct IngestSettings {
     /// Runs ingested at once by `replay`.
@@ -300,6 +319,13 @@ concurrency = 4
 max_metrics = 10000
 max_checks = 10000
 max_thresholds = 10000
+
+[breaker]
+probe_base_ms = 250
+probe_max_ms = 5000
+probe_timeout_ms = 3000
+check_interval_ms = 2000
+host_wait_secs = 60
 "#;
 
 impl Settings {
@@ -422,6 +448,18 @@ impl Settings {
                 setting,
                 env,
                 reason: reason.to_string(),
+            });
+        }
+        let b = &self.breaker;
+        if b.probe_base_ms == 0
+            || b.probe_max_ms < b.probe_base_ms
+            || b.probe_timeout_ms == 0
+            || b.check_interval_ms == 0
+        {
+            return Err(ConfigError::Invalid {
+                setting: "breaker.probe_max_ms",
+                env: "K6_INGEST__BREAKER__PROBE_MAX_MS",
+                reason: "breaker.probe_base_ms, probe_timeout_ms and check_interval_ms must be at least 1, and probe_max_ms at least probe_base_ms".into(),
             });
         }
         if self.ingest.concurrency == 0 {

@@ -13,6 +13,20 @@
 //! more; the broker redelivers them. A topology the broker refuses (changed arguments,
 //! or a missing queue with `amqp.declare = false`) is a configuration error and stops
 //! the worker at once instead of retrying forever.
+//!
+//! Outages pause the work instead of burning it. A failure whose [`Fault`] names a
+//! dependency (PostgreSQL, S3, an artifact host) is confirmed with that dependency's
+//! probe; if it is down, the delivery is held unacknowledged (no republish, no nack: a
+//! quorum queue counts requeues against `x-delivery-limit`), its attempt is not counted,
+//! and it is ingested again once the breaker closes. New deliveries wait for a slot and
+//! for PostgreSQL and S3 before they start, so during an outage at most `amqp.prefetch`
+//! deliveries are held and nothing spins. Only faults of the message (the dependency
+//! answers its probe) spend `amqp.max_attempts`. A delivery waits at most
+//! `breaker.host_wait_secs` for an artifact host, then the failure counts as an attempt.
+//! A delivery held longer than the broker's `consumer_timeout` (30 minutes by default)
+//! makes the broker close the channel; the session reconnects and the delivery comes
+//! again, which `run_id` idempotence absorbs. On shutdown held deliveries are handed
+//! back at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,9 +46,11 @@ use tracing::{Instrument, field::Empty};
 use crate::amqp::{
     self, ATTEMPTS_HEADER, FAILED_AT_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology,
 };
+use crate::breaker::{Breakers, Verdict};
 use crate::config::AmqpSettings;
+use crate::fault::{Dependency, Fault};
 use crate::http::Health;
-use crate::ingest::{Disposition, IngestContext, Ingestor, Outcome};
+use crate::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
 use crate::message::RunCompleted;
 use crate::metrics::Metrics;
 
@@ -55,6 +71,7 @@ struct Shared {
     ingestor: Ingestor,
     metrics: Metrics,
     health: Health,
+    breakers: Breakers,
     slots: Arc<Semaphore>,
 }
 
@@ -79,6 +96,17 @@ enum SessionError {
     Fatal(anyhow::Error),
 }
 
+/// How holding a delivery for a dependency ended.
+enum Held {
+    /// The dependency is back: ingest again, no attempt spent.
+    Resume,
+    /// The session ended (shutdown): hand the delivery back.
+    Stopped,
+    /// The fault is charged to the message (the dependency answers, or the wait for an
+    /// artifact host ran out), with why.
+    Spend(Option<String>),
+}
+
 /// What to do with a delivery once its outcome is known.
 enum Action {
     Ack,
@@ -92,6 +120,7 @@ impl Worker {
         ingestor: Ingestor,
         metrics: Metrics,
         health: Health,
+        breakers: Breakers,
     ) -> anyhow::Result<Self> {
         let url = settings.url()?.to_string();
         let concurrency = settings
@@ -113,6 +142,7 @@ impl Worker {
                 ingestor,
                 metrics,
                 health,
+                breakers,
                 slots: Arc::new(Semaphore::new(concurrency)),
             }),
         })
@@ -245,6 +275,10 @@ impl Worker {
 
         // Set by a delivery task whose publish failed: the channel is in doubt, start over.
         let broken = CancellationToken::new();
+        // Ends the waits of held deliveries when the session ends: on shutdown they are
+        // handed back, on a lost connection the broker redelivers them anyway.
+        let session_over = shutdown.child_token();
+        let _session_over = session_over.clone().drop_guard();
         let end = loop {
             tokio::select! {
                 biased;
@@ -258,8 +292,8 @@ impl Worker {
                         let worker = self.clone();
                         let publish_ch = publish_ch.clone();
                         let broken = broken.clone();
-                        let shutdown = shutdown.clone();
-                        tracker.spawn(async move { worker.handle(delivery, publish_ch, broken, shutdown).await });
+                        let session_over = session_over.clone();
+                        tracker.spawn(async move { worker.handle(delivery, publish_ch, broken, session_over).await });
                     }
                     Some(Err(e)) => break anyhow::anyhow!("the consumer stopped: {e}"),
                     None => break anyhow::anyhow!("the broker cancelled the consumer (queue deleted?)"),
@@ -275,7 +309,7 @@ impl Worker {
         delivery: Delivery,
         publish_ch: Channel,
         broken: CancellationToken,
-        shutdown: CancellationToken,
+        session_over: CancellationToken,
     ) {
         let s = &self.inner;
         s.metrics.received();
@@ -294,45 +328,118 @@ impl Worker {
             project.id = Empty,
         );
         async {
-            // Wait for a slot; on shutdown hand the delivery back rather than start it.
-            let permit = tokio::select! {
-                biased;
-                permit = s.slots.clone().acquire_owned() => permit.ok(),
-                () = shutdown.cancelled() => None,
-            };
-            let Some(_permit) = permit else {
-                hand_back(&delivery).await;
+            // When the wait for an artifact host ends; set at the first wait for one.
+            let mut host_deadline: Option<Instant> = None;
+            loop {
+                // Wait for a slot, then for PostgreSQL and S3; when the session ends
+                // (shutdown) hand the delivery back rather than start it.
+                let permit = tokio::select! {
+                    biased;
+                    () = session_over.cancelled() => None,
+                    permit = s.slots.clone().acquire_owned() => permit.ok(),
+                };
+                let Some(permit) = permit else {
+                    hand_back(&delivery).await;
+                    return;
+                };
+                if let Some(down) = s.breakers.global_down() {
+                    s.metrics.held(down.label());
+                    tracing::debug!(dependency = %down, "waiting for a dependency before starting");
+                }
+                if !s.breakers.wait_global(&session_over).await {
+                    hand_back(&delivery).await;
+                    return;
+                }
+                let in_flight = s.metrics.in_flight();
+                let action = match self.process(&delivery, attempt).await {
+                    Ok(action) => action,
+                    Err(e) => match e.fault() {
+                        Fault::Dependency(dependency) => {
+                            drop((permit, in_flight));
+                            match self
+                                .hold(&dependency, &e, &mut host_deadline, &session_over)
+                                .await
+                            {
+                                Held::Resume => continue,
+                                Held::Stopped => {
+                                    hand_back(&delivery).await;
+                                    return;
+                                }
+                                Held::Spend(reason) => self.failed(&e, attempt, reason),
+                            }
+                        }
+                        Fault::Transient | Fault::Permanent => self.failed(&e, attempt, None),
+                    },
+                };
+                self.settle(&delivery, attempt, action, &publish_ch, &broken)
+                    .await;
                 return;
-            };
-            let _in_flight = s.metrics.in_flight();
-            let action = self.process(&delivery, attempt).await;
-            self.settle(&delivery, attempt, action, &publish_ch, &broken)
-                .await;
+            }
         }
         .instrument(span)
         .await;
     }
 
-    /// Decodes and ingests; says what to do with the delivery.
-    async fn process(&self, delivery: &Delivery, attempt: u32) -> Action {
+    /// A delivery whose ingest failed on `dependency`: confirmed down, it waits (without
+    /// a slot) until the breaker closes; the dependency answering means the fault is the
+    /// message's.
+    async fn hold(
+        &self,
+        dependency: &Dependency,
+        error: &IngestError,
+        host_deadline: &mut Option<Instant>,
+        session_over: &CancellationToken,
+    ) -> Held {
+        let s = &self.inner;
+        if s.breakers.confirm(dependency).await == Verdict::Up {
+            return Held::Spend(None);
+        }
+        s.metrics.held(dependency.label());
+        tracing::debug!(%dependency, error = %error, "held until the dependency is back; no attempt spent");
+        let back = match dependency {
+            Dependency::ArtifactHost(_) => {
+                let deadline =
+                    *host_deadline.get_or_insert_with(|| Instant::now() + s.breakers.host_wait());
+                match tokio::time::timeout_at(
+                    deadline.into(),
+                    s.breakers.wait_up(dependency, session_over),
+                )
+                .await
+                {
+                    Ok(back) => back,
+                    Err(_) => {
+                        return Held::Spend(Some(format!(
+                            "{dependency} down for more than {} s (breaker.host_wait_secs)",
+                            s.breakers.host_wait().as_secs()
+                        )));
+                    }
+                }
+            }
+            _ => s.breakers.wait_up(dependency, session_over).await,
+        };
+        if back { Held::Resume } else { Held::Stopped }
+    }
+
+    /// Decodes and ingests; says what to do with the delivery, or how ingesting failed.
+    async fn process(&self, delivery: &Delivery, _attempt: u32) -> Result<Action, IngestError> {
         let s = &self.inner;
         let size = delivery.data.len() as u64;
         if size > s.settings.max_message_bytes {
-            return Action::DeadLetter {
+            return Ok(Action::DeadLetter {
                 class: "too_large",
                 reason: format!(
                     "message is {size} bytes, over the limit of {} (amqp.max_message_bytes)",
                     s.settings.max_message_bytes
                 ),
-            };
+            });
         }
         let msg = match RunCompleted::decode(&delivery.data) {
             Ok(m) => m,
             Err(e) => {
-                return Action::DeadLetter {
+                return Ok(Action::DeadLetter {
                     class: e.class(),
                     reason: e.to_string(),
-                };
+                });
             }
         };
         let span = tracing::Span::current();
@@ -371,22 +478,34 @@ impl Worker {
                         );
                     }
                 }
-                Action::Ack
+                Ok(Action::Ack)
             }
-            Err(e) => match e.disposition() {
-                Disposition::Ack => Action::Ack,
-                Disposition::Retry if attempt < s.settings.max_attempts => Action::Retry {
-                    class: e.class(),
-                    reason: e.to_string(),
-                },
-                Disposition::Retry => Action::DeadLetter {
-                    class: e.class(),
-                    reason: format!("gave up after {attempt} attempts: {e}"),
-                },
-                Disposition::DeadLetter => Action::DeadLetter {
-                    class: e.class(),
-                    reason: e.to_string(),
-                },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What a failure that spends an attempt does: retry while attempts remain, then
+    /// dead-letter with the count; a permanent fault is dead-lettered at once. `why`
+    /// says why a dependency fault was charged to the message.
+    fn failed(&self, e: &IngestError, attempt: u32, why: Option<String>) -> Action {
+        let s = &self.inner;
+        let reason = match why {
+            Some(why) => format!("{e} ({why})"),
+            None => e.to_string(),
+        };
+        match e.disposition() {
+            Disposition::Ack => Action::Ack,
+            Disposition::Retry if attempt < s.settings.max_attempts => Action::Retry {
+                class: e.class(),
+                reason,
+            },
+            Disposition::Retry => Action::DeadLetter {
+                class: e.class(),
+                reason: format!("gave up after {attempt} attempts: {reason}"),
+            },
+            Disposition::DeadLetter => Action::DeadLetter {
+                class: e.class(),
+                reason,
             },
         }
     }
@@ -467,35 +586,6 @@ impl Worker {
     }
 }
 
-/// Probes PostgreSQL every `every` until `stop`, for `/readyz` and `database_up`.
-pub async fn watch_database(
-    pool: sqlx::PgPool,
-    health: Health,
-    metrics: Metrics,
-    every: Duration,
-    stop: CancellationToken,
-) {
-    loop {
-        let ok = matches!(
-            tokio::time::timeout(every.max(Duration::from_secs(1)), crate::db::probe(&pool)).await,
-            Ok(Ok(_))
-        );
-        if ok != health.database() {
-            if ok {
-                tracing::info!("PostgreSQL reachable");
-            } else {
-                tracing::warn!("PostgreSQL unreachable");
-            }
-        }
-        health.set_database(ok);
-        metrics.database_up(ok);
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-    }
-}
-
 /// A worker started by [`start`]: its HTTP address, metrics, health and completion.
 pub struct Running {
     pub addr: std::net::SocketAddr,
@@ -518,9 +608,27 @@ pub async fn start(
         .context("consume needs database.url")?;
     let metrics = Metrics::new();
     let health = Health::default();
-    let worker = Worker::new(&settings.amqp, ingestor, metrics.clone(), health.clone())?;
-    // The HTTP server outlives the drain, so /readyz can say "stopping" meanwhile.
+    // The HTTP server and the probes outlive the drain, so /readyz can say "stopping"
+    // meanwhile and held deliveries see a dependency come back.
     let http_stop = CancellationToken::new();
+    let breakers = Breakers::new(
+        &settings.breaker,
+        Some(pool),
+        ingestor
+            .store()
+            .map(|st| (st.client().clone(), st.bucket().to_string())),
+        metrics.clone(),
+        health.clone(),
+        http_stop.clone(),
+    );
+    breakers.spawn_checks();
+    let worker = Worker::new(
+        &settings.amqp,
+        ingestor,
+        metrics.clone(),
+        health.clone(),
+        breakers,
+    )?;
     let (addr, http) = crate::http::serve(
         &settings.http.bind,
         health.clone(),
@@ -529,13 +637,6 @@ pub async fn start(
     )
     .await?;
     tracing::info!(%addr, "serving /livez, /readyz and /metrics");
-    tokio::spawn(watch_database(
-        pool,
-        health.clone(),
-        metrics.clone(),
-        Duration::from_secs(1),
-        http_stop.clone(),
-    ));
     tokio::spawn({
         let (health, shutdown) = (health.clone(), shutdown.clone());
         async move {

@@ -162,6 +162,14 @@ impl StoreError {
             Self::Db(e)
         }
     }
+
+    /// Whose fault this is: see [`db_fault`].
+    pub fn fault(&self) -> crate::fault::Fault {
+        match self {
+            Self::TenantMismatch { .. } | Self::Refused { .. } => crate::fault::Fault::Permanent,
+            Self::Db(e) => db_fault(e),
+        }
+    }
 }
 
 /// PostgreSQL's reason, with its SQLSTATE and the constraint it names, never the
@@ -192,25 +200,35 @@ fn refusal_reason(e: &sqlx::Error) -> String {
     out
 }
 
-pub fn is_transient_db(e: &sqlx::Error) -> bool {
+/// Connection failures, pool timeouts, `08*` (connection exception), `57P*` (server
+/// shutting down or restarting) and `53*` (out of connections or resources) say
+/// PostgreSQL is unavailable to everyone; a serialization failure or deadlock (`40001`,
+/// `40P01`) is this transaction's bad luck and costs an attempt; the rest is permanent.
+pub fn db_fault(e: &sqlx::Error) -> crate::fault::Fault {
+    use crate::fault::{Dependency, Fault};
     match e {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_) => true,
+        | sqlx::Error::Protocol(_) => Fault::Dependency(Dependency::Database),
         sqlx::Error::Database(db) => {
-            // 40001 serialization_failure, 40P01 deadlock, 08* connection, 57P0* shutdown,
-            // 53* insufficient resources.
             let code = db.code().unwrap_or_default();
-            code == "40001"
-                || code == "40P01"
-                || code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
+            if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
+                Fault::Dependency(Dependency::Database)
+            } else if code == "40001" || code == "40P01" {
+                Fault::Transient
+            } else {
+                Fault::Permanent
+            }
         }
-        _ => false,
+        // The pool is closed only when the worker itself is stopping.
+        sqlx::Error::PoolClosed => Fault::Transient,
+        _ => Fault::Permanent,
     }
+}
+
+pub fn is_transient_db(e: &sqlx::Error) -> bool {
+    !matches!(db_fault(e), crate::fault::Fault::Permanent)
 }
 
 /// What is already stored for a run.

@@ -2,12 +2,15 @@
 //!
 //! `/livez` only says the process answers: restarting a worker because the broker or
 //! the database is away would not bring them back. `/readyz` says whether the worker is
-//! doing its job (connected to RabbitMQ and PostgreSQL, not shutting down), so an outage
-//! shows on dashboards and a rollout waits for a new pod to really consume.
+//! doing its job (RabbitMQ, PostgreSQL and S3 up, not shutting down) and, in a small JSON
+//! body, which dependency is down, so an outage shows on dashboards and a rollout waits
+//! for a new pod to really consume. An artifact host that is down is listed but does not
+//! make the worker unready: it is one tenant's host, and the other runs go on.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use axum::Router;
@@ -19,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// What `/readyz` reports: connected to both RabbitMQ and PostgreSQL, not shutting down.
+/// What `/readyz` reports: each dependency's state and whether the worker is stopping.
 #[derive(Clone, Default)]
 pub struct Health {
     inner: Arc<HealthInner>,
@@ -29,7 +32,9 @@ pub struct Health {
 struct HealthInner {
     amqp: AtomicBool,
     database: AtomicBool,
+    s3: AtomicBool,
     stopping: AtomicBool,
+    hosts_down: Mutex<BTreeSet<String>>,
 }
 
 impl Health {
@@ -39,6 +44,19 @@ impl Health {
 
     pub fn set_database(&self, up: bool) {
         self.inner.database.store(up, Ordering::SeqCst);
+    }
+
+    pub fn set_s3(&self, up: bool) {
+        self.inner.s3.store(up, Ordering::SeqCst);
+    }
+
+    pub fn set_host(&self, host: &str, up: bool) {
+        let mut down = self.hosts();
+        if up {
+            down.remove(host);
+        } else {
+            down.insert(host.to_string());
+        }
     }
 
     pub fn set_stopping(&self) {
@@ -53,12 +71,42 @@ impl Health {
         self.inner.database.load(Ordering::SeqCst)
     }
 
+    pub fn s3(&self) -> bool {
+        self.inner.s3.load(Ordering::SeqCst)
+    }
+
     pub fn stopping(&self) -> bool {
         self.inner.stopping.load(Ordering::SeqCst)
     }
 
+    /// Artifact hosts whose breaker is open.
+    pub fn hosts_down(&self) -> Vec<String> {
+        self.hosts().iter().cloned().collect()
+    }
+
     pub fn ready(&self) -> bool {
-        self.amqp() && self.database() && !self.stopping()
+        self.amqp() && self.database() && self.s3() && !self.stopping()
+    }
+
+    fn hosts(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inner
+            .hosts_down
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The `/readyz` body: `{"ready":false,"amqp":"up","database":"down","s3":"up",
+    /// "artifact_hosts_down":[],"stopping":false}`.
+    pub fn report(&self) -> serde_json::Value {
+        let state = |up: bool| if up { "up" } else { "down" };
+        serde_json::json!({
+            "ready": self.ready(),
+            "amqp": state(self.amqp()),
+            "database": state(self.database()),
+            "s3": state(self.s3()),
+            "artifact_hosts_down": self.hosts_down(),
+            "stopping": self.stopping(),
+        })
     }
 }
 
@@ -78,23 +126,14 @@ pub fn router(health: Health, metrics: Metrics) -> Router {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let h = &state.health;
-    let body = format!(
-        "ready: {}\namqp: {}\ndatabase: {}\nstopping: {}\n",
-        h.ready(),
-        if h.amqp() {
-            "connected"
-        } else {
-            "disconnected"
-        },
-        if h.database() { "up" } else { "down" },
-        h.stopping()
-    );
     let code = if h.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, body)
+    let mut body = h.report().to_string();
+    body.push('\n');
+    (code, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {

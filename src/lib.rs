@@ -10,6 +10,7 @@
 //! - [`replay`]: the backfill driver over message files;
 //! - [`amqp`]: RabbitMQ connection, topology and confirmed publishing;
 //! - [`consumer`]: the RabbitMQ driver (`consume`): retries, dead letters, shutdown;
+//! - [`fault`], [`breaker`]: whose fault a failure is; pausing while a dependency is down;
 //! - [`publish`]: `publish` and `requeue`;
 //! - [`submit`]: the runner side: stage artifacts, publish the message;
 //! - [`http`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
@@ -17,10 +18,12 @@
 pub mod amqp;
 pub mod app;
 pub mod artifact;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod db;
+pub mod fault;
 pub mod http;
 pub mod ingest;
 pub mod message;

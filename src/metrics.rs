@@ -2,7 +2,9 @@
 //!
 //! Names follow `k6_ingest_<name>_<unit>`; counters get their `_total` suffix from the
 //! encoder. Labels stay few and bounded: the reason class of a dead letter or retry
-//! (a fixed set, from `IngestError::class` / `MessageError::class`), never an id.
+//! (a fixed set, from `IngestError::class` / `MessageError::class`), a dependency
+//! (`database`, `s3`, `amqp`, `artifact_host`), an artifact host (only allow-listed hosts
+//! are ever fetched from, so `fetch.allowed_hosts` bounds them), never an id.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
 type ClassLabels = [(&'static str, &'static str); 1];
+type HostLabels = [(&'static str, String); 1];
 
 /// Shared handles to every metric; cheap to clone.
 #[derive(Clone)]
@@ -34,6 +37,11 @@ struct Inner {
     amqp_connected: Gauge,
     amqp_connections: Counter,
     database_up: Gauge,
+    dependency_up: Family<ClassLabels, Gauge>,
+    artifact_host_up: Family<HostLabels, Gauge>,
+    artifact_hosts_down: Gauge,
+    breaker_openings: Family<ClassLabels, Counter>,
+    held: Family<ClassLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -114,6 +122,36 @@ impl Metrics {
             "1 while the last PostgreSQL probe succeeded",
             database_up.clone(),
         );
+        let dependency_up = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "dependency_up",
+            "1 while the dependency (database, s3, amqp) answers, 0 while its breaker is open",
+            dependency_up.clone(),
+        );
+        let artifact_host_up = Family::<HostLabels, Gauge>::default();
+        registry.register(
+            "artifact_host_up",
+            "Per artifact host that has failed once: 1 while it answers, 0 while its breaker is open",
+            artifact_host_up.clone(),
+        );
+        let artifact_hosts_down = Gauge::default();
+        registry.register(
+            "artifact_hosts_down",
+            "Artifact hosts whose breaker is open",
+            artifact_hosts_down.clone(),
+        );
+        let breaker_openings = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "breaker_openings",
+            "Times a dependency was found down and its breaker opened",
+            breaker_openings.clone(),
+        );
+        let held = Family::<ClassLabels, Counter>::default();
+        registry.register(
+            "deliveries_held",
+            "Deliveries paused (held unacked, no attempt spent) until a dependency came back",
+            held.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -128,6 +166,11 @@ impl Metrics {
                 amqp_connected,
                 amqp_connections,
                 database_up,
+                dependency_up,
+                artifact_host_up,
+                artifact_hosts_down,
+                breaker_openings,
+                held,
             }),
         }
     }
@@ -176,6 +219,7 @@ impl Metrics {
 
     pub fn amqp_connected(&self, up: bool) {
         self.inner.amqp_connected.set(i64::from(up));
+        self.dependency_up("amqp", up);
         if up {
             self.inner.amqp_connections.inc();
         }
@@ -183,6 +227,56 @@ impl Metrics {
 
     pub fn database_up(&self, up: bool) {
         self.inner.database_up.set(i64::from(up));
+    }
+
+    /// `dependency` is `database`, `s3` or `amqp`.
+    pub fn dependency_up(&self, dependency: &'static str, up: bool) {
+        if dependency == "database" {
+            self.database_up(up);
+        }
+        self.inner
+            .dependency_up
+            .get_or_create(&[("dependency", dependency)])
+            .set(i64::from(up));
+    }
+
+    /// One host's state, and how many hosts are down now.
+    pub fn artifact_host_up(&self, host: &str, up: bool, hosts_down: usize) {
+        self.inner
+            .artifact_host_up
+            .get_or_create(&[("host", host.to_string())])
+            .set(i64::from(up));
+        self.inner
+            .artifact_hosts_down
+            .set(i64::try_from(hosts_down).unwrap_or(i64::MAX));
+    }
+
+    pub fn breaker_opened(&self, dependency: &'static str) {
+        self.inner
+            .breaker_openings
+            .get_or_create(&[("dependency", dependency)])
+            .inc();
+    }
+
+    pub fn held(&self, dependency: &'static str) {
+        self.inner
+            .held
+            .get_or_create(&[("dependency", dependency)])
+            .inc();
+    }
+
+    pub fn held_count(&self, dependency: &'static str) -> u64 {
+        self.inner
+            .held
+            .get_or_create(&[("dependency", dependency)])
+            .get()
+    }
+
+    pub fn breaker_openings_count(&self, dependency: &'static str) -> u64 {
+        self.inner
+            .breaker_openings
+            .get_or_create(&[("dependency", dependency)])
+            .get()
     }
 
     /// Current values, for tests and logs.

@@ -23,6 +23,19 @@ pub struct UploadError {
     pub transient: bool,
 }
 
+impl UploadError {
+    /// A fault that may pass (5xx, SlowDown, timeouts, unreachable endpoint) is the S3
+    /// endpoint's, not the run's: every run uploads to the same bucket. The rest (a local
+    /// file that cannot be read, access denied) cannot pass by retrying.
+    pub fn fault(&self) -> crate::fault::Fault {
+        if self.transient {
+            crate::fault::Fault::Dependency(crate::fault::Dependency::ArtifactStore)
+        } else {
+            crate::fault::Fault::Permanent
+        }
+    }
+}
+
 /// Builds an S3 client from the settings and the standard AWS credential chain.
 pub async fn build_client(s: &S3Settings) -> aws_sdk_s3::Client {
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())

@@ -1,5 +1,6 @@
 //! The consumer against real RabbitMQ, PostgreSQL and S3: ingestion and idempotence,
-//! dead letters, the delivery limit, retries through outages, concurrency.
+//! dead letters, the delivery limit, outages that pause instead of spending attempts,
+//! faults of the message that are retried, concurrency.
 
 mod queue_support;
 
@@ -258,35 +259,39 @@ async fn delivery_limit_dead_letters_instead_of_dropping() {
     cleanup(&s).await;
 }
 
-/// PostgreSQL goes away during a run of messages and comes back: each message is retried
-/// with backoff through the delay queues and stored exactly once.
-#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
-async fn database_outage_is_retried_with_backoff_and_every_run_stored_once(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
-    s.amqp.max_attempts = 30;
+/// Breaker settings that notice an outage and its end within a fraction of a second.
+fn quick_breakers(s: &mut k6_ingest::config::Settings) {
+    s.breaker.probe_base_ms = 100;
+    s.breaker.probe_max_ms = 400;
+    s.breaker.probe_timeout_ms = 1500;
+    s.breaker.check_interval_ms = 300;
+}
+
+/// An attempt budget far shorter than the outages below: 3 attempts 100..200 ms apart.
+fn short_attempt_budget(s: &mut k6_ingest::config::Settings) {
+    s.amqp.max_attempts = 3;
     s.amqp.retry_base_ms = 100;
-    s.amqp.retry_max_ms = 800;
+    s.amqp.retry_max_ms = 200;
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
-    let pg: std::net::SocketAddr = {
-        let opts = pool.connect_options();
-        tokio::net::lookup_host((opts.get_host(), opts.get_port()))
-            .await
-            .unwrap()
-            .next()
-            .unwrap()
-    };
-    let proxy = Proxy::start(pg).await;
-    let proxied = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(6)
-        .acquire_timeout(std::time::Duration::from_secs(1))
-        .connect_lazy_with(
-            (*pool.connect_options())
-                .clone()
-                .host("127.0.0.1")
-                .port(proxy.addr.port()),
-        );
+}
+
+/// Longer than the whole attempt budget many times over.
+const OUTAGE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// PostgreSQL goes away under a backlog: the worker pauses (at most prefetch deliveries
+/// held, the rest left in the queue), spends no attempt, reports the outage on /readyz
+/// and /metrics, and stores every run once when PostgreSQL is back.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn database_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(
+    pool: PgPool,
+) {
+    let t = tag();
+    let mut s = settings(&t);
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    let proxy = Proxy::start(pg_addr(&pool).await).await;
+    let proxied = proxied_pool(&pool, &proxy);
     let shutdown = CancellationToken::new();
     let running = consumer::start(&s, ingestor(&proxied, &s).await, shutdown.clone())
         .await
@@ -306,14 +311,41 @@ async fn database_outage_is_retried_with_backoff_and_every_run_stored_once(pool:
     proxy.cut();
     let during = messages(12);
     publish_bodies(&s, &bodies(&during)).await;
-    wait_for("retries while PostgreSQL is away", || async {
-        (running.metrics.retried_count("database") >= 12).then_some(())
+    wait_for("/readyz naming the database", || async {
+        let (code, body) = readyz_report(addr).await;
+        (code == 503 && body["database"] == "down" && body["s3"] == "up").then_some(())
     })
     .await;
-    wait_for("/readyz reporting the outage", || async {
-        (readyz(addr).await == Some(503)).then_some(())
-    })
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    wait_for(
+        "prefetch deliveries held, the rest left in the queue",
+        || async { (queue_len(&conn, &topo.queue).await == 12 - 4).then_some(()) },
+    )
     .await;
+    tokio::time::sleep(OUTAGE).await;
+    assert_eq!(
+        scrape(addr, "k6_ingest_dependency_up{dependency=\"database\"}").await,
+        0.0
+    );
+    assert_eq!(
+        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
+        1.0
+    );
+    assert_eq!(
+        running.metrics.retried_count("database"),
+        0,
+        "no attempt spent"
+    );
+    assert_eq!(running.metrics.dead_lettered_count("database"), 0);
+    assert_eq!(
+        retry_and_dead(&conn, &topo).await,
+        (0, 0),
+        "nothing in the retry or dead-letter queues"
+    );
+    assert!(running.metrics.held_count("database") >= 1);
+    assert_eq!(running.metrics.breaker_openings_count("database"), 1);
+    assert_eq!(queue_len(&conn, &topo.queue).await, 12 - 4, "no spinning");
     assert_eq!(stored(&pool, &run_ids(&during)).await, 0);
     proxy.restore();
 
@@ -325,99 +357,164 @@ async fn database_outage_is_retried_with_backoff_and_every_run_stored_once(pool:
         (readyz(addr).await == Some(200)).then_some(())
     })
     .await;
+    assert_eq!(
+        scrape(addr, "k6_ingest_dependency_up{dependency=\"database\"}").await,
+        1.0
+    );
     let mut all = before.clone();
     all.extend(during.clone());
     assert_each_stored_once(&pool, &all).await;
-    let conn = connect().await;
-    let topo = Topology::new(&s.amqp);
     wait_for("queues empty", || async {
-        let mut total =
-            queue_len(&conn, &topo.queue).await + queue_len(&conn, &topo.dead_letter_queue).await;
-        for (q, _) in topo.retry_queues() {
-            total += queue_len(&conn, &q).await;
-        }
+        let total = queue_len(&conn, &topo.queue).await;
         (total == 0 && running.metrics.snapshot().in_flight == 0).then_some(())
     })
     .await;
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    assert_eq!(running.metrics.retried_count("database"), 0);
     assert_eq!(running.metrics.dead_lettered_count("database"), 0);
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
     cleanup(&s).await;
 }
 
-/// S3 goes away: with few attempts allowed, the message ends in the dead-letter queue
-/// with the attempt count; with S3 back in time, every run is stored once.
+/// S3 goes away for far longer than the attempt budget: nothing is retried or
+/// dead-lettered, /readyz and /metrics name S3, and every run is stored once after.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
-async fn s3_outage_is_retried_then_dead_lettered_with_the_attempt_count(pool: PgPool) {
+async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(pool: PgPool) {
     let t = tag();
     let mut s = settings(&t);
     let _ = store(&s).await; // the bucket, created through the real endpoint
-    let real: std::net::SocketAddr = url::Url::parse(s.s3.endpoint.as_deref().unwrap())
-        .unwrap()
-        .socket_addrs(|| None)
-        .unwrap()[0];
-    let proxy = Proxy::start(real).await;
+    let proxy = Proxy::start(s3_addr(&s)).await;
     s.s3.endpoint = Some(format!("http://{}", proxy.addr));
-    s.amqp.max_attempts = 3;
-    s.amqp.retry_base_ms = 100;
-    s.amqp.retry_max_ms = 200;
-    let ing = ingestor(&pool, &s).await;
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
     let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ing.clone(), shutdown.clone())
+    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await
         .unwrap();
+    let addr = running.addr;
+    wait_for("ready", || async {
+        (readyz(addr).await == Some(200)).then_some(())
+    })
+    .await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
 
     proxy.cut();
-    let doomed = messages(2);
-    publish_bodies(&s, &bodies(&doomed)).await;
-    wait_for("dead letters after 3 attempts", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 2).then_some(())
+    let msgs = messages(10);
+    publish_bodies(&s, &bodies(&msgs)).await;
+    wait_for("/readyz naming s3", || async {
+        let (code, body) = readyz_report(addr).await;
+        (code == 503 && body["s3"] == "down" && body["database"] == "up").then_some(())
     })
     .await;
-    let dead = drain(&conn, &topo.dead_letter_queue).await;
-    for (body, props) in &dead {
-        assert!(bodies(&doomed).contains(body), "original body kept");
-        assert_eq!(amqp::header_u64(props, ATTEMPTS_HEADER), Some(3));
-        assert_eq!(
-            amqp::header_str(props, REASON_CLASS_HEADER).as_deref(),
-            Some("upload")
-        );
-        assert!(
-            amqp::header_str(props, REASON_HEADER)
-                .unwrap()
-                .contains("gave up after 3 attempts")
-        );
-    }
-    assert_eq!(running.metrics.retried_count("upload"), 4, "2 retries each");
+    wait_for(
+        "prefetch deliveries held, the rest left in the queue",
+        || async { (queue_len(&conn, &topo.queue).await == 10 - 4).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(OUTAGE).await;
     assert_eq!(
-        stored(&pool, &run_ids(&doomed)).await,
+        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
+        0.0
+    );
+    assert_eq!(
+        running.metrics.retried_count("upload"),
         0,
-        "nothing written without the artifacts"
+        "no attempt spent"
+    );
+    assert_eq!(running.metrics.dead_lettered_count("upload"), 0);
+    assert_eq!(
+        retry_and_dead(&conn, &topo).await,
+        (0, 0),
+        "nothing in the retry or dead-letter queues"
+    );
+    assert!(running.metrics.held_count("s3") >= 1);
+    assert_eq!(running.metrics.breaker_openings_count("s3"), 1);
+    assert!(
+        scrape(addr, "k6_ingest_deliveries_held_total{dependency=\"s3\"}").await >= 1.0,
+        "held deliveries on /metrics"
+    );
+    assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
+    proxy.restore();
+
+    wait_for("every run stored", || async {
+        (stored(&pool, &run_ids(&msgs)).await == 10).then_some(())
+    })
+    .await;
+    wait_for("ready again", || async {
+        (readyz(addr).await == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
+        1.0
+    );
+    assert_each_stored_once(&pool, &msgs).await;
+    wait_for("the work queue empty", || async {
+        (queue_len(&conn, &topo.queue).await == 0 && running.metrics.snapshot().in_flight == 0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    assert_eq!(running.metrics.retried_count("upload"), 0);
+    let store = store(&s).await;
+    let keys = s3_keys(&store, msgs[0]["run_id"].as_str().unwrap()).await;
+    assert!(
+        keys.iter().any(|k| k.ends_with("k6.log")),
+        "artifacts uploaded after the outage: {keys:?}"
     );
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
+    cleanup(&s).await;
+}
 
-    // Again with attempts enough to outlast the outage.
-    s.amqp.max_attempts = 40;
+/// Shutdown during an outage hands the held deliveries back at once (not after the
+/// outage, not after the grace period), spending no attempt, and the worker stops cleanly.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPool) {
+    let t = tag();
+    let mut s = settings(&t);
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    s.shutdown.grace_secs = 120;
+    let proxy = Proxy::start(pg_addr(&pool).await).await;
+    let proxied = proxied_pool(&pool, &proxy);
     let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ing, shutdown.clone()).await.unwrap();
+    let running = consumer::start(&s, ingestor(&proxied, &s).await, shutdown.clone())
+        .await
+        .unwrap();
+    proxy.cut();
     let msgs = messages(6);
     publish_bodies(&s, &bodies(&msgs)).await;
-    wait_for("retries while S3 is away", || async {
-        (running.metrics.retried_count("upload") >= 6).then_some(())
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    wait_for("prefetch deliveries held", || async {
+        (queue_len(&conn, &topo.queue).await == 6 - 4
+            && readyz_report(running.addr).await.1["database"] == "down")
+            .then_some(())
     })
     .await;
-    proxy.restore();
-    wait_for("every run stored", || async {
-        (stored(&pool, &run_ids(&msgs)).await == 6).then_some(())
-    })
-    .await;
-    assert_each_stored_once(&pool, &msgs).await;
-    assert_eq!(queue_len(&conn, &topo.dead_letter_queue).await, 0);
+    let running_metrics = running.metrics.clone();
     shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    // Far below the 120 s grace: held deliveries do not wait for the outage to end.
+    tokio::time::timeout(std::time::Duration::from_secs(30), running.done)
+        .await
+        .expect("stopped without waiting for the outage or the grace period")
+        .unwrap()
+        .unwrap();
+    wait_for("every message back in the work queue", || async {
+        (queue_len(&conn, &topo.queue).await == 6).then_some(())
+    })
+    .await;
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    assert_eq!(
+        running_metrics.retried_count("database"),
+        0,
+        "no attempt spent"
+    );
+    assert!(running_metrics.held_count("database") >= 1);
+    proxy.restore();
     cleanup(&s).await;
 }
 
@@ -519,15 +616,18 @@ async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
     cleanup(&s).await;
 }
 
-/// The artifact host refuses connections for a while (a fetch failure that may pass):
-/// the runs are retried, not dead-lettered, and stored once the host is back.
+/// An artifact host refuses connections for a while: the runs that need it are held
+/// (no attempt spent), /readyz and /metrics name the host, runs of other tenants go on,
+/// and the held runs are stored once the host is back.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
-async fn artifact_host_outage_is_retried_then_stored(pool: PgPool) {
+async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stores_them(
+    pool: PgPool,
+) {
     let t = tag();
     let mut s = settings(&t);
-    s.amqp.max_attempts = 40;
-    s.amqp.retry_base_ms = 100;
-    s.amqp.retry_max_ms = 400;
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    s.breaker.host_wait_secs = 60;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let host = SlowServer::start(summary).await;
     let proxy = Proxy::start(host.addr).await;
@@ -536,8 +636,9 @@ async fn artifact_host_outage_is_retried_then_stored(pool: PgPool) {
     let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await
         .unwrap();
+    let addr = running.addr;
     proxy.cut();
-    let msgs: Vec<Value> = (0..4)
+    let msgs: Vec<Value> = (0..2)
         .map(|i| {
             let mut m = message("thresholds-pass");
             m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/runs/{i}/summary.json", proxy.addr) });
@@ -545,14 +646,35 @@ async fn artifact_host_outage_is_retried_then_stored(pool: PgPool) {
         })
         .collect();
     publish_bodies(&s, &bodies(&msgs)).await;
-    wait_for("fetch retries", || async {
-        (running.metrics.retried_count("fetch") >= 4).then_some(())
+    let host_label = format!("k6_ingest_artifact_host_up{{host=\"{}\"}}", proxy.addr);
+    wait_for("/readyz and /metrics naming the host", || async {
+        let (code, body) = readyz_report(addr).await;
+        let named = body["artifact_hosts_down"] == serde_json::json!([proxy.addr.to_string()]);
+        (code == 200 && named && running.metrics.held_count("artifact_host") >= 2).then_some(())
     })
     .await;
+    assert_eq!(scrape(addr, &host_label).await, 0.0);
+    assert_eq!(scrape(addr, "k6_ingest_artifact_hosts_down").await, 1.0);
+    // Two of four slots are held; runs that do not need the host still go through.
+    let others = messages(6);
+    publish_bodies(&s, &bodies(&others)).await;
+    wait_for("other runs stored during the host outage", || async {
+        (stored(&pool, &run_ids(&others)).await == 6).then_some(())
+    })
+    .await;
+    tokio::time::sleep(OUTAGE).await;
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    assert_eq!(
+        running.metrics.retried_count("fetch"),
+        0,
+        "no attempt spent"
+    );
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     proxy.restore();
     wait_for("every run stored", || async {
-        (stored(&pool, &run_ids(&msgs)).await == 4).then_some(())
+        (stored(&pool, &run_ids(&msgs)).await == 2).then_some(())
     })
     .await;
     let status: Vec<String> =
@@ -565,7 +687,120 @@ async fn artifact_host_outage_is_retried_then_stored(pool: PgPool) {
         status.iter().all(|s| s == "passed"),
         "stored from the fetched summary: {status:?}"
     );
+    assert_eq!(scrape(addr, &host_label).await, 1.0);
+    assert_eq!(scrape(addr, "k6_ingest_artifact_hosts_down").await, 0.0);
+    assert_eq!(running.metrics.retried_count("fetch"), 0);
     assert_eq!(running.metrics.dead_lettered_count("fetch"), 0);
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    cleanup(&s).await;
+}
+
+/// An artifact host that stays down holds a delivery only for `breaker.host_wait_secs`
+/// per attempt; then the failure counts, and after `max_attempts` the message is
+/// dead-lettered with the count and the reason.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgPool) {
+    let t = tag();
+    let mut s = settings(&t);
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    s.amqp.max_attempts = 2;
+    s.breaker.host_wait_secs = 1;
+    // A port nothing listens on: bound, then released.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    s.fetch.allowed_hosts = vec![dead.to_string()];
+    let shutdown = CancellationToken::new();
+    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
+        .await
+        .unwrap();
+    let mut m = message("thresholds-pass");
+    m["artifacts"] = serde_json::json!({ "summary": format!("http://{dead}/summary.json") });
+    let msgs = vec![m];
+    publish_bodies(&s, &bodies(&msgs)).await;
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    wait_for("the dead letter", || async {
+        (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
+    })
+    .await;
+    let dead_letters = drain(&conn, &topo.dead_letter_queue).await;
+    let props = &dead_letters[0].1;
+    assert_eq!(amqp::header_u64(props, ATTEMPTS_HEADER), Some(2));
+    assert_eq!(
+        amqp::header_str(props, REASON_CLASS_HEADER).as_deref(),
+        Some("fetch")
+    );
+    let reason = amqp::header_str(props, REASON_HEADER).unwrap();
+    assert!(
+        reason.contains("gave up after 2 attempts") && reason.contains("breaker.host_wait_secs"),
+        "{reason}"
+    );
+    assert_eq!(running.metrics.retried_count("fetch"), 1);
+    assert!(running.metrics.held_count("artifact_host") >= 2);
+    shutdown.cancel();
+    running.done.await.unwrap().unwrap();
+    cleanup(&s).await;
+}
+
+/// Faults of one path while its host is up (a 503, a connection closed without an
+/// answer) belong to the message: they go through the retry queues and are dead-lettered
+/// after `max_attempts` with the count; no breaker opens.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool: PgPool) {
+    let t = tag();
+    let mut s = settings(&t);
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
+    let host = SlowServer::start(summary).await;
+    s.fetch.allowed_hosts = vec![host.addr.to_string()];
+    let shutdown = CancellationToken::new();
+    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
+        .await
+        .unwrap();
+    let msgs: Vec<Value> = ["status/503/summary.json", "hangup/summary.json"]
+        .iter()
+        .map(|path| {
+            let mut m = message("thresholds-pass");
+            m["artifacts"] =
+                serde_json::json!({ "summary": format!("http://{}/{path}", host.addr) });
+            m
+        })
+        .collect();
+    publish_bodies(&s, &bodies(&msgs)).await;
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    wait_for("two dead letters", || async {
+        (queue_len(&conn, &topo.dead_letter_queue).await == 2).then_some(())
+    })
+    .await;
+    let dead = drain(&conn, &topo.dead_letter_queue).await;
+    for (body, props) in &dead {
+        assert!(bodies(&msgs).contains(body), "original body kept");
+        assert_eq!(amqp::header_u64(props, ATTEMPTS_HEADER), Some(3));
+        assert_eq!(
+            amqp::header_str(props, REASON_CLASS_HEADER).as_deref(),
+            Some("fetch")
+        );
+        assert!(
+            amqp::header_str(props, REASON_HEADER)
+                .unwrap()
+                .contains("gave up after 3 attempts")
+        );
+    }
+    assert_eq!(running.metrics.retried_count("fetch"), 4, "2 retries each");
+    assert_eq!(running.metrics.held_count("artifact_host"), 0);
+    assert_eq!(running.metrics.breaker_openings_count("artifact_host"), 0);
+    assert_eq!(
+        readyz_report(running.addr).await.1["artifact_hosts_down"],
+        serde_json::json!([])
+    );
+    assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
     cleanup(&s).await;

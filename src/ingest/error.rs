@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use crate::artifact::FetchError;
 use crate::db::StoreError;
+use crate::fault::Fault;
 use crate::message::MessageError;
 use crate::s3::UploadError;
 
@@ -57,11 +58,23 @@ pub enum IngestError {
 
 impl IngestError {
     pub fn disposition(&self) -> Disposition {
+        if self.fault().is_retryable() {
+            Disposition::Retry
+        } else {
+            Disposition::DeadLetter
+        }
+    }
+
+    /// Whose fault this is, as the error that caused it decided (see [`crate::fault`]).
+    pub fn fault(&self) -> Fault {
         match self {
-            Self::Fetch { source, .. } if source.is_transient() => Disposition::Retry,
-            Self::Upload { source, .. } if source.transient => Disposition::Retry,
-            Self::Store { source, .. } if source.is_transient() => Disposition::Retry,
-            _ => Disposition::DeadLetter,
+            Self::Fetch { source, .. } => source.fault(),
+            Self::Upload { source, .. } => source.fault(),
+            Self::Store { source, .. } => source.fault(),
+            Self::Message(_)
+            | Self::SummaryUnusable { .. }
+            | Self::ContentRefused { .. }
+            | Self::Config { .. } => Fault::Permanent,
         }
     }
 

@@ -169,6 +169,11 @@ impl Ingestor {
         self
     }
 
+    /// The artifact store, for its outage probe.
+    pub fn store(&self) -> Option<&ArtifactStore> {
+        self.store.as_ref()
+    }
+
     /// Ingests one run. `Ok` means the run is stored (now or before) or, in a dry run,
     /// that it could be; `Err` says what went wrong and, through `disposition`, what to do.
     #[tracing::instrument(name = "ingest", skip_all, fields(run.id = %msg.run_id, event.id = %msg.event_id,

@@ -348,6 +348,8 @@ pub async fn readyz(addr: SocketAddr) -> Option<u16> {
 
 /// A TCP proxy a test can cut and restore: a fault (a service going away and coming
 /// back) that a shared real service cannot be made to show on cue for one test alone.
+/// Cut, it stops listening (new connections are refused, as with a stopped service) and
+/// drops the open ones; restored, it listens again on the same port.
 #[derive(Clone)]
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -360,15 +362,30 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let (up, rx) = watch::channel(true);
         tokio::spawn(async move {
+            let mut listener = Some(listener);
+            let mut state = rx.clone();
             loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
+                let Some(l) = &listener else {
+                    if state.wait_for(|up| *up).await.is_err() {
+                        return;
+                    }
+                    listener = Some(rebind(addr).await);
+                    continue;
+                };
+                let accepted = tokio::select! {
+                    a = l.accept() => a.ok(),
+                    r = state.wait_for(|up| !*up) => {
+                        if r.is_err() {
+                            return;
+                        }
+                        None
+                    }
+                };
+                let Some((client, _)) = accepted else {
+                    listener = None; // cut: refuse new connections
+                    continue;
                 };
                 let mut rx = rx.clone();
-                if !*rx.borrow() {
-                    drop(client); // down: refuse by closing at once
-                    continue;
-                }
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else {
                         return;
@@ -396,8 +413,73 @@ impl Proxy {
     }
 }
 
+/// Listens on `addr` again (the port may take a moment to be free).
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    let mut tries = 0;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 200, "cannot listen on {addr} again: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// `/readyz`: its status and JSON body.
+pub async fn readyz_report(addr: SocketAddr) -> (u16, Value) {
+    let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// Messages in the retry delay queues and the dead-letter queue (ready ones).
+pub async fn retry_and_dead(conn: &Connection, topo: &Topology) -> (u32, u32) {
+    let mut retry = 0;
+    for (q, _) in topo.retry_queues() {
+        retry += queue_len(conn, &q).await;
+    }
+    (retry, queue_len(conn, &topo.dead_letter_queue).await)
+}
+
+/// The socket address of a `#[sqlx::test]` pool's server.
+pub async fn pg_addr(pool: &PgPool) -> SocketAddr {
+    let opts = pool.connect_options();
+    tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+/// A pool to the same database through `proxy`, failing fast when it is cut.
+pub fn proxied_pool(pool: &PgPool, proxy: &Proxy) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(6)
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy_with(
+            (*pool.connect_options())
+                .clone()
+                .host("127.0.0.1")
+                .port(proxy.addr.port()),
+        )
+}
+
+/// The S3 endpoint of the settings, as a socket address for a proxy.
+pub fn s3_addr(s: &Settings) -> SocketAddr {
+    url::Url::parse(s.s3.endpoint.as_deref().unwrap())
+        .unwrap()
+        .socket_addrs(|| None)
+        .unwrap()[0]
+}
+
 /// An HTTP server for artifacts whose responses to `/slow/...` wait until released,
-/// counting how many such requests are open at once.
+/// counting how many such requests are open at once; `/status/NNN/...` answers status
+/// NNN and `/hangup/...` closes the connection without answering (faults of one path
+/// while the host is up).
 #[derive(Clone)]
 pub struct SlowServer {
     pub addr: SocketAddr,
@@ -441,6 +523,17 @@ impl SlowServer {
                         .unwrap_or_default()
                         .to_string();
                     let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                    if path.starts_with("/hangup/") {
+                        return; // closes the connection without an answer
+                    }
+                    if let Some(code) = path.strip_prefix("/status/").and_then(|p| p.get(..3)) {
+                        let head = format!(
+                            "HTTP/1.1 {code} Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        );
+                        let _ = conn.write_all(head.as_bytes()).await;
+                        let _ = conn.shutdown().await;
+                        return;
+                    }
                     if path.starts_with("/slow/") {
                         let now = s.open.fetch_add(1, Ordering::SeqCst) + 1;
                         s.peak.fetch_max(now, Ordering::SeqCst);

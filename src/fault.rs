@@ -1,0 +1,73 @@
+//! Whose fault a failure is: a dependency's (the worker pauses and probes it) or the
+//! message's (the attempt budget pays for it).
+//!
+//! Each error type decides this once, where its variants are made: `FetchError::fault`,
+//! `UploadError::fault`, `StoreError::fault`; `IngestError::fault` only forwards, and the
+//! consumer reads it once per delivery. A `Dependency` verdict is a suspicion the
+//! consumer confirms with the dependency's probe (see `breaker`): if the probe answers,
+//! the fault persists while the dependency is up, so it belongs to the message after all.
+//! Erring towards `Dependency` therefore costs one probe; erring towards `Transient`
+//! would burn the attempt budget during an outage.
+
+use std::fmt;
+
+/// A service the worker cannot work without, or an artifact host a message points at.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dependency {
+    /// PostgreSQL (`database.url`).
+    Database,
+    /// The worker's S3 endpoint: its artifact store, also where `s3://` artifacts come from.
+    ArtifactStore,
+    /// An allow-listed HTTP(S) artifact host, as `host:port`.
+    ArtifactHost(String),
+}
+
+impl Dependency {
+    /// The `dependency` label of metrics and the key in `/readyz`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Database => "database",
+            Self::ArtifactStore => "s3",
+            Self::ArtifactHost(_) => "artifact_host",
+        }
+    }
+
+    /// The `host:port` of an HTTP(S) URI, the key of its artifact host's breaker.
+    pub fn host_of(uri: &str) -> Option<Self> {
+        let url = url::Url::parse(uri).ok()?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return None;
+        }
+        let host = url.host_str()?.to_ascii_lowercase();
+        let port = url.port_or_known_default()?;
+        Some(Self::ArtifactHost(format!("{host}:{port}")))
+    }
+}
+
+impl fmt::Display for Dependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ArtifactHost(h) => write!(f, "artifact host {h}"),
+            other => f.write_str(other.label()),
+        }
+    }
+}
+
+/// Whose fault a failure is, and so what it costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The dependency looks down (refused or reset connections, timeouts, pool
+    /// exhaustion, shutdown states, 5xx from S3): pause and probe, spend no attempt.
+    Dependency(Dependency),
+    /// May pass, but the dependencies answer: one attempt of the retry budget.
+    Transient,
+    /// Retrying cannot help: dead-letter with the reason.
+    Permanent,
+}
+
+impl Fault {
+    /// Worth trying again at all (a dependency outage or a transient fault).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Permanent)
+    }
+}
