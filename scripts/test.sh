@@ -34,7 +34,6 @@ if grep -q serial_ <<<"$serial"; then
     cargo nextest run --locked --no-fail-fast --test-threads 1 -E 'test(/serial_/)'
 fi
 
-
 # Two worker processes on dedicated PostgreSQL, S3 and RabbitMQ instances through an S3
 # outage, a PostgreSQL outage, worker kills and a broker restart: every run stored once,
 # nothing dead-lettered. Small and short here; see scripts/soak.sh for the full size.

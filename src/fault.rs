@@ -71,3 +71,79 @@ impl Fault {
         !matches!(self, Self::Permanent)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::FetchError;
+    use crate::s3::UploadError;
+
+    #[test]
+    fn each_error_says_whose_fault_it_is() {
+        let host = |uri: &str| FetchError::Transport {
+            uri: uri.into(),
+            message: "connection refused".into(),
+        };
+        assert_eq!(
+            host("https://Artifacts.Internal/run/summary.json").fault(),
+            Fault::Dependency(Dependency::ArtifactHost("artifacts.internal:443".into()))
+        );
+        assert_eq!(
+            FetchError::Timeout {
+                uri: "http://10.0.0.1:9000/s.json".into(),
+                secs: 5
+            }
+            .fault(),
+            Fault::Dependency(Dependency::ArtifactHost("10.0.0.1:9000".into()))
+        );
+        // Not a host: a local reader failing is the message's transient fault.
+        assert_eq!(host("file:///data/s.json").fault(), Fault::Transient);
+        for (status, fault) in [
+            (503, Fault::Transient),
+            (429, Fault::Transient),
+            (408, Fault::Transient),
+            (403, Fault::Permanent),
+        ] {
+            let e = FetchError::Status {
+                uri: "http://h/s.json".into(),
+                status,
+            };
+            assert_eq!(e.fault(), fault, "{status}");
+            assert_eq!(e.is_transient(), fault.is_retryable(), "{status}");
+        }
+        let s3 = |transient| FetchError::S3 {
+            uri: "s3://b/k".into(),
+            message: "m".into(),
+            transient,
+        };
+        assert_eq!(
+            s3(true).fault(),
+            Fault::Dependency(Dependency::ArtifactStore)
+        );
+        assert_eq!(s3(false).fault(), Fault::Permanent);
+        let upload = |transient| UploadError {
+            key: "k".into(),
+            message: "m".into(),
+            transient,
+        };
+        assert_eq!(
+            upload(true).fault(),
+            Fault::Dependency(Dependency::ArtifactStore)
+        );
+        assert_eq!(upload(false).fault(), Fault::Permanent);
+        assert_eq!(
+            crate::db::db_fault(&sqlx::Error::PoolTimedOut),
+            Fault::Dependency(Dependency::Database)
+        );
+        assert_eq!(
+            crate::db::db_fault(&sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused
+            ))),
+            Fault::Dependency(Dependency::Database)
+        );
+        assert_eq!(
+            crate::db::db_fault(&sqlx::Error::RowNotFound),
+            Fault::Permanent
+        );
+    }
+}
