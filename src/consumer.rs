@@ -351,7 +351,7 @@ impl Worker {
                     return;
                 }
                 let in_flight = s.metrics.in_flight();
-                let action = match self.process(&delivery, attempt).await {
+                let action = match self.process(&delivery).await {
                     Ok(action) => action,
                     Err(e) => match e.fault() {
                         Fault::Dependency(dependency) => {
@@ -421,7 +421,7 @@ impl Worker {
     }
 
     /// Decodes and ingests; says what to do with the delivery, or how ingesting failed.
-    async fn process(&self, delivery: &Delivery, _attempt: u32) -> Result<Action, IngestError> {
+    async fn process(&self, delivery: &Delivery) -> Result<Action, IngestError> {
         let s = &self.inner;
         let size = delivery.data.len() as u64;
         if size > s.settings.max_message_bytes {
