@@ -215,6 +215,17 @@ log "two workers consuming"
 # workers hold deliveries for the PostgreSQL outage, and another worker is killed while
 # the backlog drains after it.
 half=$((SOAK_OUTAGE_SECS / 2))
+# watch_readyz WORKER SECS PATTERN: waits SECS, reading the worker's /readyz every second;
+# prints the first body that matches PATTERN, else the last one.
+watch_readyz() {
+    local found="" last="" end=$((SECONDS + $2))
+    while ((SECONDS < end)); do
+        last=$(curl -s "http://127.0.0.1:$(http_port "$1")/readyz" || true)
+        if [ -z "$found" ] && grep -q "$3" <<<"$last"; then found=$last; fi
+        sleep 1
+    done
+    echo "${found:-$last}"
+}
 kill_worker() {
     log "SIGKILL worker $1 (stored so far: $(stored)/$N)"
     bank_counters "$1"
@@ -224,8 +235,7 @@ kill_worker() {
 }
 log "S3 outage for ${SOAK_OUTAGE_SECS}s (stored so far: $(stored)/$N)"
 s3_stop
-sleep "$half"
-down_s3=$(curl -s "http://127.0.0.1:$(http_port 1)/readyz" || true)
+down_s3=$(watch_readyz 1 "$half" '"s3":"down"')
 kill_worker 2
 sleep "$((SOAK_OUTAGE_SECS - half))"
 s3_start
@@ -237,8 +247,7 @@ wait_for "worker 2 ready after its restart" 120 ready 2
 sleep 1
 log "PostgreSQL outage for ${SOAK_OUTAGE_SECS}s (stored so far: $(stored)/$N)"
 pg stop -m fast >&2
-sleep "$half"
-down_pg=$(curl -s "http://127.0.0.1:$(http_port 2)/readyz" || true)
+down_pg=$(watch_readyz 2 "$half" '"database":"down"')
 log "RabbitMQ restart (stored so far: $(stored)/$N)"
 rmq -q stop_app >&2
 rmq -q start_app >&2

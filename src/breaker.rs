@@ -7,9 +7,9 @@
 //! confirms it, or when the periodic check of PostgreSQL and S3 fails; it closes when a
 //! probe succeeds. While open, a probe runs with backoff (`breaker.probe_base_ms` doubling
 //! up to `breaker.probe_max_ms`). Probes are cheap and answer only "does it answer":
-//! PostgreSQL `SELECT 1` (a simple query, so it also works through a transaction pooler),
-//! S3 HeadBucket on the worker's bucket (any non-5xx answer is up), an artifact host a
-//! TCP connect.
+//! PostgreSQL a new connection and `SELECT 1` (a simple query, so it also works through a
+//! transaction pooler), S3 HeadBucket on the worker's bucket (one try; any non-5xx answer
+//! is up), an artifact host a TCP connect.
 //!
 //! Opening logs one warning and closing one info line, from the same place that sets the
 //! metrics and `/readyz`, never once per delivery.
@@ -268,9 +268,20 @@ impl Breakers {
         let timeout = Duration::from_millis(self.inner.settings.probe_timeout_ms);
         let probe = async {
             match &b.probe {
-                Probe::Database(pool) => sqlx::raw_sql("SELECT 1").execute(pool).await.is_ok(),
+                Probe::Database(pool) => probe_database(pool.connect_options()).await,
                 Probe::Store { client, bucket } => {
-                    match client.head_bucket().bucket(bucket).send().await {
+                    // One try: the SDK's own retries would only delay the verdict, and
+                    // the breaker probes again anyway.
+                    let once = aws_sdk_s3::config::Builder::default()
+                        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+                    match client
+                        .head_bucket()
+                        .bucket(bucket)
+                        .customize()
+                        .config_override(once)
+                        .send()
+                        .await
+                    {
                         Ok(_) => true,
                         // The endpoint answered: a 403 or 404 is a configuration matter,
                         // not an outage, and deliveries will say so themselves.
@@ -320,6 +331,22 @@ impl Breakers {
         }
         changed
     }
+}
+
+/// A connection of its own and `SELECT 1`: the pool keeps retrying a refused connect
+/// until its acquire timeout, which would only delay the verdict, and a new connection is
+/// what the pool needs to recover.
+async fn probe_database(options: Arc<sqlx::postgres::PgConnectOptions>) -> bool {
+    use sqlx::{Connection as _, Executor as _};
+    let Ok(mut conn) = sqlx::PgConnection::connect_with(&options).await else {
+        return false;
+    };
+    // SQL text without arguments goes as a simple query, as `raw_sql` would (no prepared
+    // statement, so it works through a transaction pooler); `raw_sql` itself does not
+    // compile into the spawned probe loops.
+    let ok = conn.execute("SELECT 1").await.is_ok();
+    let _ = conn.close().await;
+    ok
 }
 
 async fn wait_up(b: &Breaker, cancel: &CancellationToken) -> bool {

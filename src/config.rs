@@ -323,7 +323,7 @@ max_thresholds = 10000
 [breaker]
 probe_base_ms = 250
 probe_max_ms = 5000
-probe_timeout_ms = 3000
+probe_timeout_ms = 2000
 check_interval_ms = 2000
 host_wait_secs = 60
 "#;
