@@ -15,6 +15,8 @@ use crate::ingest::RunLine;
 use crate::message::RunCompleted;
 use crate::summary::Extraction;
 
+pub mod parts;
+
 /// The embedded migrations (`migrations/`); `build.rs` makes new files trigger a rebuild.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 

@@ -69,6 +69,120 @@ pub struct Artifacts {
     pub metrics: Option<String>,
 }
 
+/// One runner's share of a run split across runners (SPEC section 12): every part of the
+/// run carries the same `run_id`, and the merged result is written when all `count`
+/// parts are stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub index: u32,
+    pub count: u32,
+    #[serde(default)]
+    pub runner: Option<String>,
+    /// k6's `--execution-segment` of this part (`0:1/4`), as the runner was started.
+    #[serde(default)]
+    pub execution_segment: Option<String>,
+}
+
+/// More parts than this is a mistake, not a test: each part is read again at the merge.
+pub const MAX_PARTS: u32 = 1000;
+
+impl Part {
+    /// Index and count from k6's `--execution-segment` and, when given,
+    /// `--execution-segment-sequence` (what k6-operator passes each runner). Without a
+    /// sequence the segment must be `i/n:(i+1)/n` of equal shares.
+    pub fn from_execution_segment(segment: &str, sequence: Option<&str>) -> Result<Self, String> {
+        let (from, to) = segment
+            .split_once(':')
+            .ok_or_else(|| format!("execution segment {segment:?} is not FROM:TO"))?;
+        let (from, to) = (fraction(from)?, fraction(to)?);
+        let (index, count) = match sequence {
+            Some(seq) => {
+                let points = seq
+                    .split(',')
+                    .map(fraction)
+                    .collect::<Result<Vec<_>, _>>()?;
+                let index = points
+                    .windows(2)
+                    .position(|w| w[0] == from && w[1] == to)
+                    .ok_or_else(|| {
+                        format!(
+                            "execution segment {segment:?} is not a step of the sequence {seq:?}"
+                        )
+                    })?;
+                (index, points.len().saturating_sub(1))
+            }
+            None => {
+                // equal shares: to - from = 1/n and from = i/n
+                let width = (to.0 * from.1)
+                    .checked_sub(from.0 * to.1)
+                    .filter(|w| *w > 0);
+                let width =
+                    width.ok_or_else(|| format!("execution segment {segment:?} is empty"))?;
+                let denom = to.1 * from.1;
+                if denom % width != 0 {
+                    return Err(format!(
+                        "execution segment {segment:?} is not an equal share; pass the sequence too"
+                    ));
+                }
+                let n = denom / width;
+                let i = from.0 * n / from.1;
+                if i * from.1 != from.0 * n {
+                    return Err(format!(
+                        "execution segment {segment:?} does not start at a multiple of its width"
+                    ));
+                }
+                (i as usize, n as usize)
+            }
+        };
+        let part = Self {
+            index: u32::try_from(index).map_err(|e| e.to_string())?,
+            count: u32::try_from(count).map_err(|e| e.to_string())?,
+            runner: None,
+            execution_segment: Some(segment.to_string()),
+        };
+        part.validate()?;
+        Ok(part)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.count == 0 || self.count > MAX_PARTS {
+            return Err(format!(
+                "part.count {} is not in 1..={MAX_PARTS}",
+                self.count
+            ));
+        }
+        if self.index >= self.count {
+            return Err(format!(
+                "part.index {} is not below part.count {}",
+                self.index, self.count
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `a/b`, `0` or `1` as a reduced fraction (numerator, denominator).
+fn fraction(s: &str) -> Result<(u64, u64), String> {
+    let s = s.trim();
+    let bad = || format!("{s:?} is not a fraction like 1/4");
+    let (n, d) = match s.split_once('/') {
+        Some((n, d)) => (
+            n.trim().parse::<u64>().map_err(|_| bad())?,
+            d.trim().parse::<u64>().map_err(|_| bad())?,
+        ),
+        None => (s.parse::<u64>().map_err(|_| bad())?, 1),
+    };
+    if d == 0 || n > d || d > 1_000_000 {
+        return Err(bad());
+    }
+    let g = gcd(n, d);
+    Ok((n / g, d / g))
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a.max(1) } else { gcd(b, a % b) }
+}
+
 /// Version 1 of the message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunCompleted {
@@ -96,6 +210,9 @@ pub struct RunCompleted {
     pub config_snapshot: Option<Value>,
     #[serde(default)]
     pub metadata: Option<Value>,
+    /// Present when the run was split across runners and this is one runner's share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<Part>,
     /// What decoding changed in the message (NUL characters replaced), for the run's
     /// warnings. Never part of the message itself.
     #[serde(skip)]
@@ -136,6 +253,9 @@ impl RunCompleted {
                     "location is longer than 50 characters: {loc:?}"
                 )));
             }
+        }
+        if let Some(part) = &msg.part {
+            part.validate().map_err(MessageError::Invalid)?;
         }
         if let Some(done) = msg.completed_at {
             if done < msg.started_at {

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::artifact::safe_file_name;
 use crate::config::Settings;
-use crate::message::{Artifacts, RunCompleted, Trigger};
+use crate::message::{Artifacts, Part, RunCompleted, Trigger};
 use crate::publish::{Outgoing, publish};
 use crate::s3::{ArtifactStore, build_client, content_type_for};
 
@@ -67,6 +67,23 @@ pub struct SubmitArgs {
     /// A JSON object stored in `config_snapshot`.
     #[arg(long, env = "K6_INGEST_CONFIG_SNAPSHOT", value_parser = parse_object)]
     pub config_snapshot: Option<Value>,
+    /// This runner's share of a split run, `INDEX/COUNT` (0-based index), SPEC section 12.
+    #[arg(long, env = "K6_INGEST_PART", value_parser = parse_part, conflicts_with = "execution_segment")]
+    pub part: Option<(u32, u32)>,
+    /// k6's `--execution-segment` of this runner (`1/4:2/4`), as k6-operator passes it;
+    /// index and count are derived from it (and from the sequence, when given).
+    #[arg(long, env = "K6_INGEST_EXECUTION_SEGMENT")]
+    pub execution_segment: Option<String>,
+    /// k6's `--execution-segment-sequence` (`0,1/4,2/4,3/4,1`), for unequal segments.
+    #[arg(
+        long,
+        env = "K6_INGEST_EXECUTION_SEGMENT_SEQUENCE",
+        requires = "execution_segment"
+    )]
+    pub execution_segment_sequence: Option<String>,
+    /// The runner's name (a pod name), stored with its part.
+    #[arg(long, env = "K6_INGEST_RUNNER")]
+    pub runner: Option<String>,
     /// Print the message that would be published; upload and publish nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -75,6 +92,38 @@ pub struct SubmitArgs {
 fn parse_trigger(s: &str) -> Result<Trigger, String> {
     serde_json::from_value(Value::String(s.to_string()))
         .map_err(|_| format!("{s:?} is not one of manual, schedule, api, ci_cd, remote"))
+}
+
+fn parse_part(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("{s:?} is not INDEX/COUNT like 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let part = Part {
+        index: i.trim().parse().map_err(|_| bad())?,
+        count: n.trim().parse().map_err(|_| bad())?,
+        runner: None,
+        execution_segment: None,
+    };
+    part.validate()?;
+    Ok((part.index, part.count))
+}
+
+/// The message's `part`, from `--part` or `--execution-segment`.
+fn part_of(args: &SubmitArgs) -> anyhow::Result<Option<Part>> {
+    let mut part = match (&args.part, &args.execution_segment) {
+        (Some((index, count)), _) => Part {
+            index: *index,
+            count: *count,
+            runner: None,
+            execution_segment: None,
+        },
+        (None, Some(segment)) => {
+            Part::from_execution_segment(segment, args.execution_segment_sequence.as_deref())
+                .map_err(|e| anyhow::anyhow!("--execution-segment: {e}"))?
+        }
+        (None, None) => return Ok(None),
+    };
+    part.runner = args.runner.clone();
+    Ok(Some(part))
 }
 
 fn parse_object(s: &str) -> Result<Value, String> {
@@ -129,6 +178,7 @@ pub async fn submit(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Su
         completed_at - chrono::Duration::milliseconds(ms)
     });
     let (files, skipped) = present(args);
+    let part = part_of(args)?;
 
     let mut staging = settings.s3.clone();
     staging.prefix = settings.s3.staging_prefix.clone();
@@ -153,6 +203,11 @@ pub async fn submit(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Su
             .map(|n| safe_file_name(&n.to_string_lossy()))
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| role.to_string());
+        // The parts of a split run share the run's staging folder: each its own names.
+        let name = match &part {
+            Some(p) => format!("part-{}-{name}", p.index),
+            None => name,
+        };
         let key = ArtifactStore::key_with_prefix(
             &staging.prefix,
             args.organization_id,
@@ -193,12 +248,16 @@ pub async fn submit(settings: &Settings, args: &SubmitArgs) -> anyhow::Result<Su
         artifacts,
         config_snapshot: args.config_snapshot.clone(),
         metadata: args.metadata.clone(),
+        part,
         decode_warnings: Vec::new(),
     };
     if !args.dry_run {
         let body = serde_json::to_vec(&message)?;
         let out = Outgoing {
-            label: format!("run {}", args.run_id),
+            label: match &message.part {
+                Some(p) => format!("run {} part {}/{}", args.run_id, p.index, p.count),
+                None => format!("run {}", args.run_id),
+            },
             body: Ok(body),
             message_id: Some(message.event_id.to_string()),
         };

@@ -5,6 +5,7 @@
 //! recognised before any artifact is touched, so redelivery costs one query.
 
 pub mod error;
+mod parts;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -183,6 +184,9 @@ impl Ingestor {
         msg: &RunCompleted,
         ctx: &IngestContext,
     ) -> Result<IngestReport, IngestError> {
+        if let Some(part) = &msg.part {
+            return self.ingest_part(msg, part, ctx).await;
+        }
         let run_id = msg.run_id;
         let store_err = |source| IngestError::Store { run_id, source };
         let existing = match &self.db {

@@ -13,6 +13,7 @@
 
 pub mod extract;
 pub mod limits;
+pub mod merge;
 pub mod model;
 pub mod parse;
 pub mod samples;

@@ -11,7 +11,7 @@ use std::io::BufRead;
 
 use serde::Deserialize;
 
-use super::sink::SampleSink;
+use super::sink::{SampleSink, SortedSamples};
 
 /// Which metric (and submetric tag filter) to collect samples for, and which
 /// percentiles of it extraction may ask for.
@@ -60,6 +60,18 @@ pub struct SampleStats {
 }
 
 impl SampleStats {
+    /// The statistics of sorted samples, with the percentiles `ps` (0..=100).
+    pub fn of_sorted(sorted: &SortedSamples, ps: &[f64]) -> std::io::Result<Self> {
+        let values = sorted.percentiles(ps)?;
+        Ok(Self {
+            count: sorted.count(),
+            min: sorted.min().unwrap_or_default(),
+            max: sorted.max().unwrap_or_default(),
+            sum: sorted.sum(),
+            percentiles: ps.iter().copied().zip(values).collect(),
+        })
+    }
+
     /// k6's percentile `p`, if it was requested (see [`SampleRequest::percentiles`]).
     pub fn percentile(&self, p: f64) -> Option<f64> {
         self.percentiles
@@ -140,12 +152,41 @@ pub fn collect_samples<R: BufRead>(
 /// [`super::sink`]). An I/O error (such as the inflated-size cap of the reader) is
 /// returned as such: the caller then uses no samples at all.
 pub fn collect_samples_with<R: BufRead>(
-    mut reader: R,
+    reader: R,
     requests: &[SampleRequest],
     limits: &SampleLimits,
 ) -> std::io::Result<SampleSets> {
+    let (mut out, sorted) = collect_sorted_with(reader, requests, limits)?;
+    for (r, sorted) in requests.iter().filter_map(|r| {
+        let i = sorted.iter().position(|(k, _)| *k == r.key)?;
+        Some((r, &sorted[i].1))
+    }) {
+        if out.sets.contains_key(&r.key) {
+            continue;
+        }
+        let percentiles = if out.truncated {
+            &[][..]
+        } else {
+            &r.percentiles[..]
+        };
+        out.sets
+            .insert(r.key.clone(), SampleStats::of_sorted(sorted, percentiles)?);
+    }
+    Ok(out)
+}
+
+/// Like [`collect_samples_with`], but hands back each key's sorted samples (in memory
+/// or in sorted runs on disk) instead of their statistics, so that several files' sets
+/// can be joined with [`SortedSamples::merge`] (the parts of a split run). The returned
+/// `SampleSets` carries the file's flags (bad lines, truncation, skipped keys) and no
+/// sets.
+pub fn collect_sorted_with<R: BufRead>(
+    mut reader: R,
+    requests: &[SampleRequest],
+    limits: &SampleLimits,
+) -> std::io::Result<(SampleSets, Vec<(String, SortedSamples)>)> {
     if requests.is_empty() {
-        return Ok(SampleSets::default());
+        return Ok((SampleSets::default(), Vec::new()));
     }
     let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
     let mut keys: Vec<&SampleRequest> = Vec::new();
@@ -222,26 +263,12 @@ pub fn collect_samples_with<R: BufRead>(
             break;
         }
     }
-    let Collector { mut out, sinks, .. } = state;
+    let Collector { out, sinks, .. } = state;
+    let mut sorted = Vec::with_capacity(keys.len());
     for (r, sink) in keys.iter().zip(sinks) {
-        let sorted = sink.finish()?;
-        let values = if out.truncated {
-            Vec::new()
-        } else {
-            sorted.percentiles(&r.percentiles)?
-        };
-        out.sets.insert(
-            r.key.clone(),
-            SampleStats {
-                count: sorted.count(),
-                min: sorted.min().unwrap_or_default(),
-                max: sorted.max().unwrap_or_default(),
-                sum: sorted.sum(),
-                percentiles: r.percentiles.iter().copied().zip(values).collect(),
-            },
-        );
+        sorted.push((r.key.clone(), sink.finish()?));
     }
-    Ok(out)
+    Ok((out, sorted))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,318 @@
+//! Runs split across runners (SPEC section 12): each runner's part in `k6_run_parts`,
+//! and the merged run written in the transaction of the part that completes it.
+//!
+//! Every part transaction first creates the `runs` row if needed and locks it
+//! (`SELECT … FOR UPDATE`), so parts of one run are stored one after another: of two
+//! "last parts" committing at once, the second sees the first's part and merge, and
+//! nothing is merged twice.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{Db, Existing, NewRun, RunValues, StoreError, Stored};
+use crate::message::{Part, RunCompleted};
+
+/// The key in `k6_performance_runs.value_sources` that marks a merged row: `"3 of 4"`.
+pub const MERGED_PARTS_KEY: &str = "merged_parts";
+
+/// One part as the worker stores it.
+pub struct NewPart<'a> {
+    pub msg: &'a RunCompleted,
+    pub part: &'a Part,
+    pub status: &'a str,
+    pub columns: Value,
+    pub artifact_paths: Value,
+    pub summary_json: Option<Value>,
+    pub summary_s3_url: Option<String>,
+    pub metrics_s3_url: Option<String>,
+    pub error_details: Option<String>,
+}
+
+/// A stored part, as a merge reads it back.
+#[derive(Debug, Clone)]
+pub struct StoredPart {
+    pub index: u32,
+    pub count: u32,
+    pub runner: Option<String>,
+    pub execution_segment: Option<String>,
+    pub exit_code: Option<i32>,
+    pub status: String,
+    pub artifact_paths: Value,
+    pub summary_json: Option<Value>,
+    pub summary_s3_url: Option<String>,
+    pub metrics_s3_url: Option<String>,
+    pub error_details: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// What the locked run holds when a part arrives.
+#[derive(Debug, Clone)]
+pub struct PartState {
+    pub parts: Vec<StoredPart>,
+    /// `value_sources.merged_parts` of the run's `k6_performance_runs` row, if any.
+    pub merged: Option<String>,
+    /// A `k6_performance_runs` row exists (merged or not).
+    pub has_performance_row: bool,
+}
+
+impl PartState {
+    /// All `count` parts are stored and the run's row is not yet their merge.
+    pub fn merge_due(&self, count: u32) -> bool {
+        self.parts.len() as u32 == count
+            && self.merged.as_deref() != Some(&merged_label(count, count))
+    }
+}
+
+pub fn merged_label(have: u32, count: u32) -> String {
+    format!("{have} of {count}")
+}
+
+impl Db {
+    /// Opens a part's transaction: creates the `runs` row as `running` if the run is
+    /// new, locks it, and checks the tenant.
+    pub async fn begin_part(
+        &self,
+        msg: &RunCompleted,
+    ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        self.query(
+            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, started_at, trigger, location) \
+             VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(msg.run_id)
+        .bind(msg.job_id)
+        .bind(msg.test_id)
+        .bind(msg.organization_id)
+        .bind(msg.project_id)
+        .bind(msg.started_at)
+        .bind(msg.trigger.map(|t| t.as_str()))
+        .bind(&msg.location)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| StoreError::from_write("runs", e))?;
+        let tenant = self
+            .query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(msg.run_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
+        Existing {
+            tenant,
+            performance_has_summary: None,
+        }
+        .check_tenant(msg)?;
+        Ok(tx)
+    }
+
+    /// Whether the run's part `index` is stored.
+    pub async fn part_stored(&self, run_id: Uuid, index: u32) -> Result<bool, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row = self
+            .query("SELECT 1 FROM k6_run_parts WHERE run_id = $1 AND part_index = $2")
+            .bind(run_id)
+            .bind(index as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(row.is_some())
+    }
+
+    /// Stores the part unless it is stored already; true when this call stored it.
+    pub async fn insert_part(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewPart<'_>,
+    ) -> Result<bool, StoreError> {
+        let msg = new.msg;
+        let row = self
+            .query(
+                "INSERT INTO k6_run_parts (id, run_id, part_index, part_count, runner, execution_segment, \
+                     event_id, exit_code, status, columns, artifact_paths, summary_json, summary_s3_url, \
+                     metrics_s3_url, error_details, started_at, completed_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                 ON CONFLICT (run_id, part_index) DO NOTHING RETURNING id",
+            )
+            .bind(Uuid::now_v7())
+            .bind(msg.run_id)
+            .bind(new.part.index as i32)
+            .bind(new.part.count as i32)
+            .bind(&new.part.runner)
+            .bind(&new.part.execution_segment)
+            .bind(msg.event_id)
+            .bind(msg.exit_code)
+            .bind(new.status)
+            .bind(Json(&new.columns))
+            .bind(Json(&new.artifact_paths))
+            .bind(new.summary_json.as_ref().map(Json))
+            .bind(&new.summary_s3_url)
+            .bind(&new.metrics_s3_url)
+            .bind(&new.error_details)
+            .bind(msg.started_at)
+            .bind(msg.completed_at)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| StoreError::from_write("k6_run_parts", e))?;
+        Ok(row.is_some())
+    }
+
+    /// The run's stored parts (by index) and the state of its merged row.
+    pub async fn part_state(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        run_id: Uuid,
+    ) -> Result<PartState, sqlx::Error> {
+        let rows = self
+            .query(
+                "SELECT part_index, part_count, runner, execution_segment, exit_code, status, artifact_paths, \
+                     summary_json, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at \
+                 FROM k6_run_parts WHERE run_id = $1 ORDER BY part_index",
+            )
+            .bind(run_id)
+            .fetch_all(&mut **tx)
+            .await?;
+        let parts = rows
+            .into_iter()
+            .map(|r| StoredPart {
+                index: r.get::<i32, _>(0) as u32,
+                count: r.get::<i32, _>(1) as u32,
+                runner: r.get(2),
+                execution_segment: r.get(3),
+                exit_code: r.get(4),
+                status: r.get(5),
+                artifact_paths: r.get::<Json<Value>, _>(6).0,
+                summary_json: r.get::<Option<Json<Value>>, _>(7).map(|j| j.0),
+                summary_s3_url: r.get(8),
+                metrics_s3_url: r.get(9),
+                error_details: r.get(10),
+                started_at: r.get(11),
+                completed_at: r.get(12),
+            })
+            .collect();
+        let perf = self
+            .query("SELECT value_sources ->> $2 FROM k6_performance_runs WHERE run_id = $1")
+            .bind(run_id)
+            .bind(MERGED_PARTS_KEY)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(PartState {
+            parts,
+            has_performance_row: perf.is_some(),
+            merged: perf.and_then(|r| r.get::<Option<String>, _>(0)),
+        })
+    }
+
+    /// Writes the merged run (or the record of an incomplete one) in the part's
+    /// transaction, replacing whatever `k6_performance_runs` row the run had.
+    pub async fn write_merged(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        new: &NewRun<'_>,
+    ) -> Result<Stored, StoreError> {
+        let run_id = new.msg.run_id;
+        let prior = self
+            .query("DELETE FROM k6_performance_runs WHERE run_id = $1 RETURNING id")
+            .bind(run_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        let c = &new.extraction.columns;
+        let run = RunValues {
+            status: c.status.as_str(),
+            duration_ms: new.duration_ms,
+            artifact_paths: &new.artifact_paths,
+            logs_s3_url: new.logs_s3_url.as_deref(),
+            error_details: new.extraction.status_details.as_deref(),
+            metadata: true,
+        };
+        self.upsert_run(tx, new.msg, &run)
+            .await
+            .map_err(|e| StoreError::from_write("runs", e))?;
+        let k6_run_id = Uuid::now_v7();
+        self.insert_performance(tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+        self.insert_metrics(tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_metrics_history", e))?;
+        self.insert_thresholds(tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_threshold_results", e))?;
+        self.insert_checks(tx, new, k6_run_id)
+            .await
+            .map_err(|e| StoreError::from_write("k6_check_results", e))?;
+        Ok(if prior.is_some() {
+            Stored::Replaced { k6_run_id }
+        } else {
+            Stored::Inserted { k6_run_id }
+        })
+    }
+
+    /// Runs with stored parts but not all of them, no `k6_performance_runs` row, and a
+    /// first part older than `older_than`: the sweep records them as `error`.
+    pub async fn overdue_split_runs(
+        &self,
+        older_than: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Uuid>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = self
+            .query(
+                "SELECT p.run_id FROM k6_run_parts p \
+                 WHERE NOT EXISTS (SELECT 1 FROM k6_performance_runs k WHERE k.run_id = p.run_id) \
+                 GROUP BY p.run_id \
+                 HAVING count(*) < max(p.part_count) AND min(p.created_at) < $1 \
+                 ORDER BY min(p.created_at) LIMIT $2",
+            )
+            .bind(older_than)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|r| r.get::<Uuid, _>(0)).collect())
+    }
+
+    /// Locks a run for the sweep (no tenant to check: the run is read from the database).
+    pub async fn begin_locked(
+        &self,
+        run_id: Uuid,
+    ) -> Result<Option<(Transaction<'static, Postgres>, RunIdentity)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let row = self
+            .query(
+                "SELECT job_id, test_id, organization_id, project_id, trigger, location, metadata \
+                 FROM runs WHERE id = $1 FOR UPDATE",
+            )
+            .bind(run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        Ok(row.map(|r| {
+            (
+                tx,
+                RunIdentity {
+                    job_id: r.get(0),
+                    test_id: r.get(1),
+                    organization_id: r.get(2),
+                    project_id: r.get(3),
+                    trigger: r.get(4),
+                    location: r.get(5),
+                    metadata: r.get::<Json<Value>, _>(6).0,
+                },
+            )
+        }))
+    }
+}
+
+/// A run's identity as `runs` holds it.
+#[derive(Debug, Clone)]
+pub struct RunIdentity {
+    pub job_id: Option<Uuid>,
+    pub test_id: Option<Uuid>,
+    pub organization_id: Uuid,
+    pub project_id: Uuid,
+    pub trigger: Option<String>,
+    pub location: Option<String>,
+    pub metadata: Value,
+}

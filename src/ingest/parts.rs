@@ -1,0 +1,625 @@
+//! One runner's part of a split run (SPEC section 12), and the merge of all parts.
+//!
+//! A part is fetched, extracted and uploaded like a whole run (its artifacts under
+//! `part-<index>-<name>` in the run's folder), then stored in `k6_run_parts` in a
+//! transaction that locks the run's `runs` row. When that transaction sees all `count`
+//! parts, it merges them ([`crate::summary::merge`]) and writes the run's
+//! `k6_performance_runs` and detail rows before it commits: the last part and the merged
+//! run are one commit, and a crash in between loses nothing (the part is redelivered).
+//!
+//! Percentiles of the merge come from every part's raw samples, read again from the
+//! worker's own S3 copies (the arriving part's from its local file) into bounded sorted
+//! runs, joined with `SortedSamples::merge`: memory is bounded by
+//! `fetch.samples_buffer_bytes` per part whatever the sample counts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{
+    Body, IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine, SummaryLoad,
+    Uploads, summary_expected, unique_name,
+};
+use crate::artifact::{LocalArtifact, Source, Tenant, open_lines_capped, redact_uri};
+use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, StoredPart, merged_label};
+use crate::db::{Db, NewRun, StoreError, Stored};
+use crate::message::{Artifacts, Part, RunCompleted, Trigger};
+use crate::summary::merge::{PartInput, merge_parts, merge_sample_keys};
+use crate::summary::parse::parse_summary_value;
+use crate::summary::samples::{SampleRequest, collect_sorted_with};
+use crate::summary::sink::SortedSamples;
+use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
+
+/// The arriving part's data already in memory.
+struct Current {
+    index: u32,
+    summary: Option<Arc<Summary>>,
+    metrics: Option<PathBuf>,
+}
+
+/// What the merge writes, for the report.
+struct MergeOutcome {
+    extraction: Extraction,
+    stored: Stored,
+}
+
+impl Ingestor {
+    /// `ingest_one` for a message with a `part`.
+    pub(super) async fn ingest_part(
+        &self,
+        msg: &RunCompleted,
+        part: &Part,
+        ctx: &IngestContext,
+    ) -> Result<IngestReport, IngestError> {
+        let run_id = msg.run_id;
+        let store_err = |source| IngestError::Store { run_id, source };
+        if let Some(db) = &self.db {
+            let ex = db
+                .existing(run_id)
+                .await
+                .map_err(|e| store_err(StoreError::Db(e)))?;
+            ex.check_tenant(msg).map_err(store_err)?;
+            // A part stored before: nothing to fetch; only a merge may still be due
+            // (when the transaction that stored it was the one that saw it complete,
+            // the merge is already there).
+            if !ctx.dry_run
+                && db
+                    .part_stored(run_id, part.index)
+                    .await
+                    .map_err(|e| store_err(e.into()))?
+            {
+                return self.part_again(db, msg, part).await;
+            }
+        }
+
+        let load = self.load_summary(msg, ctx).await?;
+        let has_summary = matches!(load, SummaryLoad::Parsed { .. });
+        let mut warnings: Vec<String> = msg.decode_warnings.clone();
+        let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
+        for (role, uri) in [
+            ("logs", &msg.artifacts.logs),
+            ("report_html", &msg.artifacts.report_html),
+            ("metrics", &msg.artifacts.metrics),
+        ] {
+            let Some(uri) = uri.as_deref() else { continue };
+            match self.fetch_local(uri, ctx, &Tenant::of(msg)).await {
+                Ok((source, local)) => locals.push((role, redact_uri(uri), source, local)),
+                Err(e) if e.is_transient() => {
+                    return Err(IngestError::Fetch {
+                        run_id,
+                        artifact: role,
+                        source: e,
+                    });
+                }
+                Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
+            }
+        }
+        let metrics_file = locals
+            .iter()
+            .find(|l| l.0 == "metrics")
+            .map(|l| l.3.path.clone());
+        let samples = match &load {
+            SummaryLoad::Parsed { summary, .. } => {
+                self.read_samples(summary, metrics_file.clone(), &mut warnings)
+                    .await
+            }
+            _ => None,
+        };
+        let (mut extraction, summary_reason) = match &load {
+            SummaryLoad::Parsed { summary, .. } => {
+                (extract(summary, msg.exit_code, samples.as_ref()), None)
+            }
+            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
+                extract_without_summary(msg.exit_code, reason),
+                Some(reason.clone()),
+            ),
+        };
+        extraction.columns.warnings.extend(warnings);
+        let unusable = summary_reason
+            .clone()
+            .filter(|_| summary_expected(msg.exit_code))
+            .map(|reason| IngestError::SummaryUnusable { run_id, reason });
+
+        if ctx.dry_run {
+            if let Some(e) = unusable {
+                return Err(e);
+            }
+            return Ok(IngestReport {
+                run_id,
+                outcome: Outcome::DryRun,
+                line: RunLine::from_extraction(&extraction),
+                bytes_uploaded: 0,
+                warnings: extraction.columns.warnings,
+            });
+        }
+        let Some(db) = &self.db else {
+            return Err(IngestError::Config {
+                run_id,
+                message: "no database configured (database.url)".into(),
+            });
+        };
+
+        // --- uploads, under names of this part's own ---
+        let mut uploads = Uploads::default();
+        let mut artifact_paths = BTreeMap::<String, Value>::new();
+        let mut taken: Vec<String> = Vec::new();
+        let mut metrics_s3_url = None;
+        let prefix = format!("part-{}-", part.index);
+        for (role, uri, source, local) in &locals {
+            let name = unique_name(&format!("{prefix}{}", source.file_name()), role, &mut taken);
+            let s3 = self
+                .upload(db, msg, &name, Body::File(local), &mut uploads)
+                .await?;
+            if *role == "metrics" {
+                metrics_s3_url = Some(s3.clone());
+            }
+            artifact_paths.insert(
+                (*role).to_string(),
+                json!({"source": uri, "s3": s3, "bytes": local.size}),
+            );
+        }
+        let mut summary_json = None;
+        let mut summary_s3_url = None;
+        let mut current_summary = None;
+        let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
+        match load {
+            SummaryLoad::Parsed {
+                size,
+                doc,
+                summary,
+                file_name,
+                bytes,
+            } => {
+                current_summary = Some(summary);
+                if let Some(doc) = doc {
+                    summary_json = Some(doc);
+                    artifact_paths.insert(
+                        "summary".into(),
+                        json!({"source": source_uri, "inline": true, "bytes": size}),
+                    );
+                } else {
+                    let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
+                    let s3 = self
+                        .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
+                        .await?;
+                    artifact_paths.insert(
+                        "summary".into(),
+                        json!({"source": source_uri, "s3": s3, "bytes": size}),
+                    );
+                    summary_s3_url = Some(s3);
+                }
+            }
+            SummaryLoad::Unreadable {
+                bytes, file_name, ..
+            } => {
+                let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
+                let s3 = self
+                    .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
+                    .await?;
+                artifact_paths.insert(
+                    "summary".into(),
+                    json!({"source": source_uri, "s3": s3, "unreadable": true}),
+                );
+            }
+            SummaryLoad::Missing { .. } => {}
+        }
+        let _ = has_summary;
+
+        let columns = serde_json::to_value(&extraction.columns).unwrap_or(Value::Null);
+        let error_details = extraction.status_details.clone().or(summary_reason);
+        let new = NewPart {
+            msg,
+            part,
+            status: extraction.columns.status.as_str(),
+            columns,
+            artifact_paths: Value::Object(artifact_paths.into_iter().collect()),
+            summary_json,
+            summary_s3_url,
+            metrics_s3_url,
+            error_details,
+        };
+        let current = Current {
+            index: part.index,
+            summary: current_summary,
+            metrics: metrics_file,
+        };
+        let result = self.store_part(db, msg, part, &new, Some(current)).await;
+        let (outcome, merged) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(
+                    e,
+                    StoreError::TenantMismatch { .. } | StoreError::Refused { .. }
+                ) {
+                    self.remove_unreferenced(db, run_id, &uploads).await;
+                }
+                return Err(store_err(e));
+            }
+        };
+        let bytes_uploaded = uploads.bytes;
+        if let Some(e) = unusable {
+            return Err(e);
+        }
+        let (line, mut warnings) = match &merged {
+            Some(m) => (
+                RunLine::from_extraction(&m.extraction),
+                m.extraction.columns.warnings.clone(),
+            ),
+            None => (RunLine::from_extraction(&extraction), Vec::new()),
+        };
+        warnings.extend(extraction.columns.warnings);
+        Ok(IngestReport {
+            run_id,
+            outcome,
+            line,
+            bytes_uploaded,
+            warnings,
+        })
+    }
+
+    /// A part already stored: merge if that is still due (it is not, unless the merge
+    /// itself failed for good earlier), else report what is stored.
+    async fn part_again(
+        &self,
+        db: &Db,
+        msg: &RunCompleted,
+        part: &Part,
+    ) -> Result<IngestReport, IngestError> {
+        let run_id = msg.run_id;
+        let store_err = |source| IngestError::Store { run_id, source };
+        let mut tx = db.begin_part(msg).await.map_err(store_err)?;
+        let state = db
+            .part_state(&mut tx, run_id)
+            .await
+            .map_err(|e| store_err(e.into()))?;
+        let count = state.parts.first().map_or(part.count, |p| p.count);
+        if state.merge_due(count) {
+            let merged = self
+                .merge_in(db, &mut tx, msg, &state, None, None)
+                .await
+                .map_err(store_err)?;
+            tx.commit().await.map_err(|e| store_err(e.into()))?;
+            return Ok(IngestReport {
+                run_id,
+                outcome: Outcome::Ingested,
+                line: RunLine::from_extraction(&merged.extraction),
+                bytes_uploaded: 0,
+                warnings: merged.extraction.columns.warnings,
+            });
+        }
+        tx.rollback().await.map_err(|e| store_err(e.into()))?;
+        self.already_present(run_id).await
+    }
+
+    /// The part's transaction: lock the run, store the part, merge when it completes.
+    async fn store_part(
+        &self,
+        db: &Db,
+        msg: &RunCompleted,
+        part: &Part,
+        new: &NewPart<'_>,
+        current: Option<Current>,
+    ) -> Result<(Outcome, Option<MergeOutcome>), StoreError> {
+        let mut tx = db.begin_part(msg).await?;
+        let before = db.part_state(&mut tx, msg.run_id).await?;
+        if let Some(first) = before.parts.first() {
+            if first.count != part.count {
+                return Err(StoreError::Refused {
+                    step: "k6_run_parts",
+                    source: sqlx::Error::Protocol(format!(
+                        "part {}/{} of a run whose stored parts say {} parts",
+                        part.index, part.count, first.count
+                    )),
+                });
+            }
+        }
+        let inserted = db.insert_part(&mut tx, new).await?;
+        let state = db.part_state(&mut tx, msg.run_id).await?;
+        let merged = if state.merge_due(part.count) {
+            Some(
+                self.merge_in(db, &mut tx, msg, &state, current, None)
+                    .await?,
+            )
+        } else {
+            None
+        };
+        tx.commit().await?;
+        let outcome = match (&merged, inserted) {
+            (Some(m), _) if matches!(m.stored, Stored::Replaced { .. }) => Outcome::Replaced,
+            (_, true) => Outcome::Ingested,
+            (_, false) => Outcome::AlreadyPresent,
+        };
+        Ok((outcome, merged))
+    }
+
+    /// Merges the stored parts and writes the run's rows in `tx`. `incomplete` is the
+    /// reason a run that misses parts is recorded as `error` with what arrived.
+    async fn merge_in(
+        &self,
+        db: &Db,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        state: &PartState,
+        current: Option<Current>,
+        incomplete: Option<String>,
+    ) -> Result<MergeOutcome, StoreError> {
+        let count = state.parts.first().map_or(1, |p| p.count);
+        let mut inputs = Vec::with_capacity(state.parts.len());
+        let mut summaries: Vec<Option<Arc<Summary>>> = Vec::new();
+        for p in &state.parts {
+            let own = current.as_ref().filter(|c| c.index == p.index);
+            let (summary, reason) = match own.and_then(|c| c.summary.clone()) {
+                Some(s) => (Some(s), None),
+                None => self.stored_summary(p).await,
+            };
+            summaries.push(summary.clone());
+            inputs.push(PartInput {
+                index: p.index,
+                exit_code: p.exit_code,
+                summary: summary.map(|s| (*s).clone()),
+                reason: reason.or_else(|| p.error_details.clone()),
+                samples: None,
+                samples_reason: None,
+            });
+        }
+        let present: Vec<&Summary> = inputs.iter().filter_map(|i| i.summary.as_ref()).collect();
+        let keys = merge_sample_keys(&present);
+        let requests: Vec<SampleRequest> = keys
+            .into_iter()
+            .map(|(key, base_name, tags)| SampleRequest {
+                key,
+                base_name,
+                tags,
+                percentiles: Vec::new(),
+            })
+            .collect();
+        for (input, p) in inputs.iter_mut().zip(&state.parts) {
+            if input.summary.is_none() || requests.is_empty() {
+                continue;
+            }
+            let own = current.as_ref().filter(|c| c.index == p.index);
+            match self
+                .part_samples(p, own.and_then(|c| c.metrics.clone()), &requests)
+                .await
+            {
+                Ok(s) => input.samples = Some(s),
+                Err(reason) => input.samples_reason = Some(reason),
+            }
+        }
+        let merged = tokio::task::spawn_blocking(move || merge_parts(inputs))
+            .await
+            .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merge task failed: {e}"))))?
+            .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+
+        let have = state.parts.len() as u32;
+        let mut extraction = match &merged.summary {
+            Some(s) => extract(s, merged.exit_code, merged.samples.as_ref()),
+            None => extract_without_summary(
+                merged.exit_code,
+                merged.error.as_deref().unwrap_or("no part has a summary"),
+            ),
+        };
+        if let Some(e) = &merged.error {
+            extraction.columns.status = RunStatus::Error;
+            extraction.status_details = Some(e.clone());
+        }
+        if let Some(why) = &incomplete {
+            extraction.columns.status = RunStatus::Error;
+            extraction.status_details = Some(why.clone());
+            extraction.columns.warnings.push(why.clone());
+        }
+        extraction.columns.warnings.extend(merged.warnings);
+        extraction.columns.value_sources.extend(merged.sources);
+        extraction
+            .columns
+            .value_sources
+            .insert(MERGED_PARTS_KEY.into(), merged_label(have, count));
+
+        let started_at = state
+            .parts
+            .iter()
+            .filter_map(|p| p.started_at)
+            .min()
+            .unwrap_or(msg.started_at);
+        let completed_at = state.parts.iter().filter_map(|p| p.completed_at).max();
+        let run_msg = RunCompleted {
+            started_at,
+            completed_at: completed_at.or(msg.completed_at),
+            exit_code: merged.exit_code,
+            artifacts: Artifacts::default(),
+            part: None,
+            ..msg.clone()
+        };
+        let parts_paths: serde_json::Map<String, Value> = state
+            .parts
+            .iter()
+            .map(|p| {
+                (
+                    p.index.to_string(),
+                    json!({
+                        "runner": p.runner,
+                        "execution_segment": p.execution_segment,
+                        "exit_code": p.exit_code,
+                        "status": p.status,
+                        "artifacts": p.artifact_paths,
+                    }),
+                )
+            })
+            .collect();
+        let summary_json = merged
+            .summary
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok())
+            .map(|s| json!({"merged_from_parts": merged_label(have, count), "summary": s}));
+        let duration_ms = extraction
+            .columns
+            .duration_ms
+            .or_else(|| run_msg.wall_duration_ms());
+        let new = NewRun {
+            msg: &run_msg,
+            extraction: &extraction,
+            has_summary: merged.summary.is_some(),
+            duration_ms,
+            artifact_paths: json!({ "parts": parts_paths }),
+            logs_s3_url: None,
+            summary_json,
+            summary_s3_url: None,
+        };
+        let stored = db.write_merged(tx, &new).await?;
+        drop(summaries);
+        Ok(MergeOutcome { extraction, stored })
+    }
+
+    /// A stored part's summary: inline, or read back from the worker's S3 copy.
+    async fn stored_summary(&self, p: &StoredPart) -> (Option<Arc<Summary>>, Option<String>) {
+        let doc = match (&p.summary_json, &p.summary_s3_url) {
+            (Some(doc), _) => doc.clone(),
+            (None, Some(uri)) => {
+                let Some(source) = s3_source(uri) else {
+                    return (None, Some(format!("summary {uri} is not an s3:// URI")));
+                };
+                match self.fetcher.fetch_summary(uri, &source).await {
+                    Ok(bytes) => match serde_json::from_slice(&bytes) {
+                        Ok(v) => v,
+                        Err(e) => return (None, Some(format!("summary {uri}: {e}"))),
+                    },
+                    Err(e) => return (None, Some(format!("summary {uri}: {e}"))),
+                }
+            }
+            (None, None) => return (None, None),
+        };
+        match parse_summary_value(&doc) {
+            Ok(s) => (Some(Arc::new(s)), None),
+            Err(e) => (None, Some(format!("summary: {e}"))),
+        }
+    }
+
+    /// A part's sorted samples for `requests`, or why there are none.
+    async fn part_samples(
+        &self,
+        p: &StoredPart,
+        local: Option<PathBuf>,
+        requests: &[SampleRequest],
+    ) -> Result<HashMap<String, SortedSamples>, String> {
+        let settings = self.fetcher.settings();
+        let limits = settings.sample_limits();
+        let max_inflated = settings.max_samples_inflated_bytes;
+        let (path, _keep): (PathBuf, Option<LocalArtifact>) = match local {
+            Some(path) => (path, None),
+            None => {
+                let uri = p.metrics_s3_url.as_deref().ok_or("sent no raw samples")?;
+                let source = s3_source(uri).ok_or_else(|| format!("{uri} is not an s3:// URI"))?;
+                let local = self
+                    .fetcher
+                    .fetch_to_local(uri, &source, settings.max_artifact_bytes)
+                    .await
+                    .map_err(|e| format!("raw samples unavailable: {e}"))?;
+                (local.path.clone(), Some(local))
+            }
+        };
+        let requests = requests.to_vec();
+        let (flags, sorted) = tokio::task::spawn_blocking(move || {
+            let reader = open_lines_capped(&path, max_inflated)?;
+            collect_sorted_with(reader, &requests, &limits)
+        })
+        .await
+        .map_err(|e| format!("samples reader failed: {e}"))?
+        .map_err(|e| format!("raw samples not usable: {e}"))?;
+        if flags.truncated {
+            return Err(format!(
+                "raw samples stopped at {} samples",
+                limits.max_samples
+            ));
+        }
+        Ok(sorted
+            .into_iter()
+            .filter(|(key, _)| {
+                let base = key.split('{').next().unwrap_or(key);
+                !flags.tainted.iter().any(|t| t == base)
+            })
+            .collect())
+    }
+
+    /// Records every split run whose parts are still missing after `wait` as `error`
+    /// ("3 of 4 parts") with the merge of what arrived; a late part replaces that record
+    /// with the merged run. Returns the runs recorded.
+    pub async fn sweep_incomplete_parts(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let Some(db) = &self.db else {
+            return Ok(Vec::new());
+        };
+        let cutoff: DateTime<Utc> =
+            Utc::now() - chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
+        let mut done = Vec::new();
+        for run_id in db.overdue_split_runs(cutoff, 100).await? {
+            let Some((mut tx, id)) = db.begin_locked(run_id).await? else {
+                continue;
+            };
+            let state = db.part_state(&mut tx, run_id).await?;
+            let count = state.parts.first().map_or(0, |p| p.count);
+            // Checked again under the lock: a part or another sweep may have come first.
+            if state.has_performance_row
+                || state.parts.is_empty()
+                || state.parts.len() as u32 >= count
+            {
+                tx.rollback().await?;
+                continue;
+            }
+            let missing: Vec<String> = (0..count)
+                .filter(|i| !state.parts.iter().any(|p| p.index == *i))
+                .map(|i| i.to_string())
+                .collect();
+            let why = format!(
+                "{} of {count} parts arrived within {}s (ingest.part_wait_secs); missing part(s): {}",
+                state.parts.len(),
+                wait.as_secs(),
+                missing.join(", ")
+            );
+            let first = &state.parts[0];
+            let msg = RunCompleted {
+                schema_version: 1,
+                event_id: Uuid::now_v7(),
+                run_id,
+                job_id: id.job_id,
+                test_id: id.test_id.unwrap_or_default(),
+                organization_id: id.organization_id,
+                project_id: id.project_id,
+                location: id.location,
+                trigger: id
+                    .trigger
+                    .and_then(|t| serde_json::from_value::<Trigger>(Value::String(t)).ok()),
+                started_at: first.started_at.unwrap_or_else(Utc::now),
+                completed_at: first.completed_at,
+                exit_code: None,
+                k6_version: None,
+                artifacts: Artifacts::default(),
+                config_snapshot: None,
+                metadata: None,
+                part: None,
+                decode_warnings: Vec::new(),
+            };
+            self.merge_in(db, &mut tx, &msg, &state, None, Some(why))
+                .await?;
+            tx.commit().await?;
+            tracing::warn!(run.id = %run_id, parts = state.parts.len(), count, "split run recorded as error: parts missing");
+            done.push(run_id);
+        }
+        Ok(done)
+    }
+}
+
+/// `s3://bucket/key` as a fetch source (the worker's own copies, read back for a merge).
+fn s3_source(uri: &str) -> Option<Source> {
+    let (bucket, key) = uri.strip_prefix("s3://")?.split_once('/')?;
+    Some(Source::S3 {
+        bucket: bucket.to_string(),
+        key: key.to_string(),
+    })
+}
