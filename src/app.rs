@@ -44,7 +44,10 @@ pub async fn build_ingestor(
     Ok(
         Ingestor::new(pool, store, fetcher, settings.s3.inline_summary_max_bytes)
             .with_prepared_statements(settings.database.prepared_statements)
-            .with_summary_limits(settings.summary_limits()),
+            .with_summary_limits(settings.summary_limits())
+            .with_part_wait(std::time::Duration::from_secs(
+                settings.ingest.part_wait_secs,
+            )),
     )
 }
 

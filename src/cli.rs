@@ -170,6 +170,17 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
             )
             .await?;
             print!("{}", crate::replay::render_table(&rows));
+            if !dry_run {
+                // Split runs whose parts are still missing after ingest.part_wait_secs.
+                for run in ingestor
+                    .sweep_incomplete_parts(ingestor.part_wait())
+                    .await?
+                {
+                    println!(
+                        "run {run}: parts missing; recorded as error with the parts that arrived"
+                    );
+                }
+            }
             Ok(if rows.iter().any(crate::replay::ReplayRow::failed) {
                 1
             } else {

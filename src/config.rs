@@ -246,6 +246,11 @@ pub struct IngestSettings {
     pub max_metrics: usize,
     pub max_checks: usize,
     pub max_thresholds: usize,
+    /// How long the parts of a split run may take to all arrive (counted from the first
+    /// stored part) before the run is recorded as `error` with what arrived.
+    pub part_wait_secs: u64,
+    /// How often `consume` looks for such runs.
+    pub part_sweep_interval_secs: u64,
 }
 
 impl Settings {
@@ -319,6 +324,8 @@ concurrency = 4
 max_metrics = 10000
 max_checks = 10000
 max_thresholds = 10000
+part_wait_secs = 3600
+part_sweep_interval_secs = 60
 
 [breaker]
 probe_base_ms = 250

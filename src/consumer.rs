@@ -669,6 +669,8 @@ pub async fn consume(
         s3: true,
     };
     let ingestor = crate::app::build_ingestor(settings, needs, Vec::new()).await?;
+    let interval = std::time::Duration::from_secs(settings.ingest.part_sweep_interval_secs.max(1));
+    ingestor.spawn_part_sweep(interval, shutdown.clone());
     let running = start(settings, ingestor, shutdown).await?;
     running.done.await?
 }

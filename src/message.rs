@@ -341,6 +341,37 @@ fn replace_nul_into(v: &mut Value, out: &mut NulReplaced) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn part_from_execution_segments_as_k6_operator_passes_them() {
+        let seq = "0,1/4,2/4,3/4,1";
+        for (i, seg) in ["0:1/4", "1/4:2/4", "2/4:3/4", "3/4:1"].iter().enumerate() {
+            let p = Part::from_execution_segment(seg, Some(seq)).unwrap();
+            assert_eq!((p.index, p.count), (i as u32, 4), "{seg}");
+            let p = Part::from_execution_segment(seg, None).unwrap();
+            assert_eq!((p.index, p.count), (i as u32, 4), "{seg} without sequence");
+        }
+        // unequal segments need the sequence
+        let p = Part::from_execution_segment("1/3:1", Some("0,1/3,1")).unwrap();
+        assert_eq!((p.index, p.count), (1, 2));
+        assert!(Part::from_execution_segment("1/3:1", None).is_err());
+        assert!(Part::from_execution_segment("1/4:2/4", Some("0,1/2,1")).is_err());
+        assert!(Part::from_execution_segment("2/4:1/4", None).is_err());
+        assert!(Part::from_execution_segment("x", None).is_err());
+    }
+
+    #[test]
+    fn a_part_must_be_one_of_its_count() {
+        let mut v = valid();
+        v["part"] = serde_json::json!({"index": 4, "count": 4});
+        let e = RunCompleted::decode(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("part.index 4"), "{e}");
+        v["part"] = serde_json::json!({"index": 0, "count": 0});
+        assert!(RunCompleted::decode(v.to_string().as_bytes()).is_err());
+        v["part"] = serde_json::json!({"index": 1, "count": 2, "runner": "k6-sample-2"});
+        let m = RunCompleted::decode(v.to_string().as_bytes()).unwrap();
+        assert_eq!(m.part.unwrap().runner.as_deref(), Some("k6-sample-2"));
+    }
+
     fn valid() -> Value {
         serde_json::json!({
             "schema_version": 1,

@@ -152,3 +152,93 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
     );
     cleanup(&s).await;
 }
+
+/// A split run the way k6-operator runs it: four runners, each calling `submit` with its
+/// own `--execution-segment` (and the sequence) and the run's one id; the worker merges
+/// the four staged parts into one run.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPool) {
+    let t = tag();
+    let mut s = settings(&t);
+    s.s3.staging_prefix = "s".into();
+    store(&s).await;
+    declare(&s).await;
+    let case = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/k6-split/v1.1.0/split4-merged-fail");
+    let run_id = uuid::Uuid::now_v7();
+    let test_id = uuid::Uuid::now_v7();
+    let bounds = ["0", "1/4", "2/4", "3/4", "1"];
+    for i in 0..4 {
+        let dir = case.join(format!("part-{i}"));
+        let code = std::fs::read_to_string(dir.join("exit_code")).unwrap();
+        let segment = format!("{}:{}", bounds[i], bounds[i + 1]);
+        let out = submit_command(
+            &s,
+            &dir,
+            &[
+                "--execution-segment",
+                &segment,
+                "--execution-segment-sequence",
+                "0,1/4,2/4,3/4,1",
+                "--runner",
+                &format!("k6-sample-{}", i + 1),
+            ],
+        )
+        .env("K6_INGEST_RUN_ID", run_id.to_string())
+        .env("K6_INGEST_TEST_ID", test_id.to_string())
+        .env("K6_INGEST_EXIT_CODE", code.trim())
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let conn = connect().await;
+    let topo = Topology::new(&s.amqp);
+    let published = drain(&conn, &topo.queue).await;
+    assert_eq!(published.len(), 4);
+    let ing = ingestor(&pool, &s).await;
+    let mut indexes = Vec::new();
+    for (body, _) in published.iter().rev() {
+        let msg = RunCompleted::decode(body).unwrap();
+        assert_eq!(msg.run_id, run_id);
+        let part = msg.part.clone().expect("a part");
+        assert_eq!(part.count, 4);
+        assert_eq!(
+            part.runner.as_deref(),
+            Some(format!("k6-sample-{}", part.index + 1).as_str())
+        );
+        // each part's files under names of its own
+        assert!(
+            msg.artifacts
+                .summary
+                .as_deref()
+                .unwrap()
+                .ends_with(&format!("/part-{}-summary.json", part.index)),
+            "{:?}",
+            msg.artifacts
+        );
+        indexes.push(part.index);
+        ing.ingest_one(&msg, &IngestContext::default())
+            .await
+            .unwrap();
+    }
+    indexes.sort_unstable();
+    assert_eq!(indexes, [0, 1, 2, 3]);
+    let (status, iterations, merged): (String, Option<i64>, Option<String>) = sqlx::query_as(
+        "SELECT status, iterations_total, value_sources ->> 'merged_parts' FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    // every runner passed `iterations count<25` on its 10; the merged 40 fail it
+    assert_eq!(
+        (status.as_str(), iterations, merged.as_deref()),
+        ("failed", Some(40), Some("4 of 4"))
+    );
+    cleanup(&s).await;
+}

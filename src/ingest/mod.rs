@@ -103,6 +103,8 @@ pub struct Ingestor {
     fetcher: Fetcher,
     inline_summary_max: u64,
     summary_limits: SummaryLimits,
+    /// `ingest.part_wait_secs`: see [`Ingestor::sweep_incomplete_parts`].
+    part_wait: std::time::Duration,
 }
 
 /// The summary after fetching and parsing, or why there is none.
@@ -150,7 +152,18 @@ impl Ingestor {
             fetcher,
             inline_summary_max,
             summary_limits: SummaryLimits::default(),
+            part_wait: std::time::Duration::from_secs(3600),
         }
+    }
+
+    /// How long a split run's parts may take to arrive (`ingest.part_wait_secs`).
+    pub fn with_part_wait(mut self, wait: std::time::Duration) -> Self {
+        self.part_wait = wait;
+        self
+    }
+
+    pub fn part_wait(&self) -> std::time::Duration {
+        self.part_wait
     }
 
     /// Caps on a summary's tree and detail rows (`Settings::summary_limits`).

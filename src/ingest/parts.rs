@@ -615,6 +615,28 @@ impl Ingestor {
     }
 }
 
+impl Ingestor {
+    /// Runs [`Ingestor::sweep_incomplete_parts`] every `interval` until `shutdown`.
+    pub fn spawn_part_sweep(
+        &self,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let ingestor = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                if let Err(e) = ingestor.sweep_incomplete_parts(ingestor.part_wait).await {
+                    tracing::warn!(error = %e, "sweep of split runs with missing parts failed; retried later");
+                }
+            }
+        })
+    }
+}
+
 /// `s3://bucket/key` as a fetch source (the worker's own copies, read back for a merge).
 fn s3_source(uri: &str) -> Option<Source> {
     let (bucket, key) = uri.strip_prefix("s3://")?.split_once('/')?;
