@@ -225,6 +225,10 @@ check "examples: k6-testrun.yaml custom resources (TestRun)" \
     "${VALIDATE_CRDS[@]}" --k8s-version "${K8S_VERSIONS[0]}" --require 1 deploy/examples/k6-testrun.yaml
 check "examples: k6-testrun.yaml built-in kinds" \
     kubernetes-validate --strict --quiet --no-warn -k "${K8S_VERSIONS[0]}" deploy/examples/k6-testrun.yaml
+check "examples: k6-testrun-split.yaml custom resources (TestRun)" \
+    "${VALIDATE_CRDS[@]}" --k8s-version "${K8S_VERSIONS[0]}" --require 1 deploy/examples/k6-testrun-split.yaml
+check "examples: k6-testrun-split.yaml built-in kinds" \
+    kubernetes-validate --strict --quiet --no-warn -k "${K8S_VERSIONS[0]}" deploy/examples/k6-testrun-split.yaml
 check "examples: github-actions-k6.yaml (GitHub workflow schema)" \
     check-jsonschema --builtin-schema vendor.github-workflows deploy/examples/github-actions-k6.yaml
 check "shellcheck deploy/examples/*.sh scripts/check-deploy.sh" \

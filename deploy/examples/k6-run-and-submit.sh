@@ -71,6 +71,28 @@ for metrics in "$out/metrics.ndjson.gz" "$out/metrics.ndjson"; do
     fi
 done
 
+# A split run (k6-operator `parallelism` > 1 passes each runner
+# --execution-segment=0:1/4 --execution-segment-sequence=0,1/4,2/4,3/4,1): report this
+# runner's share as one part of the run; the worker merges the parts.
+segment="" sequence="" prev=""
+for a in "$@"; do
+    case "$prev" in
+        --execution-segment) segment=$a ;;
+        --execution-segment-sequence) sequence=$a ;;
+    esac
+    case "$a" in
+        --execution-segment=*) segment=${a#*=} ;;
+        --execution-segment-sequence=*) sequence=${a#*=} ;;
+    esac
+    prev=$a
+done
+if [[ -n "$segment" && "$segment" != "0:1" ]]; then
+    args+=(--execution-segment "$segment" --runner "${HOSTNAME:-}")
+    if [[ -n "$sequence" ]]; then
+        args+=(--execution-segment-sequence "$sequence")
+    fi
+fi
+
 if ! "$k6_ingest" "${args[@]}"; then
     echo "k6-run-and-submit: k6-ingest submit failed; results are still in $out" >&2
     if [[ "$k6_exit" -eq 0 ]]; then
