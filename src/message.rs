@@ -83,8 +83,10 @@ pub struct Part {
     pub execution_segment: Option<String>,
 }
 
-/// More parts than this is a mistake, not a test: each part is read again at the merge.
-pub const MAX_PARTS: u32 = 1000;
+/// More parts than this is refused: the merge reads every part's summary again, and
+/// holds them at once, so the count bounds its memory (k6-operator tests rarely use
+/// more than a few dozen runners).
+pub const MAX_PARTS: u32 = 256;
 
 impl Part {
     /// Index and count from k6's `--execution-segment` and, when given,

@@ -384,7 +384,12 @@ impl Ingestor {
             }
             let own = current.as_ref().filter(|c| c.index == p.index);
             match self
-                .part_samples(p, own.and_then(|c| c.metrics.clone()), &requests)
+                .part_samples(
+                    p,
+                    own.and_then(|c| c.metrics.clone()),
+                    &requests,
+                    state.parts.len(),
+                )
                 .await
             {
                 Ok(s) => input.samples = Some(s),
@@ -505,9 +510,13 @@ impl Ingestor {
         p: &StoredPart,
         local: Option<PathBuf>,
         requests: &[SampleRequest],
+        parts: usize,
     ) -> Result<HashMap<String, SortedSamples>, String> {
         let settings = self.fetcher.settings();
-        let limits = settings.sample_limits();
+        let mut limits = settings.sample_limits();
+        // Sorted samples a part could keep in memory stay there until the merge walk:
+        // the parts share one buffer, so a merge holds no more than a whole run would.
+        limits.buffer_bytes /= parts.max(1);
         let max_inflated = settings.max_samples_inflated_bytes;
         let (path, _keep): (PathBuf, Option<LocalArtifact>) = match local {
             Some(path) => (path, None),
