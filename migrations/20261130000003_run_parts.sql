@@ -30,6 +30,11 @@ CREATE TABLE k6_run_parts (
     error_details     text,
     started_at        timestamptz,
     completed_at      timestamptz,
+    -- What the merged run takes from its lowest-index part, whatever the arrival order.
+    location          varchar(50),
+    k6_version        text,
+    config_snapshot   jsonb,
+    metadata          jsonb,
     created_at        timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT k6_run_parts_run_part_key UNIQUE (run_id, part_index)
 );

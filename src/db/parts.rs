@@ -47,6 +47,10 @@ pub struct StoredPart {
     pub error_details: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
+    pub location: Option<String>,
+    pub k6_version: Option<String>,
+    pub config_snapshot: Option<Value>,
+    pub metadata: Option<Value>,
 }
 
 /// What the locked run holds when a part arrives.
@@ -132,8 +136,10 @@ impl Db {
             .query(
                 "INSERT INTO k6_run_parts (id, run_id, part_index, part_count, runner, execution_segment, \
                      event_id, exit_code, status, columns, artifact_paths, summary_json, summary_s3_url, \
-                     metrics_s3_url, error_details, started_at, completed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                     metrics_s3_url, error_details, started_at, completed_at, location, k6_version, \
+                     config_snapshot, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
+                     $20, $21) \
                  ON CONFLICT (run_id, part_index) DO NOTHING RETURNING id",
             )
             .bind(Uuid::now_v7())
@@ -153,6 +159,10 @@ impl Db {
             .bind(&new.error_details)
             .bind(msg.started_at)
             .bind(msg.completed_at)
+            .bind(&msg.location)
+            .bind(&msg.k6_version)
+            .bind(msg.config_snapshot.as_ref().map(Json))
+            .bind(msg.metadata.as_ref().map(Json))
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| StoreError::from_write("k6_run_parts", e))?;
@@ -168,7 +178,8 @@ impl Db {
         let rows = self
             .query(
                 "SELECT part_index, part_count, runner, execution_segment, exit_code, status, artifact_paths, \
-                     summary_json, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at \
+                     summary_json, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at, \
+                     location, k6_version, config_snapshot, metadata \
                  FROM k6_run_parts WHERE run_id = $1 ORDER BY part_index",
             )
             .bind(run_id)
@@ -190,6 +201,10 @@ impl Db {
                 error_details: r.get(10),
                 started_at: r.get(11),
                 completed_at: r.get(12),
+                location: r.get(13),
+                k6_version: r.get(14),
+                config_snapshot: r.get::<Option<Json<Value>>, _>(15).map(|j| j.0),
+                metadata: r.get::<Option<Json<Value>>, _>(16).map(|j| j.0),
             })
             .collect();
         let perf = self

@@ -432,11 +432,17 @@ impl Ingestor {
             .min()
             .unwrap_or(msg.started_at);
         let completed_at = state.parts.iter().filter_map(|p| p.completed_at).max();
+        // Whatever arrived last, the merged run describes itself as its lowest part does.
+        let first = &state.parts[0];
         let run_msg = RunCompleted {
             started_at,
             completed_at: completed_at.or(msg.completed_at),
             exit_code: merged.exit_code,
             artifacts: Artifacts::default(),
+            location: first.location.clone().or_else(|| msg.location.clone()),
+            k6_version: first.k6_version.clone().or_else(|| msg.k6_version.clone()),
+            config_snapshot: first.config_snapshot.clone(),
+            metadata: first.metadata.clone(),
             part: None,
             ..msg.clone()
         };
