@@ -619,3 +619,42 @@ async fn replaying_a_directory_of_parts_gives_the_same_rows_as_one_by_one(pool: 
     let dirs = part_dirs("v1.1.0", "split4-merged-pass");
     assert_merged(&pool, &dirs, false).await;
 }
+
+/// A part whose summary was missing is stored as `error` (and the message dead-lettered);
+/// replayed after the fix, it replaces its error record and the run is merged again.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_part_replayed_with_its_summary_replaces_its_error_record_and_the_merge(pool: PgPool) {
+    let ing = split_ingestor(&pool, "split-fixed").await;
+    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
+    let run = run_id(&dirs[0]);
+    let good = RunCompleted::decode(&std::fs::read(dirs[1].join("message.json")).unwrap()).unwrap();
+    let mut broken = good.clone();
+    broken.artifacts.summary = Some("no-such-summary.json".into());
+    for i in [0, 2, 3] {
+        ingest_part(&ing, &dirs[i]).await;
+    }
+    let e = ing
+        .ingest_one(&broken, &ctx_of(&dirs[1]))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("summary"), "{e}");
+    let got = stored(&pool, run).await.unwrap();
+    assert_eq!(got.status, "error");
+    assert!(
+        got.error_details
+            .as_deref()
+            .unwrap()
+            .contains("part 1 of 4"),
+        "{:?}",
+        got.error_details
+    );
+    // the same broken message again changes nothing
+    let before = table_digest(&pool).await;
+    ing.ingest_one(&broken, &ctx_of(&dirs[1])).await.unwrap();
+    assert_eq!(table_digest(&pool).await, before);
+
+    let report = ing.ingest_one(&good, &ctx_of(&dirs[1])).await.unwrap();
+    assert_eq!(report.outcome, k6_ingest::ingest::Outcome::Replaced);
+    assert_eq!(parts_stored(&pool, run).await, 4);
+    assert_merged(&pool, &dirs, true).await;
+}

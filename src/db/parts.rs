@@ -31,6 +31,16 @@ pub struct NewPart<'a> {
     pub error_details: Option<String>,
 }
 
+/// What [`Db::insert_part`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartWrite {
+    Inserted,
+    /// A stored part without a summary was replaced by this one, which has one.
+    Replaced,
+    /// Stored before; nothing written.
+    Kept,
+}
+
 /// A stored part, as a merge reads it back.
 #[derive(Debug, Clone)]
 pub struct StoredPart {
@@ -112,25 +122,30 @@ impl Db {
         Ok(tx)
     }
 
-    /// Whether the run's part `index` is stored.
-    pub async fn part_stored(&self, run_id: Uuid, index: u32) -> Result<bool, sqlx::Error> {
+    /// Whether the run's part `index` is stored, and if so whether with a summary.
+    pub async fn part_stored(&self, run_id: Uuid, index: u32) -> Result<Option<bool>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let row = self
-            .query("SELECT 1 FROM k6_run_parts WHERE run_id = $1 AND part_index = $2")
+            .query(
+                "SELECT summary_json IS NOT NULL OR summary_s3_url IS NOT NULL FROM k6_run_parts \
+                 WHERE run_id = $1 AND part_index = $2",
+            )
             .bind(run_id)
             .bind(index as i32)
             .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(row.is_some())
+        Ok(row.map(|r| r.get::<bool, _>(0)))
     }
 
-    /// Stores the part unless it is stored already; true when this call stored it.
+    /// Stores the part unless it is stored already. A stored part without a summary (it
+    /// was recorded as `error`) is replaced by one with a summary, as a whole run's
+    /// error record is.
     pub async fn insert_part(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         new: &NewPart<'_>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<PartWrite, StoreError> {
         let msg = new.msg;
         let row = self
             .query(
@@ -140,7 +155,18 @@ impl Db {
                      config_snapshot, metadata) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
                      $20, $21) \
-                 ON CONFLICT (run_id, part_index) DO NOTHING RETURNING id",
+                 ON CONFLICT (run_id, part_index) DO UPDATE SET \
+                     id = EXCLUDED.id, runner = EXCLUDED.runner, execution_segment = EXCLUDED.execution_segment, \
+                     event_id = EXCLUDED.event_id, exit_code = EXCLUDED.exit_code, status = EXCLUDED.status, \
+                     columns = EXCLUDED.columns, artifact_paths = EXCLUDED.artifact_paths, \
+                     summary_json = EXCLUDED.summary_json, summary_s3_url = EXCLUDED.summary_s3_url, \
+                     metrics_s3_url = EXCLUDED.metrics_s3_url, error_details = EXCLUDED.error_details, \
+                     started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, \
+                     location = EXCLUDED.location, k6_version = EXCLUDED.k6_version, \
+                     config_snapshot = EXCLUDED.config_snapshot, metadata = EXCLUDED.metadata, created_at = now() \
+                 WHERE k6_run_parts.summary_json IS NULL AND k6_run_parts.summary_s3_url IS NULL \
+                     AND (EXCLUDED.summary_json IS NOT NULL OR EXCLUDED.summary_s3_url IS NOT NULL) \
+                 RETURNING (xmax = 0)",
             )
             .bind(Uuid::now_v7())
             .bind(msg.run_id)
@@ -166,7 +192,11 @@ impl Db {
             .fetch_optional(&mut **tx)
             .await
             .map_err(|e| StoreError::from_write("k6_run_parts", e))?;
-        Ok(row.is_some())
+        Ok(match row {
+            None => PartWrite::Kept,
+            Some(r) if r.get::<bool, _>(0) => PartWrite::Inserted,
+            Some(_) => PartWrite::Replaced,
+        })
     }
 
     /// The run's stored parts (by index) and the state of its merged row.

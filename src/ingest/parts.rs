@@ -26,7 +26,7 @@ use super::{
     Uploads, summary_expected, unique_name,
 };
 use crate::artifact::{LocalArtifact, Source, Tenant, open_lines_capped, redact_uri};
-use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, StoredPart, merged_label};
+use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, PartWrite, StoredPart, merged_label};
 use crate::db::{Db, NewRun, StoreError, Stored};
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
 use crate::summary::merge::{PartInput, merge_parts, merge_sample_keys};
@@ -58,6 +58,7 @@ impl Ingestor {
     ) -> Result<IngestReport, IngestError> {
         let run_id = msg.run_id;
         let store_err = |source| IngestError::Store { run_id, source };
+        let mut stored_before = None;
         if let Some(db) = &self.db {
             let ex = db
                 .existing(run_id)
@@ -67,18 +68,23 @@ impl Ingestor {
             // A part stored before: nothing to fetch; only a merge may still be due
             // (when the transaction that stored it was the one that saw it complete,
             // the merge is already there).
-            if !ctx.dry_run
-                && db
+            if !ctx.dry_run {
+                stored_before = db
                     .part_stored(run_id, part.index)
                     .await
-                    .map_err(|e| store_err(e.into()))?
-            {
-                return self.part_again(db, msg, part).await;
+                    .map_err(|e| store_err(e.into()))?;
+                if stored_before == Some(true) {
+                    return self.part_again(db, msg, part).await;
+                }
             }
         }
 
         let load = self.load_summary(msg, ctx).await?;
         let has_summary = matches!(load, SummaryLoad::Parsed { .. });
+        if let (Some(false), false, Some(db)) = (stored_before, has_summary, &self.db) {
+            // stored as error before, and still without a summary: nothing new
+            return self.part_again(db, msg, part).await;
+        }
         let mut warnings: Vec<String> = msg.decode_warnings.clone();
         let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
         for (role, uri) in [
@@ -208,7 +214,6 @@ impl Ingestor {
             }
             SummaryLoad::Missing { .. } => {}
         }
-        let _ = has_summary;
 
         let columns = serde_json::to_value(&extraction.columns).unwrap_or(Value::Null);
         let error_details = extraction.status_details.clone().or(summary_reason);
@@ -318,9 +323,11 @@ impl Ingestor {
                 });
             }
         }
-        let inserted = db.insert_part(&mut tx, new).await?;
+        let write = db.insert_part(&mut tx, new).await?;
         let state = db.part_state(&mut tx, msg.run_id).await?;
-        let merged = if state.merge_due(part.count) {
+        // A part that replaced its error record changes a merge already written.
+        let complete = state.parts.len() as u32 == part.count;
+        let merged = if state.merge_due(part.count) || (complete && write == PartWrite::Replaced) {
             Some(
                 self.merge_in(db, &mut tx, msg, &state, current, None)
                     .await?,
@@ -329,10 +336,11 @@ impl Ingestor {
             None
         };
         tx.commit().await?;
-        let outcome = match (&merged, inserted) {
+        let outcome = match (&merged, write) {
             (Some(m), _) if matches!(m.stored, Stored::Replaced { .. }) => Outcome::Replaced,
-            (_, true) => Outcome::Ingested,
-            (_, false) => Outcome::AlreadyPresent,
+            (_, PartWrite::Replaced) => Outcome::Replaced,
+            (_, PartWrite::Inserted) => Outcome::Ingested,
+            (_, PartWrite::Kept) => Outcome::AlreadyPresent,
         };
         Ok((outcome, merged))
     }
