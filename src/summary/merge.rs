@@ -431,3 +431,47 @@ fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
         (a, b) => a.or(b),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_s_99_is_judged_again_and_other_codes_count_worst_first() {
+        assert_eq!(merged_exit_code(&[Some(0), Some(99), Some(0)]), Some(0));
+        assert_eq!(merged_exit_code(&[Some(99), Some(99)]), Some(0));
+        assert_eq!(merged_exit_code(&[Some(0), Some(105), Some(99)]), Some(105));
+        assert_eq!(merged_exit_code(&[Some(105), Some(101)]), Some(101));
+        assert_eq!(
+            merged_exit_code(&[Some(101), Some(107), Some(110)]),
+            Some(107)
+        );
+        assert_eq!(merged_exit_code(&[Some(110), Some(0)]), Some(110));
+        assert_eq!(merged_exit_code(&[None, Some(0)]), Some(0));
+        assert_eq!(merged_exit_code(&[None, None]), None);
+    }
+
+    #[test]
+    fn no_summary_anywhere_is_an_error_naming_the_parts() {
+        let parts = vec![
+            PartInput {
+                index: 1,
+                exit_code: Some(107),
+                reason: Some("script error".into()),
+                ..PartInput::default()
+            },
+            PartInput {
+                index: 0,
+                exit_code: Some(107),
+                ..PartInput::default()
+            },
+        ];
+        let m = merge_parts(parts).unwrap();
+        assert!(m.summary.is_none());
+        assert_eq!(m.exit_code, Some(107));
+        assert_eq!(
+            m.error.as_deref(),
+            Some("part 0 of 2: no summary; part 1 of 2: script error")
+        );
+    }
+}
