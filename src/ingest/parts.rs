@@ -358,14 +358,12 @@ impl Ingestor {
     ) -> Result<MergeOutcome, StoreError> {
         let count = state.parts.first().map_or(1, |p| p.count);
         let mut inputs = Vec::with_capacity(state.parts.len());
-        let mut summaries: Vec<Option<Arc<Summary>>> = Vec::new();
         for p in &state.parts {
             let own = current.as_ref().filter(|c| c.index == p.index);
             let (summary, reason) = match own.and_then(|c| c.summary.clone()) {
                 Some(s) => (Some(s), None),
                 None => self.stored_summary(p).await,
             };
-            summaries.push(summary.clone());
             inputs.push(PartInput {
                 index: p.index,
                 exit_code: p.exit_code,
@@ -490,7 +488,6 @@ impl Ingestor {
             summary_s3_url: None,
         };
         let stored = db.write_merged(tx, &new).await?;
-        drop(summaries);
         Ok(MergeOutcome { extraction, stored })
     }
 
