@@ -658,3 +658,67 @@ async fn a_part_replayed_with_its_summary_replaces_its_error_record_and_the_merg
     assert_eq!(parts_stored(&pool, run).await, 4);
     assert_merged(&pool, &dirs, true).await;
 }
+
+fn copy_part(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+}
+
+/// `k6-ingest replay` as a user runs it: with a part missing it records the run as
+/// `error` at its end (ingest.part_wait_secs = 0 here); replayed with the late part, the
+/// run is merged.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn replay_records_missing_parts_at_its_end_and_a_later_replay_completes_the_run(
+    pool: PgPool,
+) {
+    let s = settings("split-cli");
+    store(&s).await;
+    let db = pool.connect_options().get_database().unwrap().to_string();
+    let mut url = url::Url::parse(
+        &std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
+    )
+    .unwrap();
+    url.set_path(&db);
+    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
+    let run = run_id(&dirs[0]);
+    let tmp = tempfile::tempdir().unwrap();
+    for i in [0, 1, 3] {
+        copy_part(&dirs[i], &tmp.path().join(format!("part-{i}")));
+    }
+    let replay = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
+            .args(["replay", tmp.path().to_str().unwrap()])
+            .env("K6_INGEST__DATABASE__URL", url.as_str())
+            .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
+            .env("K6_INGEST__S3__PREFIX", "")
+            .env("K6_INGEST__INGEST__PART_WAIT_SECS", "0")
+            .env("K6_INGEST__LOG__LEVEL", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = replay();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("run {run}: parts missing")),
+        "{stdout}"
+    );
+    let got = stored(&pool, run).await.unwrap();
+    assert_eq!(got.status, "error");
+    assert!(got.error_details.unwrap().contains("3 of 4 parts"));
+
+    copy_part(&dirs[2], &tmp.path().join("part-2"));
+    let out = replay();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert!(!stdout.contains("parts missing"), "{stdout}");
+    assert_merged(&pool, &dirs, true).await;
+}
