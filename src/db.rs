@@ -1,7 +1,11 @@
 //! Migrations and the one write path: everything a run produces is stored in one
 //! transaction, keyed by `run_id`, so a run is written once however often it arrives.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
@@ -47,6 +51,9 @@ pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
 pub struct Db {
     pool: PgPool,
     prepared: bool,
+    /// Months (first day, UTC) whose partitions this process knows to exist, so that
+    /// `k6_ensure_month` runs once per month and process, not once per run.
+    known_months: Arc<Mutex<BTreeSet<NaiveDate>>>,
 }
 
 impl Db {
@@ -54,6 +61,7 @@ impl Db {
         Self {
             pool,
             prepared: prepared_statements,
+            known_months: Arc::default(),
         }
     }
 
@@ -69,9 +77,68 @@ impl Db {
         sqlx::query(sql).persistent(self.prepared)
     }
 
+    /// Makes sure the month of `at` (UTC) has its partitions, creating them if needed
+    /// (`k6_ensure_month`, in a short transaction of its own: creating a partition locks
+    /// the parent table, which must not be held for a whole run's write).
+    pub async fn ensure_month(&self, at: DateTime<Utc>) -> Result<(), sqlx::Error> {
+        let month = month_of(at);
+        if self.month_known(month) {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        self.query("SELECT k6_ensure_month($1)")
+            .bind(month)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.known_months
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(month);
+        Ok(())
+    }
+
+    fn month_known(&self, month: NaiveDate) -> bool {
+        self.known_months
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&month)
+    }
+
+    /// Forgets what is known of the partitions: a month may have been archived and
+    /// dropped since.
+    fn forget_months(&self) {
+        self.known_months
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
     /// A round trip that needs no prepared statement, for health checks.
     pub async fn probe(&self) -> Result<(), sqlx::Error> {
         probe(&self.pool).await
+    }
+}
+
+/// The first day of `at`'s month in UTC: the partition a run of that time goes to.
+pub fn month_of(at: DateTime<Utc>) -> NaiveDate {
+    let d = at.date_naive();
+    d.with_day(1).unwrap_or(d)
+}
+
+/// PostgreSQL found no partition for a row (SQLSTATE 23514, "no partition of relation
+/// ... found for row"): the month was dropped after this process last ensured it.
+fn is_missing_partition(e: &StoreError) -> bool {
+    let source = match e {
+        StoreError::Refused { source, .. } => source,
+        StoreError::Db(source) => source,
+        StoreError::TenantMismatch { .. } => return false,
+    };
+    match source {
+        sqlx::Error::Database(db) => {
+            db.code().as_deref() == Some("23514") && db.message().starts_with("no partition of")
+        }
+        _ => false,
     }
 }
 
@@ -318,18 +385,27 @@ impl Db {
     /// What is stored for the run, read before any artifact is touched.
     pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let tenant = self
-            .query("SELECT organization_id, project_id FROM runs WHERE id = $1")
+        let run = self
+            .query(
+                "SELECT organization_id, project_id, k6_archived_month IS NOT NULL FROM runs WHERE id = $1",
+            )
             .bind(run_id)
             .fetch_optional(&mut *tx)
             .await?
-            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
-        let performance_has_summary = self
-            .query("SELECT summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1")
+            .map(|r| ((r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)), r.get::<bool, _>(2)));
+        let tenant = run.map(|r| r.0);
+        let performance_has_summary = if run.is_some_and(|r| r.1) {
+            // Archived to S3: stored, and final (its month's partitions are gone).
+            Some(true)
+        } else {
+            self.query(
+                "SELECT summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1",
+            )
             .bind(run_id)
             .fetch_optional(&mut *tx)
             .await?
-            .map(|r| r.get::<bool, _>(0));
+            .map(|r| r.get::<bool, _>(0))
+        };
         tx.commit().await?;
         Ok(Existing {
             tenant,
@@ -365,13 +441,24 @@ impl Db {
 
     /// Writes the run in one transaction: upsert `runs`, insert `k6_performance_runs`
     /// and its detail rows. Nothing is written twice; a tenant mismatch writes nothing.
+    ///
+    /// The month's partitions are ensured first; if the month was dropped meanwhile (an
+    /// archive), it is ensured again and the write tried once more.
     pub async fn store_run(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
+        self.ensure_month(new.msg.started_at).await?;
+        match self.store_run_once(new).await {
+            Err(e) if is_missing_partition(&e) => {
+                self.forget_months();
+                self.ensure_month(new.msg.started_at).await?;
+                self.store_run_once(new).await
+            }
+            other => other,
+        }
+    }
+
+    async fn store_run_once(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
         let mut tx = self.pool.begin().await?;
         let msg = new.msg;
-        let Some(replaced) = self.lock_run(&mut tx, msg, new.has_summary).await? else {
-            tx.rollback().await?;
-            return Ok(Stored::AlreadyPresent);
-        };
         let c = &new.extraction.columns;
         let run = RunValues {
             status: c.status.as_str(),
@@ -380,6 +467,10 @@ impl Db {
             logs_s3_url: new.logs_s3_url.as_deref(),
             error_details: new.extraction.status_details.as_deref(),
             metadata: true,
+        };
+        let Some(replaced) = self.lock_run(&mut tx, msg, &run, new.has_summary).await? else {
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
         };
         self.upsert_run(&mut tx, msg, &run)
             .await
@@ -415,13 +506,20 @@ impl Db {
     /// its own, with the tenant check of every write. A stored run with a summary stays
     /// (`AlreadyPresent`); an earlier `error` record is replaced by this one.
     pub async fn store_error(&self, rec: &ErrorRecord<'_>) -> Result<Stored, StoreError> {
+        self.ensure_month(rec.msg.started_at).await?;
+        match self.store_error_once(rec).await {
+            Err(e) if is_missing_partition(&e) => {
+                self.forget_months();
+                self.ensure_month(rec.msg.started_at).await?;
+                self.store_error_once(rec).await
+            }
+            other => other,
+        }
+    }
+
+    async fn store_error_once(&self, rec: &ErrorRecord<'_>) -> Result<Stored, StoreError> {
         let mut tx = self.pool.begin().await?;
         let msg = rec.msg;
-        // `has_summary = true`: an earlier error record is replaced, a full one is kept.
-        let Some(replaced) = self.lock_run(&mut tx, msg, true).await? else {
-            tx.rollback().await?;
-            return Ok(Stored::AlreadyPresent);
-        };
         let run = RunValues {
             status: "error",
             duration_ms: msg.wall_duration_ms(),
@@ -429,6 +527,11 @@ impl Db {
             logs_s3_url: rec.logs_s3_url,
             error_details: Some(rec.reason),
             metadata: false,
+        };
+        // `has_summary = true`: an earlier error record is replaced, a full one is kept.
+        let Some(replaced) = self.lock_run(&mut tx, msg, &run, true).await? else {
+            tx.rollback().await?;
+            return Ok(Stored::AlreadyPresent);
         };
         self.upsert_run(&mut tx, msg, &run)
             .await
@@ -439,7 +542,7 @@ impl Db {
                 "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, \
                      status, started_at, completed_at, duration_ms, exit_code, warnings) \
                  VALUES ($1, $2, $3, $4, $5, COALESCE($6, 'us-east'), 'error', $7, $8, $9, $10, $11) \
-                 ON CONFLICT (run_id) DO NOTHING RETURNING id",
+                 ON CONFLICT DO NOTHING RETURNING id",
             )
             .bind(k6_run_id)
             .bind(msg.run_id)
@@ -470,18 +573,47 @@ impl Db {
     /// Locks the run's rows, checks the tenant, and clears an earlier record this write
     /// replaces. `None` when the stored record is final (nothing to write); else whether
     /// an earlier record was replaced.
+    ///
+    /// The `runs` row is the anchor: it is inserted (or found) and locked FIRST, so two
+    /// concurrent writes of one run are serialised on it, and the second one then sees
+    /// the first one's k6_performance_runs row, whatever month it went to (the unique
+    /// key of the partitioned table includes `started_at`, so it could not settle this
+    /// alone). The insert writes nothing over an existing row: the tenant is checked
+    /// on the locked row before anything else is written.
     async fn lock_run(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
+        run: &RunValues<'_>,
         has_summary: bool,
     ) -> Result<Option<bool>, StoreError> {
-        let tenant = self
-            .query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
+        self.insert_run_if_absent(tx, msg, run)
+            .await
+            .map_err(|e| StoreError::from_write("runs", e))?;
+        let row = self
+            .query(
+                "SELECT organization_id, project_id, k6_archived_month IS NOT NULL FROM runs \
+                 WHERE id = $1 FOR UPDATE",
+            )
             .bind(msg.run_id)
             .fetch_optional(&mut **tx)
             .await?
-            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
+            .map(|r| {
+                (
+                    (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)),
+                    r.get::<bool, _>(2),
+                )
+            });
+        let tenant = row.map(|r| r.0);
+        if row.is_some_and(|r| r.1) {
+            // Archived to S3 with its month: stored and final.
+            let existing = Existing {
+                tenant,
+                performance_has_summary: Some(true),
+            };
+            existing.check_tenant(msg)?;
+            return Ok(None);
+        }
         let prior = self
             .query(
                 "SELECT id, summary_format IS NOT NULL FROM k6_performance_runs \
@@ -545,6 +677,44 @@ struct RunValues<'a> {
 }
 
 impl Db {
+    /// The `runs` row as [`Db::upsert_run`] would write it, only if there is none.
+    async fn insert_run_if_absent(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        run: &RunValues<'_>,
+    ) -> Result<(), sqlx::Error> {
+        let metadata = msg
+            .metadata
+            .clone()
+            .filter(|m| run.metadata && m.is_object())
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        self.query(
+            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
+                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(msg.run_id)
+        .bind(msg.job_id)
+        .bind(msg.test_id)
+        .bind(msg.organization_id)
+        .bind(msg.project_id)
+        .bind(run.status)
+        .bind(run.duration_ms)
+        .bind(msg.started_at)
+        .bind(msg.completed_at)
+        .bind(Json(run.artifact_paths))
+        .bind(run.logs_s3_url)
+        .bind(run.error_details)
+        .bind(msg.trigger.map(|t| t.as_str()))
+        .bind(&msg.location)
+        .bind(Json(metadata))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     async fn upsert_run(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -611,7 +781,7 @@ impl Db {
          VALUES ($1, $2, $3, $4, $5, COALESCE($6, 'us-east'), $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
              $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, \
              $38, $39) \
-         ON CONFLICT (run_id) DO NOTHING RETURNING id",
+         ON CONFLICT DO NOTHING RETURNING id",
     )
     .bind(id)
     .bind(msg.run_id)
@@ -668,7 +838,7 @@ impl Db {
             let mut qb = QueryBuilder::<Postgres>::new(
                 "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
              scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
-             p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at) ",
+             p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) ",
             );
             qb.push_values(chunk, |mut b, m| {
                 b.push_bind(Uuid::now_v7())
@@ -696,7 +866,8 @@ impl Db {
                     .push_bind(Json(&m.raw_values))
                     .push_bind(Json(&m.sources))
                     .push_bind(Json(&m.warnings))
-                    .push_bind(recorded_at);
+                    .push_bind(recorded_at)
+                    .push_bind(new.msg.started_at);
             });
             qb.build()
                 .persistent(self.prepared)
@@ -715,7 +886,7 @@ impl Db {
         for chunk in new.extraction.thresholds.chunks(ROWS_PER_INSERT) {
             let mut qb = QueryBuilder::<Postgres>::new(
                 "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
-             aggregation, observed_value, observed_scale, observed_raw, observed_source) ",
+             aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) ",
             );
             qb.push_values(chunk, |mut b, t| {
                 b.push_bind(Uuid::now_v7())
@@ -729,7 +900,8 @@ impl Db {
                     .push_bind(t.observed_value)
                     .push_bind(t.observed_scale)
                     .push_bind(t.observed_raw)
-                    .push_bind(t.observed_source);
+                    .push_bind(t.observed_source)
+                    .push_bind(new.msg.started_at);
             });
             qb.build()
                 .persistent(self.prepared)
@@ -747,7 +919,7 @@ impl Db {
     ) -> Result<(), sqlx::Error> {
         for chunk in new.extraction.checks.chunks(ROWS_PER_INSERT) {
             let mut qb = QueryBuilder::<Postgres>::new(
-                "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails) ",
+                "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) ",
             );
             qb.push_values(chunk, |mut b, c| {
                 b.push_bind(Uuid::now_v7())
@@ -757,7 +929,8 @@ impl Db {
                     .push_bind(&c.path)
                     .push_bind(&c.name)
                     .push_bind(c.passes)
-                    .push_bind(c.fails);
+                    .push_bind(c.fails)
+                    .push_bind(new.msg.started_at);
             });
             qb.build()
                 .persistent(self.prepared)

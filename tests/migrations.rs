@@ -189,8 +189,9 @@ async fn key_hashes_apply_to_a_database_filled_by_the_first_schema(pool: PgPool)
     let long = "m".repeat(10_000);
     let insert_long = || {
         sqlx::query(
-            "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, scale) \
-             VALUES ($1, $2, $3, 'm', 1)",
+            // Since version 3 a detail row carries its run's `started_at` (the partition key).
+            "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, scale, started_at) \
+             SELECT $1, $2, $3, 'm', 1, started_at FROM k6_performance_runs WHERE id = $2",
         )
         .bind(Uuid::now_v7())
         .bind(k6_run_id)
@@ -198,14 +199,23 @@ async fn key_hashes_apply_to_a_database_filled_by_the_first_schema(pool: PgPool)
     };
     insert_long().execute(&pool).await.unwrap();
     let dup = insert_long().execute(&pool).await.unwrap_err();
-    assert_eq!(
-        dup.as_database_error().and_then(|d| d.constraint()),
-        Some("k6_metrics_history_run_metric_hash_key")
-    );
+    // Since version 3 PostgreSQL names the month partition's index, a child of the key.
+    let constraint = dup
+        .as_database_error()
+        .and_then(|d| d.constraint())
+        .expect("a unique violation names its constraint");
+    let parent: String = sqlx::query_scalar(
+        "SELECT i.inhparent::regclass::text FROM pg_inherits i WHERE i.inhrelid = $1::regclass",
+    )
+    .bind(constraint)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(parent, "k6_metrics_history_run_metric_hash_key");
     let long_expr = format!("p(95)<{}", "9".repeat(10_000));
     sqlx::query(
-        "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, expression, ok) \
-         VALUES ($1, $2, $3, 'm', $4, true)",
+        "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, expression, ok, started_at) \
+         SELECT $1, $2, $3, 'm', $4, true, started_at FROM k6_performance_runs WHERE id = $2",
     )
     .bind(Uuid::now_v7())
     .bind(k6_run_id)
