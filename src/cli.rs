@@ -60,6 +60,21 @@ pub enum Command {
     /// Runner side, after `k6 run`: stage the run's files in S3 and publish its
     /// run-completed message with publisher confirms.
     Submit(Box<crate::submit::SubmitArgs>),
+    /// Create the k6 tables' partitions of this month and the next N months (UTC), ahead
+    /// of need. Idempotent; run it daily (deploy/k8s/base/partitions-cronjob.yaml).
+    Partitions {
+        #[arg(long, default_value_t = 3)]
+        ahead: u32,
+    },
+    /// Archive every whole month before DATE to S3 (`<s3.prefix>/archive/<YYYY-MM>/`),
+    /// verify it by reading it back, then drop its partitions. Safe to interrupt and rerun.
+    Archive {
+        /// YYYY-MM-DD (UTC): months that end on or before this day are archived.
+        #[arg(long)]
+        before: String,
+    },
+    /// Load an archived month (YYYY-MM) back into the database, row for row.
+    Restore { month: String },
     /// Ingest message.json files (or directories holding them) without a broker.
     Replay {
         #[arg(required = true)]
@@ -86,6 +101,60 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
                     format!("{applied:?}")
                 }
             );
+            Ok(0)
+        }
+        Command::Partitions { ahead } => {
+            let pool = crate::db::connect(&settings.database).await?;
+            let created = crate::history::ensure_ahead(&pool, ahead).await?;
+            println!(
+                "partitions: {} month(s) created{}",
+                created.len(),
+                if created.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({})",
+                        created
+                            .iter()
+                            .map(|m| m.format("%Y-%m").to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+            Ok(0)
+        }
+        Command::Archive { before } => {
+            let before = crate::history::parse_date(&before)?;
+            let (pool, store) = history_services(&settings).await?;
+            let done =
+                crate::history::archive_before(&pool, &store, &settings.s3.prefix, before).await?;
+            for (month, outcome) in &done {
+                let month = month.format("%Y-%m");
+                match outcome {
+                    crate::history::MonthOutcome::Archived {
+                        manifest_key,
+                        rows,
+                        bytes,
+                    } => println!(
+                        "{month}: archived {rows} rows, {bytes} bytes, {}",
+                        store.uri(manifest_key)
+                    ),
+                    crate::history::MonthOutcome::AlreadyArchived => {
+                        println!("{month}: already archived")
+                    }
+                }
+            }
+            println!("{} month(s) before {before}", done.len());
+            Ok(0)
+        }
+        Command::Restore { month } => {
+            let month = crate::history::parse_month(&month)?;
+            let (pool, store) = history_services(&settings).await?;
+            let restored = crate::history::restore_month(&pool, &store, month).await?;
+            for (table, n) in &restored.rows {
+                println!("{}: {table}: {n} rows restored", month.format("%Y-%m"));
+            }
             Ok(0)
         }
         Command::Consume => {
@@ -188,6 +257,16 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
             })
         }
     }
+}
+
+/// The database pool and the worker's bucket, for `archive` and `restore`.
+async fn history_services(
+    settings: &Settings,
+) -> anyhow::Result<(sqlx::PgPool, crate::s3::ArtifactStore)> {
+    let pool = crate::db::connect(&settings.database).await?;
+    let client = crate::s3::build_client(&settings.s3).await;
+    let store = crate::s3::ArtifactStore::new(client, &settings.s3, settings.s3.bucket()?);
+    Ok((pool, store))
 }
 
 fn run_extract(

@@ -1,8 +1,6 @@
 //! Migrations and the one write path: everything a run produces is stored in one
 //! transaction, keyed by `run_id`, so a run is written once however often it arrives.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
@@ -51,9 +49,6 @@ pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
 pub struct Db {
     pool: PgPool,
     prepared: bool,
-    /// Months (first day, UTC) whose partitions this process knows to exist, so that
-    /// `k6_ensure_month` runs once per month and process, not once per run.
-    known_months: Arc<Mutex<BTreeSet<NaiveDate>>>,
 }
 
 impl Db {
@@ -61,7 +56,6 @@ impl Db {
         Self {
             pool,
             prepared: prepared_statements,
-            known_months: Arc::default(),
         }
     }
 
@@ -77,41 +71,16 @@ impl Db {
         sqlx::query(sql).persistent(self.prepared)
     }
 
-    /// Makes sure the month of `at` (UTC) has its partitions, creating them if needed
+    /// Creates the partitions of the month of `at` (UTC) if they are missing
     /// (`k6_ensure_month`, in a short transaction of its own: creating a partition locks
     /// the parent table, which must not be held for a whole run's write).
     pub async fn ensure_month(&self, at: DateTime<Utc>) -> Result<(), sqlx::Error> {
-        let month = month_of(at);
-        if self.month_known(month) {
-            return Ok(());
-        }
         let mut tx = self.pool.begin().await?;
         self.query("SELECT k6_ensure_month($1)")
-            .bind(month)
+            .bind(month_of(at))
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        self.known_months
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(month);
-        Ok(())
-    }
-
-    fn month_known(&self, month: NaiveDate) -> bool {
-        self.known_months
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&month)
-    }
-
-    /// Forgets what is known of the partitions: a month may have been archived and
-    /// dropped since.
-    fn forget_months(&self) {
-        self.known_months
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        tx.commit().await
     }
 
     /// A round trip that needs no prepared statement, for health checks.
@@ -127,7 +96,7 @@ pub fn month_of(at: DateTime<Utc>) -> NaiveDate {
 }
 
 /// PostgreSQL found no partition for a row (SQLSTATE 23514, "no partition of relation
-/// ... found for row"): the month was dropped after this process last ensured it.
+/// ... found for row"): the month's partitions were never created or were archived.
 fn is_missing_partition(e: &StoreError) -> bool {
     let source = match e {
         StoreError::Refused { source, .. } => source,
@@ -442,13 +411,13 @@ impl Db {
     /// Writes the run in one transaction: upsert `runs`, insert `k6_performance_runs`
     /// and its detail rows. Nothing is written twice; a tenant mismatch writes nothing.
     ///
-    /// The month's partitions are ensured first; if the month was dropped meanwhile (an
-    /// archive), it is ensured again and the write tried once more.
+    /// The month's partitions normally exist (`k6-ingest partitions` creates them
+    /// ahead); a run of a month that has none (from 2019, from 2040, or a month archived
+    /// since) has them created and is written again: a run never fails for lack of one.
+    /// An archived run is "already present" before any partition is looked for.
     pub async fn store_run(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
-        self.ensure_month(new.msg.started_at).await?;
         match self.store_run_once(new).await {
             Err(e) if is_missing_partition(&e) => {
-                self.forget_months();
                 self.ensure_month(new.msg.started_at).await?;
                 self.store_run_once(new).await
             }
@@ -506,10 +475,8 @@ impl Db {
     /// its own, with the tenant check of every write. A stored run with a summary stays
     /// (`AlreadyPresent`); an earlier `error` record is replaced by this one.
     pub async fn store_error(&self, rec: &ErrorRecord<'_>) -> Result<Stored, StoreError> {
-        self.ensure_month(rec.msg.started_at).await?;
         match self.store_error_once(rec).await {
             Err(e) if is_missing_partition(&e) => {
-                self.forget_months();
                 self.ensure_month(rec.msg.started_at).await?;
                 self.store_error_once(rec).await
             }

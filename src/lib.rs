@@ -6,6 +6,7 @@
 //! - [`artifact`]: fetching artifacts from files, HTTP(S) and S3 with limits;
 //! - [`s3`]: streamed uploads under deterministic keys;
 //! - [`db`]: migrations and the one-transaction write;
+//! - [`history`]: monthly partitions, archives of whole months in S3, restores;
 //! - [`ingest`]: `ingest_one`, the step every driver calls;
 //! - [`replay`]: the backfill driver over message files;
 //! - [`amqp`]: RabbitMQ connection, topology and confirmed publishing;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod fault;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod message;
