@@ -70,8 +70,16 @@ pub enum Command {
     /// verify it by reading it back, then drop its partitions. Safe to interrupt and rerun.
     Archive {
         /// YYYY-MM-DD (UTC): months that end on or before this day are archived.
+        #[arg(
+            long,
+            required_unless_present = "hot_months",
+            conflicts_with = "hot_months"
+        )]
+        before: Option<String>,
+        /// Keep this many whole months before the current one (UTC) in the database and
+        /// archive older ones: 3 keeps about 90 days. For a CronJob, where a date moves.
         #[arg(long)]
-        before: String,
+        hot_months: Option<u32>,
     },
     /// Load an archived month (YYYY-MM) back into the database, row for row.
     Restore { month: String },
@@ -124,8 +132,12 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        Command::Archive { before } => {
-            let before = crate::history::parse_date(&before)?;
+        Command::Archive { before, hot_months } => {
+            let before = match (before, hot_months) {
+                (Some(date), _) => crate::history::parse_date(&date)?,
+                (None, Some(n)) => crate::history::hot_months_start(chrono::Utc::now(), n)?,
+                (None, None) => anyhow::bail!("archive needs --before DATE or --hot-months N"),
+            };
             let (pool, store) = history_services(&settings).await?;
             let done =
                 crate::history::archive_before(&pool, &store, &settings.s3.prefix, before).await?;

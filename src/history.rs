@@ -81,6 +81,14 @@ pub fn parse_date(s: &str) -> anyhow::Result<NaiveDate> {
         .map_err(|_| anyhow!("invalid date {s:?}: expected YYYY-MM-DD (UTC)"))
 }
 
+/// The first day of the oldest month `--hot-months n` keeps: `n` whole months before
+/// the current one (UTC), which is kept too.
+pub fn hot_months_start(now: chrono::DateTime<Utc>, n: u32) -> anyhow::Result<NaiveDate> {
+    crate::db::month_of(now)
+        .checked_sub_months(Months::new(n))
+        .ok_or_else(|| anyhow!("--hot-months {n} is out of range"))
+}
+
 fn month_label(month: NaiveDate) -> String {
     format!("{:04}-{:02}", month.year(), month.month())
 }
@@ -725,5 +733,11 @@ mod tests {
         let before = parse_date("2026-04-01").unwrap();
         assert!(next_month(m) <= before);
         assert!(next_month(parse_month("2026-04").unwrap()) > before);
+        // Three hot months on 30 November: August to November stay, July goes.
+        let now = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 11, 30, 23, 0, 0).unwrap();
+        let start = hot_months_start(now, 3).unwrap();
+        assert_eq!(start, parse_date("2026-08-01").unwrap());
+        assert!(next_month(parse_month("2026-07").unwrap()) <= start);
+        assert!(next_month(parse_month("2026-08").unwrap()) > start);
     }
 }
