@@ -49,6 +49,18 @@ DECLARE
 BEGIN
     -- One creator at a time: two workers meeting a new month must not both create it.
     PERFORM pg_advisory_xact_lock(hashtext('k6_ensure_month'));
+    IF to_regclass('k6_performance_runs' || suffix) IS NOT NULL
+       AND to_regclass('k6_metrics_history' || suffix) IS NOT NULL
+       AND to_regclass('k6_threshold_results' || suffix) IS NOT NULL
+       AND to_regclass('k6_check_results' || suffix) IS NOT NULL THEN
+        RETURN 0;
+    END IF;
+    -- Creating the partitions locks these tables (the foreign keys reach `runs`). Take
+    -- the locks up front in the order a run's write takes them (runs, then the k6 tables
+    -- parent first), so a write in flight finishes first instead of deadlocking with us.
+    LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE;
+    LOCK TABLE k6_performance_runs, k6_metrics_history, k6_threshold_results, k6_check_results
+        IN ACCESS EXCLUSIVE MODE;
     -- The referenced table first: the detail partitions' foreign keys point at it.
     FOREACH t IN ARRAY ARRAY['k6_performance_runs', 'k6_metrics_history',
                              'k6_threshold_results', 'k6_check_results'] LOOP

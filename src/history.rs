@@ -510,6 +510,16 @@ pub async fn archive_month(
     .await?;
     checkpoint("marked");
 
+    // Detaching locks the parents (and, through the foreign keys, `runs`): take those
+    // locks in the order a run's write takes them, so writes in flight finish first
+    // instead of deadlocking with the archive. Readers wait only for the drop itself.
+    sqlx::raw_sql(
+        "LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE; \
+         LOCK TABLE k6_performance_runs, k6_metrics_history, k6_threshold_results, \
+         k6_check_results IN ACCESS EXCLUSIVE MODE",
+    )
+    .execute(&mut *tx)
+    .await?;
     // Detail partitions first: their foreign keys point at the runs partition.
     for (table, part) in PARTITIONED.iter().zip(&parts).rev() {
         sqlx::raw_sql(&format!(

@@ -609,3 +609,42 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
         "older months were read: {older:?}\n{plan}"
     );
 }
+
+/// Two deliveries of one run that disagree on its start (so on its month) at the same
+/// time: the partitioned unique key cannot see them as one, the `runs` row lock does.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
+    let s = settings("history-dup");
+    let ing = ingestor(&pool, &s).await;
+    for round in 0..4 {
+        let (a, dir) = moved(CASES[round % CASES.len()], at(2025, 4, 30));
+        let mut b = a.clone();
+        b.started_at = at(2025, 5, 1);
+        b.completed_at = a.completed_at.map(|c| c + Duration::days(1));
+        let c = ctx(&dir);
+        let (ra, rb) = tokio::join!(ing.ingest_one(&a, &c), ing.ingest_one(&b, &c));
+        let mut outcomes = [ra.unwrap().outcome, rb.unwrap().outcome];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [Outcome::AlreadyPresent, Outcome::Ingested],
+            "round {round}"
+        );
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
+                .bind(a.run_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(n, 1, "round {round}: one k6_performance_runs row per run");
+        let orphans: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM k6_metrics_history m JOIN k6_performance_runs p \
+             ON p.id = m.k6_run_id WHERE p.run_id = $1 AND m.started_at <> p.started_at",
+        )
+        .bind(a.run_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(orphans, 0);
+    }
+}
