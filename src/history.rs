@@ -124,13 +124,17 @@ pub async fn ensure_ahead(pool: &PgPool, ahead: u32) -> anyhow::Result<Vec<Naive
 
 /// The months that have a `k6_performance_runs` partition, oldest first.
 pub async fn partitioned_months(pool: &PgPool) -> anyhow::Result<Vec<NaiveDate>> {
+    // In a transaction, as every statement is: an unnamed statement outside one may be
+    // split across server connections by a transaction pooler.
+    let mut tx = pool.begin().await?;
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = 'k6_performance_runs'::regclass",
     )
     .persistent(false)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let mut months: Vec<NaiveDate> = names
         .iter()
         .filter_map(|n| {
