@@ -533,6 +533,10 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
                 CASE WHEN random() < 0.5 THEN 'us-east' ELSE 'eu-west' END, 'passed',
                 started_at, (random() * 500)::bigint
          FROM runs;
+         INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, scale, p95_value,
+                started_at)
+         SELECT gen_random_uuid(), p.id, m, m, 1000, 1, p.started_at
+         FROM k6_performance_runs p, unnest(ARRAY['http_req_duration', 'iterations']) m;
          ANALYZE;"
     ))
     .execute(&pool)
@@ -560,6 +564,31 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
         vec![
             partition_name("k6_performance_runs", month(2025, 4)),
             partition_name("k6_performance_runs", month(2025, 5)),
+        ],
+        "{plan}"
+    );
+
+    // One metric of a test over a month: the detail table is pruned too when the query
+    // bounds its own started_at (a range does not travel through the join's equality).
+    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+        "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
+         JOIN k6_metrics_history m ON m.k6_run_id = p.id AND m.started_at = p.started_at \
+         WHERE p.test_id = '{test}' AND m.metric_name = 'http_req_duration' \
+         AND p.started_at >= '2025-04-01 00:00:00+00' AND p.started_at < '2025-05-01 00:00:00+00' \
+         AND m.started_at >= '2025-04-01 00:00:00+00' AND m.started_at < '2025-05-01 00:00:00+00'"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let mut rels = Vec::new();
+    scanned(&plan, false, &mut rels);
+    rels.sort();
+    rels.dedup();
+    assert_eq!(
+        rels,
+        vec![
+            partition_name("k6_metrics_history", month(2025, 4)),
+            partition_name("k6_performance_runs", month(2025, 4)),
         ],
         "{plan}"
     );
