@@ -70,14 +70,12 @@ pub enum Command {
     /// verify it by reading it back, then drop its partitions. Safe to interrupt and rerun.
     Archive {
         /// YYYY-MM-DD (UTC): months that end on or before this day are archived.
-        #[arg(
-            long,
-            required_unless_present = "hot_months",
-            conflicts_with = "hot_months"
-        )]
+        #[arg(long, conflicts_with = "hot_months")]
         before: Option<String>,
         /// Keep this many whole months before the current one (UTC) in the database and
-        /// archive older ones: 3 keeps about 90 days. For a CronJob, where a date moves.
+        /// archive older ones: 3 keeps about 90 days. Without this or `--before`, the
+        /// setting `retention.hot_months` decides (a CronJob's date moves; the setting
+        /// lives with the others in the ConfigMap).
         #[arg(long)]
         hot_months: Option<u32>,
     },
@@ -135,8 +133,10 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
         Command::Archive { before, hot_months } => {
             let before = match (before, hot_months) {
                 (Some(date), _) => crate::history::parse_date(&date)?,
-                (None, Some(n)) => crate::history::hot_months_start(chrono::Utc::now(), n)?,
-                (None, None) => anyhow::bail!("archive needs --before DATE or --hot-months N"),
+                (None, hot) => crate::history::hot_months_start(
+                    chrono::Utc::now(),
+                    hot.unwrap_or(settings.retention.hot_months),
+                )?,
             };
             let (pool, store) = history_services(&settings).await?;
             let done =

@@ -36,6 +36,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub ingest: IngestSettings,
     pub breaker: BreakerSettings,
+    pub retention: RetentionSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +239,15 @@ pub struct BreakerSettings {
     pub host_wait_secs: u64,
 }
 
+/// How long the k6 tables keep a month before `archive` moves it to S3.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    /// Whole months before the current one (UTC) kept in the database by `archive`
+    /// when it is given neither `--before` nor `--hot-months`: 3 keeps about 90 days,
+    /// the design's hot window.
+    pub hot_months: u32,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct IngestSettings {
     /// Runs ingested at once by `replay`.
@@ -326,6 +336,9 @@ max_checks = 10000
 max_thresholds = 10000
 part_wait_secs = 3600
 part_sweep_interval_secs = 60
+
+[retention]
+hot_months = 3
 
 [breaker]
 probe_base_ms = 250
@@ -467,6 +480,13 @@ impl Settings {
                 setting: "breaker.probe_max_ms",
                 env: "K6_INGEST__BREAKER__PROBE_MAX_MS",
                 reason: "breaker.probe_base_ms, probe_timeout_ms and check_interval_ms must be at least 1, and probe_max_ms at least probe_base_ms".into(),
+            });
+        }
+        if self.retention.hot_months == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "retention.hot_months",
+                env: "K6_INGEST__RETENTION__HOT_MONTHS",
+                reason: "must be at least 1 (the current month is never archived)".into(),
             });
         }
         if self.ingest.concurrency == 0 {

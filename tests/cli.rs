@@ -85,6 +85,11 @@ fn bad_settings_fail_at_start_naming_the_setting() {
         ("K6_INGEST__S3__ENDPOINT", "not a url", "s3.endpoint"),
         ("K6_INGEST__HTTP__BIND", "localhost", "http.bind"),
         ("K6_INGEST__S3__CHECKSUM", "sometimes", "checksum"),
+        (
+            "K6_INGEST__RETENTION__HOT_MONTHS",
+            "0",
+            "retention.hot_months",
+        ),
     ];
     for (var, value, named) in cases {
         let out = k6_ingest(&["extract", f], &[(var, value)]);

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
 use common::*;
 use k6_ingest::config::Settings;
 use k6_ingest::db::Db;
@@ -679,4 +679,51 @@ async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
         .unwrap();
         assert_eq!(orphans, 0);
     }
+}
+
+/// `archive` without `--before` or `--hot-months` keeps `retention.hot_months` whole
+/// months before the current one: with 2, a run four months back is archived, one from
+/// last month stays.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn archive_without_arguments_follows_the_retention_setting(pool: PgPool) {
+    let s = settings("history-retention");
+    let this_month = k6_ingest::db::month_of(Utc::now());
+    let old = this_month - chrono::Months::new(4);
+    let recent = this_month - chrono::Months::new(1);
+    let to_time = |d: NaiveDate| at(d.year(), d.month(), 10);
+    ingest_at(&pool, &s, &[to_time(old), to_time(recent)]).await;
+    let url = database_url(&pool).await;
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+    let out = cmd
+        .args(["archive"])
+        .env("K6_INGEST__DATABASE__URL", &url)
+        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
+        .env("K6_INGEST__S3__PREFIX", "hist")
+        .env("K6_INGEST__LOG__LEVEL", "warn")
+        .env("K6_INGEST__RETENTION__HOT_MONTHS", "2")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let label = |d: NaiveDate| format!("{:04}-{:02}", d.year(), d.month());
+    assert!(
+        stdout.contains(&format!("{}: archived", label(old))),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(&label(recent)), "{stdout}");
+    let months = history::partitioned_months(&pool).await.unwrap();
+    assert!(
+        !months.contains(&old) && months.contains(&recent),
+        "{months:?}"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, CASES.len() as i64, "only last month's runs stay");
 }
