@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on this machine: bring up PostgreSQL and an S3-compatible
 # server (reusing running ones), build k6-ingest, apply the migrations to a database of
-# its own, replay the bundled k6 fixtures and print the table of runs. Idempotent: a
+# its own, replay the bundled k6 fixtures (whole runs, and runs split across runners,
+# merged when their last part arrives) and print the table of runs. Idempotent: a
 # second run finds every run already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +18,4 @@ export K6_INGEST__S3__PREFIX="${K6_INGEST__S3__PREFIX:-k6-runs}"
 cargo build --locked --quiet --bin k6-ingest
 bin=target/debug/k6-ingest
 "$bin" migrate
-"$bin" replay fixtures/k6 "$@"
+"$bin" replay fixtures/k6 fixtures/k6-split "$@"
