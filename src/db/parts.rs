@@ -51,7 +51,9 @@ pub struct StoredPart {
     pub exit_code: Option<i32>,
     pub status: String,
     pub artifact_paths: Value,
-    pub summary_json: Option<Value>,
+    /// The summary is inlined in `summary_json`; read with [`Db::part_summary_json`]
+    /// when the merge needs it, never with every part at once.
+    pub has_inline_summary: bool,
     pub summary_s3_url: Option<String>,
     pub metrics_s3_url: Option<String>,
     pub error_details: Option<String>,
@@ -208,7 +210,7 @@ impl Db {
         let rows = self
             .query(
                 "SELECT part_index, part_count, runner, execution_segment, exit_code, status, artifact_paths, \
-                     summary_json, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at, \
+                     summary_json IS NOT NULL, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at, \
                      location, k6_version, config_snapshot, metadata \
                  FROM k6_run_parts WHERE run_id = $1 ORDER BY part_index",
             )
@@ -225,7 +227,7 @@ impl Db {
                 exit_code: r.get(4),
                 status: r.get(5),
                 artifact_paths: r.get::<Json<Value>, _>(6).0,
-                summary_json: r.get::<Option<Json<Value>>, _>(7).map(|j| j.0),
+                has_inline_summary: r.get(7),
                 summary_s3_url: r.get(8),
                 metrics_s3_url: r.get(9),
                 error_details: r.get(10),
@@ -248,6 +250,22 @@ impl Db {
             has_performance_row: perf.is_some(),
             merged: perf.and_then(|r| r.get::<Option<String>, _>(0)),
         })
+    }
+
+    /// One stored part's inline summary (`None` when it has none inline).
+    pub async fn part_summary_json(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        run_id: Uuid,
+        index: u32,
+    ) -> Result<Option<Value>, sqlx::Error> {
+        let row = self
+            .query("SELECT summary_json FROM k6_run_parts WHERE run_id = $1 AND part_index = $2")
+            .bind(run_id)
+            .bind(index as i32)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(row.and_then(|r| r.get::<Option<Json<Value>>, _>(0).map(|j| j.0)))
     }
 
     /// Writes the merged run (or the record of an incomplete one) in the part's

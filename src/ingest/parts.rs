@@ -7,6 +7,11 @@
 //! `k6_performance_runs` and detail rows before it commits: the last part and the merged
 //! run are one commit, and a crash in between loses nothing (the part is redelivered).
 //!
+//! The merge folds the parts one at a time into a [`MergeAcc`]: each stored part's
+//! summary is read by a query of its own (or from its S3 copy), parsed, folded and
+//! dropped before the next, so a merge holds one part's summary and the accumulator
+//! (bounded by the union caps) whatever the number of parts.
+//!
 //! Percentiles of the merge come from every part's raw samples, read again from the
 //! worker's own S3 copies (the arriving part's from its local file) into bounded sorted
 //! runs, joined with `SortedSamples::merge`: memory is bounded by
@@ -29,7 +34,7 @@ use crate::artifact::{LocalArtifact, Source, Tenant, open_lines_capped, redact_u
 use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, PartWrite, StoredPart, merged_label};
 use crate::db::{Db, NewRun, StoreError, Stored};
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
-use crate::summary::merge::{PartInput, merge_parts, merge_sample_keys};
+use crate::summary::merge::MergeAcc;
 use crate::summary::parse::parse_summary_value;
 use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
@@ -357,25 +362,28 @@ impl Ingestor {
         incomplete: Option<String>,
     ) -> Result<MergeOutcome, StoreError> {
         let count = state.parts.first().map_or(1, |p| p.count);
-        let mut inputs = Vec::with_capacity(state.parts.len());
+        // One part's summary at a time: loaded (its own query, or its S3 copy), folded
+        // into the accumulator and dropped before the next is read.
+        let mut acc = MergeAcc::new(&self.summary_limits);
+        let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
             let own = current.as_ref().filter(|c| c.index == p.index);
             let (summary, reason) = match own.and_then(|c| c.summary.clone()) {
                 Some(s) => (Some(s), None),
-                None => self.stored_summary(p).await,
+                None => self.stored_summary(db, tx, msg.run_id, p).await?,
             };
-            inputs.push(PartInput {
-                index: p.index,
-                exit_code: p.exit_code,
-                summary: summary.map(|s| (*s).clone()),
-                reason: reason.or_else(|| p.error_details.clone()),
-                samples: None,
-                samples_reason: None,
-            });
+            if summary.is_some() {
+                with_summary.push(p);
+            }
+            acc.add_part(
+                p.index,
+                p.exit_code,
+                summary.as_deref(),
+                reason.or_else(|| p.error_details.clone()),
+            );
         }
-        let present: Vec<&Summary> = inputs.iter().filter_map(|i| i.summary.as_ref()).collect();
-        let keys = merge_sample_keys(&present);
-        let requests: Vec<SampleRequest> = keys
+        let requests: Vec<SampleRequest> = acc
+            .sample_keys()
             .into_iter()
             .map(|(key, base_name, tags)| SampleRequest {
                 key,
@@ -384,25 +392,23 @@ impl Ingestor {
                 percentiles: Vec::new(),
             })
             .collect();
-        for (input, p) in inputs.iter_mut().zip(&state.parts) {
-            if input.summary.is_none() || requests.is_empty() {
+        for p in with_summary {
+            if requests.is_empty() {
+                acc.add_samples(p.index, Err("no raw samples".into()));
                 continue;
             }
             let own = current.as_ref().filter(|c| c.index == p.index);
-            match self
+            let samples = self
                 .part_samples(
                     p,
                     own.and_then(|c| c.metrics.clone()),
                     &requests,
                     state.parts.len(),
                 )
-                .await
-            {
-                Ok(s) => input.samples = Some(s),
-                Err(reason) => input.samples_reason = Some(reason),
-            }
+                .await;
+            acc.add_samples(p.index, samples);
         }
-        let merged = tokio::task::spawn_blocking(move || merge_parts(inputs))
+        let merged = tokio::task::spawn_blocking(move || acc.finish())
             .await
             .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merge task failed: {e}"))))?
             .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
@@ -491,28 +497,41 @@ impl Ingestor {
         Ok(MergeOutcome { extraction, stored })
     }
 
-    /// A stored part's summary: inline, or read back from the worker's S3 copy.
-    async fn stored_summary(&self, p: &StoredPart) -> (Option<Arc<Summary>>, Option<String>) {
-        let doc = match (&p.summary_json, &p.summary_s3_url) {
-            (Some(doc), _) => doc.clone(),
+    /// A stored part's summary: inline (read by a query of its own, so one part's
+    /// document is in memory at a time), or read back from the worker's S3 copy. The
+    /// second value says why a part that should have one has none.
+    async fn stored_summary(
+        &self,
+        db: &Db,
+        tx: &mut Transaction<'_, Postgres>,
+        run_id: Uuid,
+        p: &StoredPart,
+    ) -> Result<(Option<Arc<Summary>>, Option<String>), StoreError> {
+        let inline = if p.has_inline_summary {
+            db.part_summary_json(tx, run_id, p.index).await?
+        } else {
+            None
+        };
+        let doc = match (inline, &p.summary_s3_url) {
+            (Some(doc), _) => doc,
             (None, Some(uri)) => {
                 let Some(source) = s3_source(uri) else {
-                    return (None, Some(format!("summary {uri} is not an s3:// URI")));
+                    return Ok((None, Some(format!("summary {uri} is not an s3:// URI"))));
                 };
                 match self.fetcher.fetch_summary(uri, &source).await {
                     Ok(bytes) => match serde_json::from_slice(&bytes) {
                         Ok(v) => v,
-                        Err(e) => return (None, Some(format!("summary {uri}: {e}"))),
+                        Err(e) => return Ok((None, Some(format!("summary {uri}: {e}")))),
                     },
-                    Err(e) => return (None, Some(format!("summary {uri}: {e}"))),
+                    Err(e) => return Ok((None, Some(format!("summary {uri}: {e}")))),
                 }
             }
-            (None, None) => return (None, None),
+            (None, None) => return Ok((None, None)),
         };
-        match parse_summary_value(&doc) {
+        Ok(match parse_summary_value(&doc) {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e) => (None, Some(format!("summary: {e}"))),
-        }
+        })
     }
 
     /// A part's sorted samples for `requests`, or why there are none.

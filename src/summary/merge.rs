@@ -19,7 +19,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 
-use super::model::{Check, Metric, MetricType, Summary, Threshold};
+use super::limits::SummaryLimits;
+use super::model::{Check, Contains, Metric, MetricType, Summary, SummaryFormat, Threshold};
 use super::samples::{SampleSets, SampleStats};
 use super::selector::percentile_of;
 use super::sink::SortedSamples;
@@ -57,23 +58,6 @@ pub struct Merged {
     pub sources: BTreeMap<String, String>,
 }
 
-/// The trend keys whose samples a merge reads from each part: every trend of every
-/// part's summary, submetrics included, in name order.
-pub fn merge_sample_keys(
-    summaries: &[&Summary],
-) -> Vec<(String, String, BTreeMap<String, String>)> {
-    let mut seen = BTreeMap::new();
-    for s in summaries {
-        for m in &s.metrics {
-            if m.metric_type == Some(MetricType::Trend) {
-                seen.entry(m.name.clone())
-                    .or_insert_with(|| (m.base_name.clone(), m.tags.clone()));
-            }
-        }
-    }
-    seen.into_iter().map(|(k, (b, t))| (k, b, t)).collect()
-}
-
 /// How bad a non-zero exit code of a part is for the whole run: error over timeout over
 /// cancelled over failed (108, 110).
 fn severity(code: i32) -> u8 {
@@ -100,318 +84,555 @@ pub fn merged_exit_code(codes: &[Option<i32>]) -> Option<i32> {
     }
 }
 
+/// Merges every part at once: the parts are folded one after another into a
+/// [`MergeAcc`] without caps (the worker itself folds stored parts one at a time).
 pub fn merge_parts(mut parts: Vec<PartInput>) -> io::Result<Merged> {
     parts.sort_by_key(|p| p.index);
-    let count = parts.len();
-    let mut warnings = Vec::new();
-    let mut sources = BTreeMap::new();
-    let exit_code = merged_exit_code(&parts.iter().map(|p| p.exit_code).collect::<Vec<_>>());
-    let error = parts
-        .iter()
-        .filter(|p| p.summary.is_none())
-        .map(|p| {
-            format!(
-                "part {} of {count}: {}",
-                p.index,
-                p.reason.as_deref().unwrap_or("no summary")
-            )
-        })
-        .reduce(|a, b| format!("{a}; {b}"));
-
-    // Parts without a summary sent nothing to merge; their samples are not needed.
-    let missing_samples: Vec<String> = parts
-        .iter()
-        .filter(|p| p.summary.is_some() && p.samples.is_none())
-        .map(|p| {
-            format!(
-                "part {} ({})",
-                p.index,
-                p.samples_reason.as_deref().unwrap_or("no raw samples")
-            )
-        })
-        .collect();
-    // --- the union of the parts' samples, per trend key ---
-    let mut merged_sorted: HashMap<String, SortedSamples> = HashMap::new();
-    if missing_samples.is_empty() {
-        let mut from: HashMap<String, usize> = HashMap::new();
-        let mut n = 0;
-        for p in parts.iter_mut().filter(|p| p.summary.is_some()) {
-            n += 1;
-            for (key, sorted) in p.samples.take().unwrap_or_default() {
-                *from.entry(key.clone()).or_default() += 1;
-                let joined = match merged_sorted.remove(&key) {
-                    Some(prev) => SortedSamples::merge([prev, sorted]),
-                    None => sorted,
-                };
-                merged_sorted.insert(key, joined);
-            }
+    let mut acc = MergeAcc::new(&SummaryLimits {
+        max_nodes: u64::MAX,
+        max_metrics: usize::MAX,
+        max_checks: usize::MAX,
+        max_thresholds: usize::MAX,
+    });
+    for p in &parts {
+        acc.add_part(p.index, p.exit_code, p.summary.as_ref(), p.reason.clone());
+    }
+    for p in parts {
+        if p.summary.is_some() {
+            let samples = p.samples.ok_or_else(|| {
+                p.samples_reason
+                    .unwrap_or_else(|| "no raw samples".to_string())
+            });
+            acc.add_samples(p.index, samples);
         }
-        // A key some part could not give completely has no exact union.
-        merged_sorted.retain(|k, _| from.get(k) == Some(&n));
+    }
+    acc.finish()
+}
+
+/// One metric as merged so far: what the first part with it said about its kind, and
+/// per stat the running sum, minimum and maximum of the parts' values.
+#[derive(Debug)]
+struct MetricAcc {
+    base_name: String,
+    tags: BTreeMap<String, String>,
+    metric_type: Option<MetricType>,
+    contains: Option<Contains>,
+    /// Parts that have this metric.
+    parts: usize,
+    stat_keys: BTreeSet<String>,
+    /// Per stat: (sum, min, max) of the non-null values and how many parts gave one.
+    stats: BTreeMap<String, StatAcc>,
+    /// Σ avg × count over the parts that gave both, and how many did.
+    weighted_avg: (Option<f64>, usize),
+    /// Expressions in first-seen order, each with whether it held on every part.
+    thresholds: Vec<(String, bool)>,
+}
+
+#[derive(Debug)]
+struct StatAcc {
+    sum: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+impl MetricAcc {
+    /// The sum of `k` over the parts with this metric; `None` when one of them has no
+    /// value for it (as summing `Option`s gives).
+    fn sum(&self, k: &str) -> Option<f64> {
+        self.stats
+            .get(k)
+            .filter(|s| s.n == self.parts)
+            .map(|s| s.sum)
     }
 
-    let with_summary: Vec<&PartInput> = parts.iter().filter(|p| p.summary.is_some()).collect();
-    if with_summary.is_empty() {
-        return Ok(Merged {
-            summary: None,
-            exit_code,
-            samples: None,
-            error,
-            warnings,
-            sources,
-        });
+    fn min(&self, k: &str) -> Option<f64> {
+        self.stats.get(k).map(|s| s.min)
     }
-    let summaries: Vec<&Summary> = with_summary
-        .iter()
-        .filter_map(|p| p.summary.as_ref())
-        .collect();
-    let duration_ms = summaries
-        .iter()
-        .filter_map(|s| s.test_run_duration_ms)
-        .fold(None, |a: Option<f64>, d| Some(a.map_or(d, |a| a.max(d))));
 
-    // --- metrics ---
-    let mut names: BTreeSet<&str> = BTreeSet::new();
-    for s in &summaries {
-        names.extend(s.metrics.iter().map(|m| m.name.as_str()));
+    fn max(&self, k: &str) -> Option<f64> {
+        self.stats.get(k).map(|s| s.max)
     }
-    let mut metrics = Vec::with_capacity(names.len());
-    for name in names {
-        let ms: Vec<&Metric> = summaries.iter().filter_map(|s| s.metric(name)).collect();
-        let first = ms[0];
-        let mut values: BTreeMap<String, Option<f64>> = BTreeMap::new();
-        let stat_keys: BTreeSet<&str> = ms
-            .iter()
-            .flat_map(|m| m.values.keys().map(String::as_str))
-            .collect();
-        let sum = |k: &str| -> Option<f64> { ms.iter().map(|m| m.value(k)).sum() };
-        let min = |k: &str| ms.iter().filter_map(|m| m.value(k)).reduce(f64::min);
-        let max = |k: &str| ms.iter().filter_map(|m| m.value(k)).reduce(f64::max);
-        match first.metric_type {
-            Some(MetricType::Counter) => {
-                for k in stat_keys {
-                    let v = match k {
-                        "count" => sum("count"),
-                        "rate" => sum("count").and_then(|c| {
-                            duration_ms.map(|d| if d > 0.0 { c / (d / 1000.0) } else { 0.0 })
-                        }),
-                        _ => None,
-                    };
-                    values.insert(k.to_string(), v);
-                }
-            }
-            Some(MetricType::Rate) => {
-                for k in stat_keys {
-                    let v = match k {
-                        "passes" | "fails" | "matches" | "total" => sum(k),
-                        "rate" | "value" => {
-                            let hit = sum("passes").or_else(|| sum("matches"));
-                            let all = sum("passes")
-                                .zip(sum("fails"))
-                                .map(|(p, f)| p + f)
-                                .or_else(|| sum("total"));
-                            hit.zip(all).map(|(h, a)| if a > 0.0 { h / a } else { 0.0 })
-                        }
-                        _ => None,
-                    };
-                    values.insert(k.to_string(), v);
-                }
-            }
-            Some(MetricType::Gauge) => {
-                let additive = matches!(first.base_name.as_str(), "vus" | "vus_max");
-                for k in stat_keys {
-                    let v = match k {
-                        _ if additive => sum(k),
-                        "min" => min("min"),
-                        "max" | "value" => max(k),
-                        _ => None,
-                    };
-                    values.insert(k.to_string(), v);
-                }
-                if !additive && ms.len() > 1 {
-                    sources.insert(
-                        format!("{name}.value"),
-                        "merged: the largest of the parts' last values".into(),
-                    );
-                }
-            }
-            Some(MetricType::Trend) => match merged_sorted.get(name) {
-                Some(sorted) => {
-                    let keys: Vec<&str> = stat_keys.into_iter().collect();
-                    let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
-                    let pct = sorted.percentiles(&ps)?;
-                    for ((k, p), v) in keys.iter().zip(&ps).zip(pct) {
-                        let v = match *k {
-                            "avg" => sorted.mean().or(Some(0.0)).filter(|a| a.is_finite()),
-                            "min" => Some(sorted.min().unwrap_or(0.0)),
-                            "max" => Some(sorted.max().unwrap_or(0.0)),
-                            "count" => Some(sorted.count() as f64),
-                            _ if p.is_nan() => None,
-                            _ => Some(v),
-                        };
-                        values.insert((*k).to_string(), v);
-                    }
-                    sources.insert(
-                        name.to_string(),
-                        format!(
-                            "merged: the union of {} parts' raw samples",
-                            summaries.len()
-                        ),
-                    );
-                }
-                None => {
-                    let counts: Option<Vec<f64>> = ms.iter().map(|m| m.value("count")).collect();
-                    for k in stat_keys {
-                        let v = match k {
-                            "min" => min("min"),
-                            "max" => max("max"),
-                            "count" => sum("count"),
-                            "avg" => counts.as_ref().and_then(|cs| {
-                                let n: f64 = cs.iter().sum();
-                                let total: Option<f64> = ms
-                                    .iter()
-                                    .zip(cs)
-                                    .map(|(m, c)| m.value("avg").map(|a| a * c))
-                                    .sum();
-                                total.map(|t| if n > 0.0 { t / n } else { 0.0 })
-                            }),
-                            _ => None,
-                        };
-                        values.insert(k.to_string(), v);
-                    }
-                    let why = if missing_samples.is_empty() {
-                        "its raw samples were not collected".to_string()
-                    } else {
-                        format!("no raw samples from {}", missing_samples.join(", "))
-                    };
-                    warnings.push(format!(
-                        "{name}: merged percentiles not computed ({why}); never an average of percentiles"
-                    ));
-                    sources.insert(name.to_string(), format!("merged: percentiles NULL, {why}"));
-                }
-            },
-            None => {
-                warnings.push(format!("{name}: metric type unknown, not merged"));
-                for k in stat_keys {
-                    values.insert(k.to_string(), None);
-                }
-            }
+}
+
+fn fold_sum(acc: Option<f64>, v: f64) -> f64 {
+    acc.map_or(v, |a| a + v)
+}
+
+/// The merge of a split run, built one part at a time: a part's summary is folded in
+/// and can be dropped before the next is read, so a merge holds one part's summary and
+/// this accumulator, whatever the number of parts. The accumulator is bounded by the
+/// caps of one summary (`ingest.max_metrics`, `max_checks`, `max_thresholds`) applied
+/// to the union of the parts: a union above a cap refuses the merge (the merged run is
+/// an error saying which cap) and frees what was folded.
+///
+/// Parts must be added in index order (the merged values and orders depend on it).
+#[derive(Debug)]
+pub struct MergeAcc {
+    max_metrics: usize,
+    max_checks: usize,
+    max_thresholds: usize,
+    exit_codes: Vec<Option<i32>>,
+    /// Parts without a summary: (index, why).
+    no_summary: Vec<(u32, Option<String>)>,
+    with_summary: usize,
+    format: Option<SummaryFormat>,
+    trend_stats: Option<Vec<String>>,
+    duration_ms: Option<f64>,
+    metrics: BTreeMap<String, MetricAcc>,
+    thresholds: usize,
+    /// The trend keys of every part (first base name and tags seen), for sample reads.
+    trend_keys: BTreeMap<String, (String, BTreeMap<String, String>)>,
+    checks: Vec<Check>,
+    check_at: HashMap<(Vec<String>, String), usize>,
+    part_warnings: Vec<String>,
+    derived: BTreeMap<String, BTreeSet<String>>,
+    /// The union of the parts' samples per trend key, and how many parts gave the key.
+    samples: HashMap<String, (SortedSamples, usize)>,
+    missing_samples: Vec<String>,
+    refused: Option<String>,
+}
+
+impl MergeAcc {
+    pub fn new(limits: &SummaryLimits) -> Self {
+        MergeAcc {
+            max_metrics: limits.max_metrics,
+            max_checks: limits.max_checks,
+            max_thresholds: limits.max_thresholds,
+            exit_codes: Vec::new(),
+            no_summary: Vec::new(),
+            with_summary: 0,
+            format: None,
+            trend_stats: None,
+            duration_ms: None,
+            metrics: BTreeMap::new(),
+            thresholds: 0,
+            trend_keys: BTreeMap::new(),
+            checks: Vec::new(),
+            check_at: HashMap::new(),
+            part_warnings: Vec::new(),
+            derived: BTreeMap::new(),
+            samples: HashMap::new(),
+            missing_samples: Vec::new(),
+            refused: None,
         }
-        // --- thresholds, judged again on the merged values ---
-        let mut exprs: Vec<&str> = Vec::new();
-        for m in &ms {
-            for t in &m.thresholds {
-                if !exprs.contains(&t.expression.as_str()) {
-                    exprs.push(&t.expression);
-                }
-            }
-        }
-        let thresholds = exprs
-            .into_iter()
-            .map(|expr| {
-                let judged = first.metric_type.ok_or_else(|| "metric type unknown".to_string()).and_then(|t| {
-                    parse_threshold(expr)
-                        .and_then(|p| p.evaluate(t, &values))
-                        .map_err(|e| e.to_string())
-                });
-                let ok = match judged {
-                    Ok(ok) => ok,
-                    Err(e) => {
-                        // Not judgeable on the merged values: it holds only if it held
-                        // on every part.
-                        let every = ms.iter().all(|m| {
-                            m.thresholds
-                                .iter()
-                                .filter(|t| t.expression == expr)
-                                .all(|t| t.ok)
-                        });
-                        warnings.push(format!(
-                            "{name}: threshold {expr:?} not judged on the merged values ({e}); ok only if it held on every part: {every}"
-                        ));
-                        every
-                    }
-                };
-                Threshold {
-                    expression: expr.to_string(),
-                    ok,
-                }
-            })
-            .collect();
-        metrics.push(Metric {
-            name: name.to_string(),
-            base_name: first.base_name.clone(),
-            tags: first.tags.clone(),
-            metric_type: first.metric_type,
-            contains: first.contains,
-            values,
-            thresholds,
-        });
     }
 
-    // --- checks, by group path and name, in first-seen order ---
-    let mut checks: Vec<Check> = Vec::new();
-    for s in &summaries {
+    /// Why the merge is refused (a cap on the union of the parts), if it is.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// Folds one part in: its exit code and, when it has one, its summary (`reason`
+    /// says why a part has none).
+    pub fn add_part(
+        &mut self,
+        index: u32,
+        exit_code: Option<i32>,
+        summary: Option<&Summary>,
+        reason: Option<String>,
+    ) {
+        self.exit_codes.push(exit_code);
+        let Some(s) = summary else {
+            self.no_summary.push((index, reason));
+            return;
+        };
+        self.with_summary += 1;
+        if self.refused.is_some() {
+            return;
+        }
+        if self.format.is_none() {
+            self.format = Some(s.format);
+            self.trend_stats = s.trend_stats.clone();
+        }
+        if let Some(d) = s.test_run_duration_ms {
+            self.duration_ms = Some(self.duration_ms.map_or(d, |a| a.max(d)));
+        }
+        for m in &s.metrics {
+            self.add_metric(m);
+        }
         for c in &s.checks {
-            match checks
-                .iter_mut()
-                .find(|m| m.group_path == c.group_path && m.name == c.name)
-            {
-                Some(m) => {
+            let key = (c.group_path.clone(), c.name.clone());
+            match self.check_at.get(&key) {
+                Some(&i) => {
+                    let m = &mut self.checks[i];
                     m.passes = add(m.passes, c.passes);
                     m.fails = add(m.fails, c.fails);
                 }
-                None => checks.push(c.clone()),
+                None => {
+                    self.check_at.insert(key, self.checks.len());
+                    self.checks.push(c.clone());
+                }
             }
         }
-    }
-
-    for p in &with_summary {
-        if let Some(s) = &p.summary {
-            warnings.extend(s.warnings.iter().map(|w| format!("part {}: {w}", p.index)));
-        }
-    }
-    let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for s in &summaries {
+        self.part_warnings
+            .extend(s.warnings.iter().map(|w| format!("part {index}: {w}")));
         for (k, v) in &s.derived {
-            derived
+            self.derived
                 .entry(k.clone())
                 .or_default()
                 .extend(v.iter().cloned());
         }
+        let over = if self.metrics.len() > self.max_metrics {
+            Some(format!(
+                "the parts' summaries hold {} metrics together, over ingest.max_metrics ({})",
+                self.metrics.len(),
+                self.max_metrics
+            ))
+        } else if self.checks.len() > self.max_checks {
+            Some(format!(
+                "the parts' summaries hold {} checks together, over ingest.max_checks ({})",
+                self.checks.len(),
+                self.max_checks
+            ))
+        } else if self.thresholds > self.max_thresholds {
+            Some(format!(
+                "the parts' summaries hold {} thresholds together, over ingest.max_thresholds ({})",
+                self.thresholds, self.max_thresholds
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = over {
+            self.refused = Some(format!("merge refused: {why}"));
+            // Nothing folded is used any more: give the memory back now.
+            self.metrics = BTreeMap::new();
+            self.trend_keys = BTreeMap::new();
+            self.checks = Vec::new();
+            self.check_at = HashMap::new();
+            self.derived = BTreeMap::new();
+            self.part_warnings = Vec::new();
+        }
     }
-    let summary = Summary {
-        format: summaries[0].format,
-        test_run_duration_ms: duration_ms,
-        trend_stats: summaries[0].trend_stats.clone(),
-        metrics,
-        checks,
-        warnings: Vec::new(),
-        derived,
-    };
 
-    // --- statistics for the keys extraction fills from samples ---
-    let samples = if merged_sorted.is_empty() {
-        None
-    } else {
-        let mut sets = SampleSets::default();
-        for r in wanted_samples(&summary) {
-            if let Some(sorted) = merged_sorted.get(&r.key) {
-                sets.sets.insert(
-                    r.key.clone(),
-                    SampleStats::of_sorted(sorted, &r.percentiles)?,
-                );
+    fn add_metric(&mut self, m: &Metric) {
+        if m.metric_type == Some(MetricType::Trend) {
+            self.trend_keys
+                .entry(m.name.clone())
+                .or_insert_with(|| (m.base_name.clone(), m.tags.clone()));
+        }
+        let acc = self
+            .metrics
+            .entry(m.name.clone())
+            .or_insert_with(|| MetricAcc {
+                base_name: m.base_name.clone(),
+                tags: m.tags.clone(),
+                metric_type: m.metric_type,
+                contains: m.contains,
+                parts: 0,
+                stat_keys: BTreeSet::new(),
+                stats: BTreeMap::new(),
+                weighted_avg: (None, 0),
+                thresholds: Vec::new(),
+            });
+        acc.parts += 1;
+        for (k, v) in &m.values {
+            if !acc.stat_keys.contains(k) {
+                acc.stat_keys.insert(k.clone());
+            }
+            let Some(v) = *v else { continue };
+            match acc.stats.get_mut(k) {
+                Some(s) => {
+                    s.sum += v;
+                    s.min = s.min.min(v);
+                    s.max = s.max.max(v);
+                    s.n += 1;
+                }
+                None => {
+                    acc.stats.insert(
+                        k.clone(),
+                        StatAcc {
+                            sum: v,
+                            min: v,
+                            max: v,
+                            n: 1,
+                        },
+                    );
+                }
             }
         }
-        Some(sets)
-    };
-    Ok(Merged {
-        summary: Some(summary),
-        exit_code,
-        samples,
-        error,
-        warnings,
-        sources,
-    })
+        if let (Some(a), Some(c)) = (m.value("avg"), m.value("count")) {
+            acc.weighted_avg = (
+                Some(fold_sum(acc.weighted_avg.0, a * c)),
+                acc.weighted_avg.1 + 1,
+            );
+        }
+        for t in &m.thresholds {
+            match acc.thresholds.iter_mut().find(|(e, _)| *e == t.expression) {
+                Some((_, every)) => *every &= t.ok,
+                None => {
+                    acc.thresholds.push((t.expression.clone(), t.ok));
+                    self.thresholds += 1;
+                }
+            }
+        }
+    }
+
+    /// The trend keys whose samples the merge reads from each part: every trend of every
+    /// part folded so far, submetrics included, in name order. Empty once refused.
+    pub fn sample_keys(&self) -> Vec<(String, String, BTreeMap<String, String>)> {
+        self.trend_keys
+            .iter()
+            .map(|(k, (b, t))| (k.clone(), b.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Adds the sorted samples of a part with a summary (per trend key), or why it has
+    /// none; the sets are joined at once, so only the parts' sorted runs are held.
+    pub fn add_samples(
+        &mut self,
+        index: u32,
+        samples: Result<HashMap<String, SortedSamples>, String>,
+    ) {
+        match samples {
+            Ok(sets) if self.missing_samples.is_empty() && self.refused.is_none() => {
+                for (key, sorted) in sets {
+                    let joined = match self.samples.remove(&key) {
+                        Some((prev, n)) => (SortedSamples::merge([prev, sorted]), n + 1),
+                        None => (sorted, 1),
+                    };
+                    self.samples.insert(key, joined);
+                }
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                self.missing_samples
+                    .push(format!("part {index} ({reason})"));
+                // Without this part's samples no key has an exact union.
+                self.samples = HashMap::new();
+            }
+        }
+    }
+
+    /// The merged run.
+    pub fn finish(self) -> io::Result<Merged> {
+        let count = self.exit_codes.len();
+        let mut warnings = Vec::new();
+        let mut sources = BTreeMap::new();
+        let exit_code = merged_exit_code(&self.exit_codes);
+        let mut error = self
+            .no_summary
+            .iter()
+            .map(|(index, reason)| {
+                format!(
+                    "part {index} of {count}: {}",
+                    reason.as_deref().unwrap_or("no summary")
+                )
+            })
+            .reduce(|a, b| format!("{a}; {b}"));
+        if let Some(why) = self.refused {
+            error = Some(match error {
+                Some(e) => format!("{why}; {e}"),
+                None => why,
+            });
+            return Ok(Merged {
+                summary: None,
+                exit_code,
+                samples: None,
+                error,
+                warnings,
+                sources,
+            });
+        }
+        let Some(format) = self.format else {
+            return Ok(Merged {
+                summary: None,
+                exit_code,
+                samples: None,
+                error,
+                warnings,
+                sources,
+            });
+        };
+        let n = self.with_summary;
+        let missing_samples = self.missing_samples;
+        // A key some part could not give completely has no exact union.
+        let merged_sorted: HashMap<String, SortedSamples> = self
+            .samples
+            .into_iter()
+            .filter(|(_, (_, from))| *from == n)
+            .map(|(k, (s, _))| (k, s))
+            .collect();
+        let duration_ms = self.duration_ms;
+
+        // --- metrics ---
+        let mut metrics = Vec::with_capacity(self.metrics.len());
+        for (name, ms) in self.metrics {
+            let mut values: BTreeMap<String, Option<f64>> = BTreeMap::new();
+            let sum = |k: &str| ms.sum(k);
+            let min = |k: &str| ms.min(k);
+            let max = |k: &str| ms.max(k);
+            match ms.metric_type {
+                Some(MetricType::Counter) => {
+                    for k in &ms.stat_keys {
+                        let v = match k.as_str() {
+                            "count" => sum("count"),
+                            "rate" => sum("count").and_then(|c| {
+                                duration_ms.map(|d| if d > 0.0 { c / (d / 1000.0) } else { 0.0 })
+                            }),
+                            _ => None,
+                        };
+                        values.insert(k.clone(), v);
+                    }
+                }
+                Some(MetricType::Rate) => {
+                    for k in &ms.stat_keys {
+                        let v = match k.as_str() {
+                            "passes" | "fails" | "matches" | "total" => sum(k),
+                            "rate" | "value" => {
+                                let hit = sum("passes").or_else(|| sum("matches"));
+                                let all = sum("passes")
+                                    .zip(sum("fails"))
+                                    .map(|(p, f)| p + f)
+                                    .or_else(|| sum("total"));
+                                hit.zip(all).map(|(h, a)| if a > 0.0 { h / a } else { 0.0 })
+                            }
+                            _ => None,
+                        };
+                        values.insert(k.clone(), v);
+                    }
+                }
+                Some(MetricType::Gauge) => {
+                    let additive = matches!(ms.base_name.as_str(), "vus" | "vus_max");
+                    for k in &ms.stat_keys {
+                        let v = match k.as_str() {
+                            _ if additive => sum(k),
+                            "min" => min("min"),
+                            "max" | "value" => max(k),
+                            _ => None,
+                        };
+                        values.insert(k.clone(), v);
+                    }
+                    if !additive && ms.parts > 1 {
+                        sources.insert(
+                            format!("{name}.value"),
+                            "merged: the largest of the parts' last values".into(),
+                        );
+                    }
+                }
+                Some(MetricType::Trend) => match merged_sorted.get(&name) {
+                    Some(sorted) => {
+                        let keys: Vec<&str> = ms.stat_keys.iter().map(String::as_str).collect();
+                        let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
+                        let pct = sorted.percentiles(&ps)?;
+                        for ((k, p), v) in keys.iter().zip(&ps).zip(pct) {
+                            let v = match *k {
+                                "avg" => sorted.mean().or(Some(0.0)).filter(|a| a.is_finite()),
+                                "min" => Some(sorted.min().unwrap_or(0.0)),
+                                "max" => Some(sorted.max().unwrap_or(0.0)),
+                                "count" => Some(sorted.count() as f64),
+                                _ if p.is_nan() => None,
+                                _ => Some(v),
+                            };
+                            values.insert((*k).to_string(), v);
+                        }
+                        sources.insert(
+                            name.clone(),
+                            format!("merged: the union of {n} parts' raw samples"),
+                        );
+                    }
+                    None => {
+                        for k in &ms.stat_keys {
+                            let v = match k.as_str() {
+                                "min" => min("min"),
+                                "max" => max("max"),
+                                "count" => sum("count"),
+                                "avg" => sum("count").and_then(|n| {
+                                    let total =
+                                        ms.weighted_avg.0.filter(|_| ms.weighted_avg.1 == ms.parts);
+                                    total.map(|t| if n > 0.0 { t / n } else { 0.0 })
+                                }),
+                                _ => None,
+                            };
+                            values.insert(k.clone(), v);
+                        }
+                        let why = if missing_samples.is_empty() {
+                            "its raw samples were not collected".to_string()
+                        } else {
+                            format!("no raw samples from {}", missing_samples.join(", "))
+                        };
+                        warnings.push(format!(
+                            "{name}: merged percentiles not computed ({why}); never an average of percentiles"
+                        ));
+                        sources.insert(name.clone(), format!("merged: percentiles NULL, {why}"));
+                    }
+                },
+                None => {
+                    warnings.push(format!("{name}: metric type unknown, not merged"));
+                    for k in &ms.stat_keys {
+                        values.insert(k.clone(), None);
+                    }
+                }
+            }
+            // --- thresholds, judged again on the merged values ---
+            let thresholds = ms
+                .thresholds
+                .into_iter()
+                .map(|(expr, every)| {
+                    let judged = ms.metric_type.ok_or_else(|| "metric type unknown".to_string()).and_then(|t| {
+                        parse_threshold(&expr)
+                            .and_then(|p| p.evaluate(t, &values))
+                            .map_err(|e| e.to_string())
+                    });
+                    let ok = match judged {
+                        Ok(ok) => ok,
+                        Err(e) => {
+                            // Not judgeable on the merged values: it holds only if it held
+                            // on every part.
+                            warnings.push(format!(
+                                "{name}: threshold {expr:?} not judged on the merged values ({e}); ok only if it held on every part: {every}"
+                            ));
+                            every
+                        }
+                    };
+                    Threshold { expression: expr, ok }
+                })
+                .collect();
+            metrics.push(Metric {
+                name,
+                base_name: ms.base_name,
+                tags: ms.tags,
+                metric_type: ms.metric_type,
+                contains: ms.contains,
+                values,
+                thresholds,
+            });
+        }
+        warnings.extend(self.part_warnings);
+        let summary = Summary {
+            format,
+            test_run_duration_ms: duration_ms,
+            trend_stats: self.trend_stats,
+            metrics,
+            checks: self.checks,
+            warnings: Vec::new(),
+            derived: self.derived,
+        };
+
+        // --- statistics for the keys extraction fills from samples ---
+        let samples = if merged_sorted.is_empty() {
+            None
+        } else {
+            let mut sets = SampleSets::default();
+            for r in wanted_samples(&summary) {
+                if let Some(sorted) = merged_sorted.get(&r.key) {
+                    sets.sets.insert(
+                        r.key.clone(),
+                        SampleStats::of_sorted(sorted, &r.percentiles)?,
+                    );
+                }
+            }
+            Some(sets)
+        };
+        Ok(Merged {
+            summary: Some(summary),
+            exit_code,
+            samples,
+            error,
+            warnings,
+            sources,
+        })
+    }
 }
 
 /// The percentile a trend stat stands for (`med` is p(50)); NaN for `avg`, `min`,
@@ -472,6 +693,40 @@ mod tests {
         assert_eq!(
             m.error.as_deref(),
             Some("part 0 of 2: no summary; part 1 of 2: script error")
+        );
+    }
+
+    #[test]
+    fn a_union_of_parts_above_a_cap_refuses_the_merge_naming_the_cap() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!(
+            "../../fixtures/k6-split/v1.1.0/split2-merged-pass/part-0/summary.json"
+        ))
+        .unwrap();
+        let a = super::super::parse::parse_summary_value(&doc).unwrap();
+        let mut b = a.clone();
+        let mut extra = b.metrics[0].clone();
+        extra.name = format!("{}{{only:b}}", extra.base_name);
+        b.metrics.push(extra);
+        let n = a.metrics.len();
+        let mut acc = MergeAcc::new(&SummaryLimits {
+            max_metrics: n,
+            ..SummaryLimits::default()
+        });
+        acc.add_part(0, Some(0), Some(&a), None);
+        assert_eq!(acc.refused(), None, "one part at the cap is merged");
+        acc.add_part(1, Some(0), Some(&b), None);
+        let m = acc.finish().unwrap();
+        assert!(m.summary.is_none());
+        assert_eq!(m.exit_code, Some(0));
+        assert_eq!(
+            m.error.as_deref(),
+            Some(
+                format!(
+                    "merge refused: the parts' summaries hold {} metrics together, over ingest.max_metrics ({n})",
+                    n + 1
+                )
+                .as_str()
+            )
         );
     }
 }
