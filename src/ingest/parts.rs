@@ -238,7 +238,8 @@ impl Ingestor {
             summary: current_summary,
             metrics: metrics_file,
         };
-        let result = self.store_part(db, msg, part, &new, Some(current)).await;
+        let result = self.store_part(db, msg, part, new, Some(current)).await;
+        release_freed_memory();
         let (outcome, merged) = match result {
             Ok(v) => v,
             Err(e) => {
@@ -312,7 +313,7 @@ impl Ingestor {
         db: &Db,
         msg: &RunCompleted,
         part: &Part,
-        new: &NewPart<'_>,
+        new: NewPart<'_>,
         current: Option<Current>,
     ) -> Result<(Outcome, Option<MergeOutcome>), StoreError> {
         let mut tx = db.begin_part(msg).await?;
@@ -328,7 +329,9 @@ impl Ingestor {
                 });
             }
         }
-        let write = db.insert_part(&mut tx, new).await?;
+        let write = db.insert_part(&mut tx, &new).await?;
+        // The part's own document is stored; the merge reads what it needs part by part.
+        drop(new);
         let state = db.part_state(&mut tx, msg.run_id).await?;
         // A part that replaced its error record changes a merge already written.
         let complete = state.parts.len() as u32 == part.count;
@@ -358,7 +361,7 @@ impl Ingestor {
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         state: &PartState,
-        current: Option<Current>,
+        mut current: Option<Current>,
         incomplete: Option<String>,
     ) -> Result<MergeOutcome, StoreError> {
         let count = state.parts.first().map_or(1, |p| p.count);
@@ -367,8 +370,9 @@ impl Ingestor {
         let mut acc = MergeAcc::new(&self.summary_limits);
         let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
-            let own = current.as_ref().filter(|c| c.index == p.index);
-            let (summary, reason) = match own.and_then(|c| c.summary.clone()) {
+            // The arriving part's summary is taken, so it is freed once folded.
+            let own = current.as_mut().filter(|c| c.index == p.index);
+            let (summary, reason) = match own.and_then(|c| c.summary.take()) {
                 Some(s) => (Some(s), None),
                 None => self.stored_summary(db, tx, msg.run_id, p).await?,
             };
@@ -381,6 +385,8 @@ impl Ingestor {
                 summary.as_deref(),
                 reason.or_else(|| p.error_details.clone()),
             );
+            drop(summary);
+            release_freed_memory();
         }
         let requests: Vec<SampleRequest> = acc
             .sample_keys()
@@ -683,4 +689,17 @@ fn s3_source(uri: &str) -> Option<Source> {
         bucket: bucket.to_string(),
         key: key.to_string(),
     })
+}
+
+/// Hands the heap's free pages back to the kernel. A merge parses one large summary
+/// after another; glibc keeps each freed tree's pages (in whichever of its per-thread
+/// arenas the parse ran), so without this the resident set grows towards the sum of
+/// several parts' peaks although only one part is alive at a time.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no
+    // live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
