@@ -40,10 +40,11 @@ use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
 use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
 
-/// The arriving part's data already in memory.
+/// The arriving part's raw samples, still in a local file. Its summary is not kept: the
+/// merge reads it back from the row just stored like every other part's, so no part's
+/// parsed summary is held while another is folded.
 struct Current {
     index: u32,
-    summary: Option<Arc<Summary>>,
     metrics: Option<PathBuf>,
 }
 
@@ -176,7 +177,6 @@ impl Ingestor {
         }
         let mut summary_json = None;
         let mut summary_s3_url = None;
-        let mut current_summary = None;
         let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
         match load {
             SummaryLoad::Parsed {
@@ -186,7 +186,7 @@ impl Ingestor {
                 file_name,
                 bytes,
             } => {
-                current_summary = Some(summary);
+                drop(summary);
                 if let Some(doc) = doc {
                     summary_json = Some(doc);
                     artifact_paths.insert(
@@ -235,7 +235,6 @@ impl Ingestor {
         };
         let current = Current {
             index: part.index,
-            summary: current_summary,
             metrics: metrics_file,
         };
         let result = self.store_part(db, msg, part, new, Some(current)).await;
@@ -361,21 +360,17 @@ impl Ingestor {
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         state: &PartState,
-        mut current: Option<Current>,
+        current: Option<Current>,
         incomplete: Option<String>,
     ) -> Result<MergeOutcome, StoreError> {
         let count = state.parts.first().map_or(1, |p| p.count);
         // One part's summary at a time: loaded (its own query, or its S3 copy), folded
         // into the accumulator and dropped before the next is read.
+        release_freed_memory();
         let mut acc = MergeAcc::new(&self.summary_limits);
         let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
-            // The arriving part's summary is taken, so it is freed once folded.
-            let own = current.as_mut().filter(|c| c.index == p.index);
-            let (summary, reason) = match own.and_then(|c| c.summary.take()) {
-                Some(s) => (Some(s), None),
-                None => self.stored_summary(db, tx, msg.run_id, p).await?,
-            };
+            let (summary, reason) = self.stored_summary(db, tx, msg.run_id, p).await?;
             if summary.is_some() {
                 with_summary.push(p);
             }
@@ -480,11 +475,14 @@ impl Ingestor {
                 )
             })
             .collect();
+        let has_summary = merged.summary.is_some();
+        // The merged summary is dropped as soon as its document is built: the write
+        // needs only the document and the extraction.
         let summary_json = merged
             .summary
-            .as_ref()
-            .and_then(|s| serde_json::to_value(s).ok())
+            .and_then(|s| serde_json::to_value(&s).ok())
             .map(|s| json!({"merged_from_parts": merged_label(have, count), "summary": s}));
+        release_freed_memory();
         let duration_ms = extraction
             .columns
             .duration_ms
@@ -492,7 +490,7 @@ impl Ingestor {
         let new = NewRun {
             msg: &run_msg,
             extraction: &extraction,
-            has_summary: merged.summary.is_some(),
+            has_summary,
             duration_ms,
             artifact_paths: json!({ "parts": parts_paths }),
             logs_s3_url: None,
