@@ -658,23 +658,17 @@ pub async fn restore_month(
     Ok(Restored { rows })
 }
 
-/// Streams one archived file from S3 through gunzip into `COPY target FROM STDIN`,
-/// checking its SHA-256 and row count against the manifest before returning.
+/// Loads one archived file into `COPY target FROM STDIN`, checking its SHA-256 and row
+/// count against the manifest. The compressed file is staged on disk and its checksum
+/// checked BEFORE the COPY starts: nothing is loaded from a changed file, and no COPY is
+/// aborted halfway for it (an aborted COPY leaves its connection for the pool to clean up).
 async fn load_file(
     tx: &mut Transaction<'_, Postgres>,
     store: &ArtifactStore,
     f: &ArchivedFile,
     target: &str,
 ) -> anyhow::Result<u64> {
-    let out = store
-        .client()
-        .get_object()
-        .bucket(store.bucket())
-        .key(&f.key)
-        .send()
-        .await
-        .map_err(|e| anyhow!("GetObject {}: {}", f.key, crate::s3::describe_sdk_error(&e)))?;
-    let mut body = out.body;
+    let staged = stage_verified(store, f).await?;
     let mut copy = tx
         .copy_in_raw(&format!(
             "COPY {} ({}) FROM STDIN",
@@ -682,15 +676,9 @@ async fn load_file(
             column_list(&f.columns)
         ))
         .await?;
-    let mut hasher = Sha256::new();
-    if let Err(e) = feed_copy(&mut body, &mut copy, &mut hasher, &f.key).await {
+    if let Err(e) = feed_copy(&staged, &mut copy).await {
         copy.abort(e.to_string()).await.ok();
         return Err(e);
-    }
-    let sha = hex::encode(hasher.finalize());
-    if sha != f.sha256 {
-        copy.abort("checksum mismatch").await.ok();
-        bail!("{}: sha256 {sha}, manifest says {}", f.key, f.sha256);
     }
     let n = copy.finish().await?;
     if n != f.rows {
@@ -699,21 +687,59 @@ async fn load_file(
     Ok(n)
 }
 
-/// Gunzips the object's body into the COPY, hashing the compressed bytes.
-async fn feed_copy(
-    body: &mut aws_sdk_s3::primitives::ByteStream,
-    copy: &mut sqlx::postgres::PgCopyIn<&mut PgConnection>,
-    hasher: &mut Sha256,
-    key: &str,
-) -> anyhow::Result<()> {
-    let mut gunzip = GzDecoder::new(Vec::new());
+/// Downloads an archived file into a temporary file (streamed, never whole in memory)
+/// and checks its SHA-256 against the manifest.
+async fn stage_verified(
+    store: &ArtifactStore,
+    f: &ArchivedFile,
+) -> anyhow::Result<tempfile::TempPath> {
+    use tokio::io::AsyncWriteExt as _;
+    let out = store
+        .client()
+        .get_object()
+        .bucket(store.bucket())
+        .key(&f.key)
+        .send()
+        .await
+        .map_err(|e| anyhow!("GetObject {}: {}", f.key, crate::s3::describe_sdk_error(&e)))?;
+    let temp = tempfile::Builder::new()
+        .prefix("k6-ingest-restore-")
+        .tempfile()?
+        .into_temp_path();
+    let mut file = tokio::fs::File::create(&temp).await?;
+    let mut body = out.body;
+    let mut hasher = Sha256::new();
     while let Some(chunk) = body
         .try_next()
         .await
-        .with_context(|| format!("reading {key}"))?
+        .with_context(|| format!("reading {}", f.key))?
     {
         hasher.update(&chunk);
-        gunzip.write_all(&chunk)?;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    let sha = hex::encode(hasher.finalize());
+    if sha != f.sha256 {
+        bail!("{}: sha256 {sha}, manifest says {}", f.key, f.sha256);
+    }
+    Ok(temp)
+}
+
+/// Gunzips a staged file into the COPY, a buffer at a time.
+async fn feed_copy(
+    path: &Path,
+    copy: &mut sqlx::postgres::PgCopyIn<&mut PgConnection>,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let mut file = tokio::fs::File::open(path).await?;
+    let mut gunzip = GzDecoder::new(Vec::new());
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        gunzip.write_all(&buf[..n])?;
         let out = std::mem::take(gunzip.get_mut());
         if !out.is_empty() {
             copy.send(out).await?;
