@@ -651,53 +651,23 @@ impl Db {
         msg: &RunCompleted,
         run: &RunValues<'_>,
     ) -> Result<(), sqlx::Error> {
-        let metadata = msg
-            .metadata
-            .clone()
-            .filter(|m| run.metadata && m.is_object())
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        self.query(
-            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
-                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(msg.run_id)
-        .bind(msg.job_id)
-        .bind(msg.test_id)
-        .bind(msg.organization_id)
-        .bind(msg.project_id)
-        .bind(run.status)
-        .bind(run.duration_ms)
-        .bind(msg.started_at)
-        .bind(msg.completed_at)
-        .bind(Json(run.artifact_paths))
-        .bind(run.logs_s3_url)
-        .bind(run.error_details)
-        .bind(msg.trigger.map(|t| t.as_str()))
-        .bind(&msg.location)
-        .bind(Json(metadata))
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
+        self.write_runs_row(tx, msg, run, "ON CONFLICT (id) DO NOTHING")
+            .await
     }
 
+    /// The `runs` row, created or updated: the application may have created it when the
+    /// run started, so what the message leaves out keeps the stored value.
     async fn upsert_run(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         run: &RunValues<'_>,
     ) -> Result<(), sqlx::Error> {
-        let metadata = msg
-            .metadata
-            .clone()
-            .filter(|m| run.metadata && m.is_object())
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        self.query(
-            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
-                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-             ON CONFLICT (id) DO UPDATE SET \
+        self.write_runs_row(
+            tx,
+            msg,
+            run,
+            "ON CONFLICT (id) DO UPDATE SET \
                  job_id = COALESCE(EXCLUDED.job_id, runs.job_id), \
                  test_id = COALESCE(EXCLUDED.test_id, runs.test_id), \
                  status = EXCLUDED.status, duration_ms = EXCLUDED.duration_ms, \
@@ -709,23 +679,45 @@ impl Db {
                  metadata = runs.metadata || EXCLUDED.metadata, \
                  updated_at = now()",
         )
-        .bind(msg.run_id)
-        .bind(msg.job_id)
-        .bind(msg.test_id)
-        .bind(msg.organization_id)
-        .bind(msg.project_id)
-        .bind(run.status)
-        .bind(run.duration_ms)
-        .bind(msg.started_at)
-        .bind(msg.completed_at)
-        .bind(Json(run.artifact_paths))
-        .bind(run.logs_s3_url)
-        .bind(run.error_details)
-        .bind(msg.trigger.map(|t| t.as_str()))
-        .bind(&msg.location)
-        .bind(Json(metadata))
-        .execute(&mut **tx)
-        .await?;
+        .await
+    }
+
+    /// One INSERT of the `runs` row with its values bound, ending in `on_conflict`.
+    async fn write_runs_row(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        run: &RunValues<'_>,
+        on_conflict: &str,
+    ) -> Result<(), sqlx::Error> {
+        let metadata = msg
+            .metadata
+            .clone()
+            .filter(|m| run.metadata && m.is_object())
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        let sql = format!(
+            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
+                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) {on_conflict}"
+        );
+        self.query(&sql)
+            .bind(msg.run_id)
+            .bind(msg.job_id)
+            .bind(msg.test_id)
+            .bind(msg.organization_id)
+            .bind(msg.project_id)
+            .bind(run.status)
+            .bind(run.duration_ms)
+            .bind(msg.started_at)
+            .bind(msg.completed_at)
+            .bind(Json(run.artifact_paths))
+            .bind(run.logs_s3_url)
+            .bind(run.error_details)
+            .bind(msg.trigger.map(|t| t.as_str()))
+            .bind(&msg.location)
+            .bind(Json(metadata))
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
