@@ -793,41 +793,53 @@ impl Db {
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
         let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
-        for chunk in new.extraction.metrics.chunks(ROWS_PER_INSERT) {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
+        let head = "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
              scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
-             p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) ",
-            );
-            qb.push_values(chunk, |mut b, m| {
-                b.push_bind(Uuid::now_v7())
-                    .push_bind(k6_run_id)
-                    .push_bind(&m.metric_name)
-                    .push_bind(&m.base_name)
-                    .push_bind(m.metric_type)
-                    .push_bind(m.contains)
-                    .push_bind(Json(&m.tags))
-                    .push_bind(m.scale)
-                    .push_bind(m.value)
-                    .push_bind(m.count)
-                    .push_bind(m.rate)
-                    .push_bind(m.rate_scale)
-                    .push_bind(m.passes)
-                    .push_bind(m.fails)
-                    .push_bind(m.min_value)
-                    .push_bind(m.max_value)
-                    .push_bind(m.avg_value)
-                    .push_bind(m.med_value)
-                    .push_bind(m.p90_value)
-                    .push_bind(m.p95_value)
-                    .push_bind(m.p99_value)
-                    .push_bind(Json(&m.percentiles))
-                    .push_bind(Json(&m.raw_values))
-                    .push_bind(Json(&m.sources))
-                    .push_bind(Json(&m.warnings))
-                    .push_bind(recorded_at)
-                    .push_bind(new.msg.started_at);
-            });
+             p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) ";
+        self.insert_chunked(tx, head, &new.extraction.metrics, |b, m| {
+            b.push_bind(Uuid::now_v7())
+                .push_bind(k6_run_id)
+                .push_bind(&m.metric_name)
+                .push_bind(&m.base_name)
+                .push_bind(m.metric_type)
+                .push_bind(m.contains)
+                .push_bind(Json(&m.tags))
+                .push_bind(m.scale)
+                .push_bind(m.value)
+                .push_bind(m.count)
+                .push_bind(m.rate)
+                .push_bind(m.rate_scale)
+                .push_bind(m.passes)
+                .push_bind(m.fails)
+                .push_bind(m.min_value)
+                .push_bind(m.max_value)
+                .push_bind(m.avg_value)
+                .push_bind(m.med_value)
+                .push_bind(m.p90_value)
+                .push_bind(m.p95_value)
+                .push_bind(m.p99_value)
+                .push_bind(Json(&m.percentiles))
+                .push_bind(Json(&m.raw_values))
+                .push_bind(Json(&m.sources))
+                .push_bind(Json(&m.warnings))
+                .push_bind(recorded_at)
+                .push_bind(new.msg.started_at);
+        })
+        .await
+    }
+
+    /// Inserts `rows` as multi-row INSERTs starting with `head`, in chunks: PostgreSQL
+    /// binds at most 65535 parameters a statement.
+    async fn insert_chunked<'r, T>(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        head: &str,
+        rows: &'r [T],
+        bind: impl Fn(&mut sqlx::query_builder::Separated<'_, 'r, Postgres, &'static str>, &'r T),
+    ) -> Result<(), sqlx::Error> {
+        for chunk in rows.chunks(ROWS_PER_INSERT) {
+            let mut qb = QueryBuilder::<Postgres>::new(head);
+            qb.push_values(chunk, |mut b, row| bind(&mut b, row));
             qb.build()
                 .persistent(self.prepared)
                 .execute(&mut **tx)
@@ -842,32 +854,24 @@ impl Db {
         new: &NewRun<'_>,
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
-        for chunk in new.extraction.thresholds.chunks(ROWS_PER_INSERT) {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
-             aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) ",
-            );
-            qb.push_values(chunk, |mut b, t| {
-                b.push_bind(Uuid::now_v7())
-                    .push_bind(k6_run_id)
-                    .push_bind(&t.metric_name)
-                    .push_bind(&t.base_name)
-                    .push_bind(Json(&t.tags))
-                    .push_bind(&t.expression)
-                    .push_bind(t.ok)
-                    .push_bind(&t.aggregation)
-                    .push_bind(t.observed_value)
-                    .push_bind(t.observed_scale)
-                    .push_bind(t.observed_raw)
-                    .push_bind(t.observed_source)
-                    .push_bind(new.msg.started_at);
-            });
-            qb.build()
-                .persistent(self.prepared)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        let head = "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
+             aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) ";
+        self.insert_chunked(tx, head, &new.extraction.thresholds, |b, t| {
+            b.push_bind(Uuid::now_v7())
+                .push_bind(k6_run_id)
+                .push_bind(&t.metric_name)
+                .push_bind(&t.base_name)
+                .push_bind(Json(&t.tags))
+                .push_bind(&t.expression)
+                .push_bind(t.ok)
+                .push_bind(&t.aggregation)
+                .push_bind(t.observed_value)
+                .push_bind(t.observed_scale)
+                .push_bind(t.observed_raw)
+                .push_bind(t.observed_source)
+                .push_bind(new.msg.started_at);
+        })
+        .await
     }
 
     async fn insert_checks(
@@ -876,26 +880,18 @@ impl Db {
         new: &NewRun<'_>,
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
-        for chunk in new.extraction.checks.chunks(ROWS_PER_INSERT) {
-            let mut qb = QueryBuilder::<Postgres>::new(
-                "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) ",
-            );
-            qb.push_values(chunk, |mut b, c| {
-                b.push_bind(Uuid::now_v7())
-                    .push_bind(k6_run_id)
-                    .push_bind(c.position)
-                    .push_bind(&c.group_path)
-                    .push_bind(&c.path)
-                    .push_bind(&c.name)
-                    .push_bind(c.passes)
-                    .push_bind(c.fails)
-                    .push_bind(new.msg.started_at);
-            });
-            qb.build()
-                .persistent(self.prepared)
-                .execute(&mut **tx)
-                .await?;
-        }
-        Ok(())
+        let head = "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) ";
+        self.insert_chunked(tx, head, &new.extraction.checks, |b, c| {
+            b.push_bind(Uuid::now_v7())
+                .push_bind(k6_run_id)
+                .push_bind(c.position)
+                .push_bind(&c.group_path)
+                .push_bind(&c.path)
+                .push_bind(&c.name)
+                .push_bind(c.passes)
+                .push_bind(c.fails)
+                .push_bind(new.msg.started_at);
+        })
+        .await
     }
 }
