@@ -7,6 +7,8 @@
 # their own, starts `k6-ingest consume` with amqp.prefetch = amqp.concurrency = PREFETCH,
 # and times it from start until every run is in a fresh database. Uses the services of
 # scripts/services-up.sh and the binary in ${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}.
+# Also prints the worker's CPU time (utime+stime) and peak RSS (VmHWM) when the last run
+# is in, read from /proc before it is stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefetch=${1:-8}
@@ -16,7 +18,8 @@ export ERL_EPMD_ADDRESS=127.0.0.1
 bin="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}/k6-ingest"
 [ -x "$bin" ] || { echo "build first: cargo build ${PROFILE:+--profile $PROFILE}" >&2; exit 1; }
 
-tag="bench$(date +%s%N | tail -c 9)"
+# QT_TAG names the database, queues and S3 prefix (for a caller that cleans up after).
+tag="${QT_TAG:-bench$(date +%s%N | tail -c 9)}"
 db="k6_queue_${tag}"
 work=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"; psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true' EXIT
@@ -50,7 +53,10 @@ until [ "$(psql -h 127.0.0.1 -U postgres -d "$db" -qAtc 'select count(*) from k6
     sleep 0.1
 done
 end=$(date +%s.%N)
+cpu_ticks=$(sed 's/^.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+hwm_kib=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status")
 kill -TERM "$pid"
 wait "$pid"
 rabbitmqctl -q list_queues name 2>/dev/null | grep "^$tag\." | while read -r q; do rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null; done || true
 python3 -c "import sys; s=float(sys.argv[2])-float(sys.argv[1]); n=int(sys.argv[3]); print(f'prefetch {sys.argv[4]}: {n} runs in {s:.2f} s = {n/s:.0f} runs/s')" "$start" "$end" "$count" "$prefetch"
+python3 -c "import sys; t=int(sys.argv[1])/int(sys.argv[2]); n=int(sys.argv[3]); print(f'worker: CPU {t:.2f} s = {t*1000/n:.2f} ms/run; peak RSS {int(sys.argv[4])/1024:.1f} MiB')" "$cpu_ticks" "$(getconf CLK_TCK)" "$count" "$hwm_kib"

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# bench-e2e.sh — the worker's end-to-end rate through the queue against the ceilings of
+# the services it uses, measured in one run on the same services (release build).
+#
+#   scripts/bench-e2e.sh
+#
+# Ceilings (benches/store_loop.rs, the worker's own code in a tight loop, CEILING_SECS each):
+#   store   Db::store_run of the v1.1.0 fixtures with fresh run ids, concurrency 8 and 32
+#   s3      ArtifactStore::upload_file of the fixtures' artifacts, concurrency S3_CONCURRENCY
+#   amqp    confirmed publish + consume + ack, concurrency AMQP_CONCURRENCY
+# Combined ceiling C = 1 / (uploads per run / PutObject rate + 1 / store rate +
+# 1 / publish+ack rate), with the better of the two store rates.
+# End to end: scripts/queue-throughput.sh at prefetch 1, 8 and 32 (E2E_RUNS runs each),
+# with the worker's CPU time per run and peak RSS at prefetch 8.
+#
+# Knobs (env): CEILING_SECS (10), E2E_RUNS (2000), E2E_RUNS_P1 (E2E_RUNS), S3_CONCURRENCY (8),
+#   AMQP_CONCURRENCY (8), SKIP_BUILD (unset). Every database, queue and S3 prefix it makes
+#   is fresh and removed at the end. The last line is the summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${CEILING_SECS:=10}" "${E2E_RUNS:=2000}" "${S3_CONCURRENCY:=8}" "${AMQP_CONCURRENCY:=8}"
+: "${E2E_RUNS_P1:=$E2E_RUNS}"
+eval "$(scripts/services-up.sh 2>/dev/null)"
+export ERL_EPMD_ADDRESS=127.0.0.1
+target="${CARGO_TARGET_DIR:-target}"
+
+if [ -z "${SKIP_BUILD:-}" ]; then
+    cargo build --release --bin k6-ingest >&2
+fi
+driver=$(cargo bench --bench store_loop --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "store_loop" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$driver" ] || { echo "cannot build benches/store_loop.rs" >&2; exit 1; }
+bin="$target/release/k6-ingest"
+
+tag="e2e$(date +%s%N | tail -c 9)"
+db="k6_bench_${tag}"
+work=$(mktemp -d)
+export K6_INGEST__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$db"
+export K6_INGEST__AMQP__EXCHANGE="$tag.runs" K6_INGEST__AMQP__QUEUE="$tag.work"
+export K6_INGEST__S3__PREFIX="$tag" K6_INGEST__LOG__LEVEL=warn
+cleanup() {
+    "$driver" amqp-cleanup >/dev/null 2>&1 || true
+    "$driver" s3-cleanup >/dev/null 2>&1 || true
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
+"$bin" migrate >/dev/null
+
+run() { "$@" | tee -a "$work/out"; }
+run "$driver" store 8 "$CEILING_SECS"
+run "$driver" store 32 "$CEILING_SECS"
+run "$driver" s3 "$S3_CONCURRENCY" "$CEILING_SECS"
+run "$driver" amqp "$AMQP_CONCURRENCY" "$CEILING_SECS"
+
+for p in 1 8 32; do
+    n=$E2E_RUNS
+    [ "$p" = 1 ] && n=$E2E_RUNS_P1
+    qt_tag="${tag}p$p"
+    QT_TAG="$qt_tag" PROFILE=release scripts/queue-throughput.sh "$p" "$n" | tee "$work/e2e$p"
+    K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
+        K6_INGEST__S3__PREFIX="$qt_tag" "$driver" amqp-cleanup >/dev/null
+    K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
+        K6_INGEST__S3__PREFIX="$qt_tag" "$driver" s3-cleanup >&2
+done
+
+python3 - "$work" <<'PY'
+import re, sys
+w = sys.argv[1]
+c = {}
+for line in open(f"{w}/out"):
+    if line.startswith("ceiling "):
+        _, k, v = line.split()
+        c[k] = float(v)
+def e2e(p):
+    text = open(f"{w}/e2e{p}").read()
+    n, s = re.search(r"(\d+) runs in ([\d.]+) s", text).groups()
+    cpu, rss = re.search(r"= ([\d.]+) ms/run; peak RSS ([\d.]+) MiB", text).groups()
+    return int(n) / float(s), float(cpu), float(rss)
+store = max(c["store_c8"], c["store_c32"])
+cost = {"s3": c["uploads_per_run"] / c["s3_put"], "store": 1 / store, "amqp": 1 / c["amqp"]}
+C = 1 / sum(cost.values())
+print("cost per run: " + ", ".join(f"{k} {v * 1000:.3f} ms" for k, v in cost.items())
+      + f"; combined ceiling {C:.0f} runs/s")
+r = {p: e2e(p) for p in (1, 8, 32)}
+for p, (rate, cpu, rss) in r.items():
+    print(f"e2e prefetch {p}: {rate:.1f} runs/s = {100 * rate / C:.0f}% of the ceiling; worker CPU {cpu:.2f} ms/run; peak RSS {rss:.0f} MiB")
+(r8, cpu8, rss8), (r32, _, _) = r[8], r[32]
+print(f"e2e prefetch 8: {r8:.0f} runs/s = {100 * r8 / C:.0f}%, prefetch 32: {r32:.0f} runs/s = {100 * r32 / C:.0f}% "
+      f"of the combined ceiling {C:.0f} runs/s; worker CPU {cpu8:.2f} ms/run; peak RSS {rss8:.0f} MiB")
+PY
