@@ -9,21 +9,19 @@ use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, QueryBuilder, Row, Transaction};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
 use crate::ingest::RunLine;
 use crate::message::RunCompleted;
 use crate::summary::Extraction;
+use crate::summary::extract::MetricRow;
 
 pub mod parts;
 
 /// The embedded migrations (`migrations/`); `build.rs` makes new files trigger a rebuild.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
-
-/// Postgres allows 65535 bind parameters per statement; detail rows go in chunks.
-const ROWS_PER_INSERT: usize = 500;
 
 pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let url = s.url()?;
@@ -351,35 +349,35 @@ pub struct ErrorRecord<'a> {
 }
 
 impl Db {
-    /// What is stored for the run, read before any artifact is touched.
+    /// What is stored for the run, read before any artifact is touched: one statement
+    /// (a k6_performance_runs row cannot exist without its `runs` row), in a transaction
+    /// only where a pooler needs one (see [`Db`]).
     pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let run = self
+        let q = self
             .query(
-                "SELECT organization_id, project_id, k6_archived_month IS NOT NULL FROM runs WHERE id = $1",
+                "SELECT r.organization_id, r.project_id, r.k6_archived_month IS NOT NULL, \
+                     (SELECT p.summary_format IS NOT NULL FROM k6_performance_runs p \
+                      WHERE p.run_id = r.id LIMIT 1) \
+                 FROM runs r WHERE r.id = $1",
             )
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| ((r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)), r.get::<bool, _>(2)));
-        let tenant = run.map(|r| r.0);
-        let performance_has_summary = if run.is_some_and(|r| r.1) {
-            // Archived to S3: stored, and final (its month's partitions are gone).
-            Some(true)
+            .bind(run_id);
+        let row = if self.prepared {
+            q.fetch_optional(&self.pool).await?
         } else {
-            self.query(
-                "SELECT summary_format IS NOT NULL FROM k6_performance_runs WHERE run_id = $1",
-            )
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.get::<bool, _>(0))
+            let mut tx = self.pool.begin().await?;
+            let row = q.fetch_optional(&mut *tx).await?;
+            tx.commit().await?;
+            row
         };
-        tx.commit().await?;
-        Ok(Existing {
-            tenant,
-            performance_has_summary,
-        })
+        Ok(row.map_or_else(Existing::default, |r| Existing {
+            tenant: Some((r.get(0), r.get(1))),
+            // Archived to S3: stored, and final (its month's partitions are gone).
+            performance_has_summary: if r.get::<bool, _>(2) {
+                Some(true)
+            } else {
+                r.get(3)
+            },
+        }))
     }
 
     /// Every `s3://` URI a committed row of the run refers to. Objects listed here are
@@ -437,13 +435,11 @@ impl Db {
             error_details: new.extraction.status_details.as_deref(),
             metadata: true,
         };
-        let Some(replaced) = self.lock_run(&mut tx, msg, &run, new.has_summary).await? else {
+        let Some(lock) = self.lock_run(&mut tx, msg, &run, new.has_summary).await? else {
             tx.rollback().await?;
             return Ok(Stored::AlreadyPresent);
         };
-        self.upsert_run(&mut tx, msg, &run)
-            .await
-            .map_err(|e| StoreError::from_write("runs", e))?;
+        let replaced = self.settle_run(&mut tx, msg, &run, lock).await?;
         let k6_run_id = Uuid::now_v7();
         let inserted = self
             .insert_performance(&mut tx, new, k6_run_id)
@@ -496,13 +492,11 @@ impl Db {
             metadata: false,
         };
         // `has_summary = true`: an earlier error record is replaced, a full one is kept.
-        let Some(replaced) = self.lock_run(&mut tx, msg, &run, true).await? else {
+        let Some(lock) = self.lock_run(&mut tx, msg, &run, true).await? else {
             tx.rollback().await?;
             return Ok(Stored::AlreadyPresent);
         };
-        self.upsert_run(&mut tx, msg, &run)
-            .await
-            .map_err(|e| StoreError::from_write("runs", e))?;
+        let replaced = self.settle_run(&mut tx, msg, &run, lock).await?;
         let k6_run_id = Uuid::now_v7();
         let row = self
             .query(
@@ -538,8 +532,7 @@ impl Db {
     }
 
     /// Locks the run's rows, checks the tenant, and clears an earlier record this write
-    /// replaces. `None` when the stored record is final (nothing to write); else whether
-    /// an earlier record was replaced.
+    /// replaces. `None` when the stored record is final (nothing to write).
     ///
     /// The `runs` row is the anchor: it is inserted (or found) and locked FIRST, so two
     /// concurrent writes of one run are serialised on it, and the second one then sees
@@ -547,16 +540,24 @@ impl Db {
     /// key of the partitioned table includes `started_at`, so it could not settle this
     /// alone). The insert writes nothing over an existing row: the tenant is checked
     /// on the locked row before anything else is written.
+    ///
+    /// [`Locked::Fresh`] without reading anything back when the insert made the row: it is
+    /// this transaction's (locked until commit) with the values the upsert would write,
+    /// and no k6_performance_runs row can refer to a run that did not exist.
     async fn lock_run(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         run: &RunValues<'_>,
         has_summary: bool,
-    ) -> Result<Option<bool>, StoreError> {
-        self.insert_run_if_absent(tx, msg, run)
+    ) -> Result<Option<Locked>, StoreError> {
+        let fresh = self
+            .insert_run_if_absent(tx, msg, run)
             .await
             .map_err(|e| StoreError::from_write("runs", e))?;
+        if fresh {
+            return Ok(Some(Locked::Fresh));
+        }
         let row = self
             .query(
                 "SELECT organization_id, project_id, k6_archived_month IS NOT NULL FROM runs \
@@ -604,7 +605,27 @@ impl Db {
                 .execute(&mut **tx)
                 .await?;
         }
-        Ok(Some(prior.is_some()))
+        Ok(Some(Locked::Existing {
+            replaced: prior.is_some(),
+        }))
+    }
+
+    /// Brings a locked `runs` row to this write's values; whether an earlier record was
+    /// replaced. A row this transaction inserted has them already.
+    async fn settle_run(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        msg: &RunCompleted,
+        run: &RunValues<'_>,
+        lock: Locked,
+    ) -> Result<bool, StoreError> {
+        let Locked::Existing { replaced } = lock else {
+            return Ok(false);
+        };
+        self.upsert_run(tx, msg, run)
+            .await
+            .map_err(|e| StoreError::from_write("runs", e))?;
+        Ok(replaced)
     }
 
     /// The headline numbers of a stored run.
@@ -631,6 +652,14 @@ impl Db {
     }
 }
 
+/// A run's `runs` row, locked by this transaction.
+enum Locked {
+    /// Inserted by this transaction.
+    Fresh,
+    /// There before; `replaced`: an earlier record without a summary was deleted.
+    Existing { replaced: bool },
+}
+
 /// The `runs` columns a write sets besides the message's.
 struct RunValues<'a> {
     status: &'a str,
@@ -644,14 +673,15 @@ struct RunValues<'a> {
 }
 
 impl Db {
-    /// The `runs` row as [`Db::upsert_run`] would write it, only if there is none.
+    /// The `runs` row as [`Db::upsert_run`] would write it, only if there is none;
+    /// whether it was inserted.
     async fn insert_run_if_absent(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         run: &RunValues<'_>,
-    ) -> Result<(), sqlx::Error> {
-        self.write_runs_row(tx, msg, run, "ON CONFLICT (id) DO NOTHING")
+    ) -> Result<bool, sqlx::Error> {
+        self.write_runs_row(tx, msg, run, "ON CONFLICT (id) DO NOTHING RETURNING true")
             .await
     }
 
@@ -677,19 +707,21 @@ impl Db {
                  trigger = COALESCE(EXCLUDED.trigger, runs.trigger), \
                  location = COALESCE(EXCLUDED.location, runs.location), \
                  metadata = runs.metadata || EXCLUDED.metadata, \
-                 updated_at = now()",
+                 updated_at = now() RETURNING true",
         )
         .await
+        .map(|_| ())
     }
 
-    /// One INSERT of the `runs` row with its values bound, ending in `on_conflict`.
+    /// One INSERT of the `runs` row with its values bound, ending in `on_conflict`
+    /// (which returns a row when one was written); whether one was.
     async fn write_runs_row(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         run: &RunValues<'_>,
         on_conflict: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let metadata = msg
             .metadata
             .clone()
@@ -716,9 +748,9 @@ impl Db {
             .bind(msg.trigger.map(|t| t.as_str()))
             .bind(&msg.location)
             .bind(Json(metadata))
-            .execute(&mut **tx)
-            .await?;
-        Ok(())
+            .fetch_optional(&mut **tx)
+            .await
+            .map(|row| row.is_some())
     }
 
     async fn insert_performance(
@@ -786,112 +818,143 @@ impl Db {
         Ok(row.is_some())
     }
 
+    /// One statement for all of a run's metric rows, its columns bound as arrays and
+    /// unnested: one round trip and one prepared statement whatever the row count.
     async fn insert_metrics(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         new: &NewRun<'_>,
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
-        let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
-        let head = "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
-             scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
-             p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) ";
-        self.insert_chunked(tx, head, &new.extraction.metrics, |b, m| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(&m.metric_name)
-                .push_bind(&m.base_name)
-                .push_bind(m.metric_type)
-                .push_bind(m.contains)
-                .push_bind(Json(&m.tags))
-                .push_bind(m.scale)
-                .push_bind(m.value)
-                .push_bind(m.count)
-                .push_bind(m.rate)
-                .push_bind(m.rate_scale)
-                .push_bind(m.passes)
-                .push_bind(m.fails)
-                .push_bind(m.min_value)
-                .push_bind(m.max_value)
-                .push_bind(m.avg_value)
-                .push_bind(m.med_value)
-                .push_bind(m.p90_value)
-                .push_bind(m.p95_value)
-                .push_bind(m.p99_value)
-                .push_bind(Json(&m.percentiles))
-                .push_bind(Json(&m.raw_values))
-                .push_bind(Json(&m.sources))
-                .push_bind(Json(&m.warnings))
-                .push_bind(recorded_at)
-                .push_bind(new.msg.started_at);
-        })
-        .await
-    }
-
-    /// Inserts `rows` as multi-row INSERTs starting with `head`, in chunks: PostgreSQL
-    /// binds at most 65535 parameters a statement.
-    async fn insert_chunked<'r, T>(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        head: &str,
-        rows: &'r [T],
-        bind: impl Fn(&mut sqlx::query_builder::Separated<'_, 'r, Postgres, &'static str>, &'r T),
-    ) -> Result<(), sqlx::Error> {
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let mut qb = QueryBuilder::<Postgres>::new(head);
-            qb.push_values(chunk, |mut b, row| bind(&mut b, row));
-            qb.build()
-                .persistent(self.prepared)
-                .execute(&mut **tx)
-                .await?;
+        let rows = &new.extraction.metrics;
+        if rows.is_empty() {
+            return Ok(());
         }
+        let col = |f: fn(&MetricRow) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
+        let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
+        self.query(
+            "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
+                 scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
+                 p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) \
+             SELECT id, $2, metric_name, base_name, metric_type, contains, tags, scale, value, count, rate, \
+                 rate_scale, passes, fails, min_value, max_value, avg_value, med_value, p90_value, p95_value, \
+                 p99_value, percentiles, raw_values, sources, warnings, $3, $4 \
+             FROM UNNEST($1::uuid[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::int4[], \
+                 $11::int8[], $12::int8[], $13::int8[], $14::int4[], $15::int8[], $16::int8[], $17::int8[], \
+                 $18::int8[], $19::int8[], $20::int8[], $21::int8[], $22::int8[], $23::int8[], $24::jsonb[], \
+                 $25::jsonb[], $26::jsonb[], $27::jsonb[]) \
+             AS t(id, metric_name, base_name, metric_type, contains, tags, scale, value, count, rate, rate_scale, \
+                 passes, fails, min_value, max_value, avg_value, med_value, p90_value, p95_value, p99_value, \
+                 percentiles, raw_values, sources, warnings)",
+        )
+        .bind(new_ids(rows.len()))
+        .bind(k6_run_id)
+        .bind(recorded_at)
+        .bind(new.msg.started_at)
+        .bind(rows.iter().map(|m| m.metric_name.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| m.base_name.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| m.metric_type).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| m.contains).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| Json(&m.tags)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| m.scale).collect::<Vec<_>>())
+        .bind(col(|m| m.value))
+        .bind(col(|m| m.count))
+        .bind(col(|m| m.rate))
+        .bind(rows.iter().map(|m| m.rate_scale).collect::<Vec<_>>())
+        .bind(col(|m| m.passes))
+        .bind(col(|m| m.fails))
+        .bind(col(|m| m.min_value))
+        .bind(col(|m| m.max_value))
+        .bind(col(|m| m.avg_value))
+        .bind(col(|m| m.med_value))
+        .bind(col(|m| m.p90_value))
+        .bind(col(|m| m.p95_value))
+        .bind(col(|m| m.p99_value))
+        .bind(rows.iter().map(|m| Json(&m.percentiles)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| Json(&m.raw_values)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| Json(&m.sources)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|m| Json(&m.warnings)).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 
+    /// The threshold rows in one statement, as [`Db::insert_metrics`].
     async fn insert_thresholds(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         new: &NewRun<'_>,
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
-        let head = "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
-             aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) ";
-        self.insert_chunked(tx, head, &new.extraction.thresholds, |b, t| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(&t.metric_name)
-                .push_bind(&t.base_name)
-                .push_bind(Json(&t.tags))
-                .push_bind(&t.expression)
-                .push_bind(t.ok)
-                .push_bind(&t.aggregation)
-                .push_bind(t.observed_value)
-                .push_bind(t.observed_scale)
-                .push_bind(t.observed_raw)
-                .push_bind(t.observed_source)
-                .push_bind(new.msg.started_at);
-        })
-        .await
+        let rows = &new.extraction.thresholds;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.query(
+            "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
+                 aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) \
+             SELECT id, $2, metric_name, base_name, tags, expression, ok, aggregation, observed_value, \
+                 observed_scale, observed_raw, observed_source, $3 \
+             FROM UNNEST($1::uuid[], $4::text[], $5::text[], $6::jsonb[], $7::text[], $8::bool[], $9::text[], \
+                 $10::int8[], $11::int4[], $12::float8[], $13::text[]) \
+             AS t(id, metric_name, base_name, tags, expression, ok, aggregation, observed_value, observed_scale, \
+                 observed_raw, observed_source)",
+        )
+        .bind(new_ids(rows.len()))
+        .bind(k6_run_id)
+        .bind(new.msg.started_at)
+        .bind(rows.iter().map(|t| t.metric_name.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.base_name.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| Json(&t.tags)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.expression.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.ok).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.aggregation.as_deref()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.observed_value).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.observed_scale).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.observed_raw).collect::<Vec<_>>())
+        .bind(rows.iter().map(|t| t.observed_source).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
 
+    /// The check rows in one statement, as [`Db::insert_metrics`]. A check's group path
+    /// is an array of its own and arrays of arrays must be rectangular in PostgreSQL:
+    /// each path travels as a JSON array and is turned back into `text[]` in order.
     async fn insert_checks(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         new: &NewRun<'_>,
         k6_run_id: Uuid,
     ) -> Result<(), sqlx::Error> {
-        let head = "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) ";
-        self.insert_chunked(tx, head, &new.extraction.checks, |b, c| {
-            b.push_bind(Uuid::now_v7())
-                .push_bind(k6_run_id)
-                .push_bind(c.position)
-                .push_bind(&c.group_path)
-                .push_bind(&c.path)
-                .push_bind(&c.name)
-                .push_bind(c.passes)
-                .push_bind(c.fails)
-                .push_bind(new.msg.started_at);
-        })
-        .await
+        let rows = &new.extraction.checks;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.query(
+            "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) \
+             SELECT id, $2, position, \
+                 ARRAY(SELECT g.v FROM jsonb_array_elements_text(group_path) WITH ORDINALITY AS g(v, n) ORDER BY g.n), \
+                 path, name, passes, fails, $3 \
+             FROM UNNEST($1::uuid[], $4::int4[], $5::jsonb[], $6::text[], $7::text[], $8::int8[], $9::int8[]) \
+             AS t(id, position, group_path, path, name, passes, fails)",
+        )
+        .bind(new_ids(rows.len()))
+        .bind(k6_run_id)
+        .bind(new.msg.started_at)
+        .bind(rows.iter().map(|c| c.position).collect::<Vec<_>>())
+        .bind(rows.iter().map(|c| Json(&c.group_path)).collect::<Vec<_>>())
+        .bind(rows.iter().map(|c| c.path.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|c| c.name.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|c| c.passes).collect::<Vec<_>>())
+        .bind(rows.iter().map(|c| c.fails).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
     }
+}
+
+/// Ids for `n` new rows, time-ordered as the rows are.
+fn new_ids(n: usize) -> Vec<Uuid> {
+    (0..n).map(|_| Uuid::now_v7()).collect()
 }
