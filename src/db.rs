@@ -1,5 +1,10 @@
 //! Migrations and the one write path: everything a run produces is stored in one
 //! transaction, keyed by `run_id`, so a run is written once however often it arrives.
+//!
+//! Every statement here and in [`parts`] is checked at compile time against the schema
+//! (see `checked!` and `scripts/sqlx-prepare.sh`), except `applied_versions` (sqlx's
+//! own table) and the parameterless `SELECT 1` probe. The partition DDL and archive
+//! queries of `history` are built at run time from table and month names.
 
 use std::time::Duration;
 
@@ -17,6 +22,35 @@ use crate::ingest::RunLine;
 use crate::message::RunCompleted;
 use crate::summary::Extraction;
 use crate::summary::extract::MetricRow;
+
+/// `Db::query(SQL)` with the arguments bound, the SQL and the arguments' types checked
+/// at compile time by `sqlx::query!` against the query data in `.sqlx/`
+/// (`scripts/sqlx-prepare.sh`). An argument written `_ expr` is bound as is but not
+/// type-checked (a `Json` wrapper or an array of them, which the macro knows only as
+/// `serde_json::Value`).
+///
+/// Why the macro only checks: the statement `sqlx::query!` builds for a query with
+/// rows cannot be made unnamed (`Map` has no `persistent`), and behind a transaction
+/// pooler every statement must be (`database.prepared_statements = false`, see [`Db`]).
+/// The `if false` branch is never run; the arguments are evaluated once, by the bind.
+macro_rules! checked {
+    (@go $db:expr, $sql:literal, [$($chk:tt)*], [$($bind:tt)*] $(,)?) => {{
+        #[allow(clippy::all, unused_must_use)]
+        if false {
+            let _ = sqlx::query!($sql $($chk)*);
+        }
+        $db.query($sql) $($bind)*
+    }};
+    (@go $db:expr, $sql:literal, [$($chk:tt)*], [$($bind:tt)*], _ $e:expr $(, $($rest:tt)*)?) => {
+        checked!(@go $db, $sql, [$($chk)* , ($e) as _], [$($bind)* .bind($e)] $(, $($rest)*)?)
+    };
+    (@go $db:expr, $sql:literal, [$($chk:tt)*], [$($bind:tt)*], $e:expr $(, $($rest:tt)*)?) => {
+        checked!(@go $db, $sql, [$($chk)* , $e], [$($bind)* .bind($e)] $(, $($rest)*)?)
+    };
+    ($db:expr, $sql:literal $(, $($args:tt)*)?) => {
+        checked!(@go $db, $sql, [], [] $(, $($args)*)?)
+    };
+}
 
 pub mod parts;
 
@@ -74,8 +108,7 @@ impl Db {
     /// the parent table, which must not be held for a whole run's write).
     pub async fn ensure_month(&self, at: DateTime<Utc>) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        self.query("SELECT k6_ensure_month($1)")
-            .bind(month_of(at))
+        checked!(self, "SELECT k6_ensure_month($1)", month_of(at),)
             .execute(&mut *tx)
             .await?;
         tx.commit().await
@@ -138,6 +171,8 @@ pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<Vec<i64>> {
     Ok(after.into_iter().filter(|v| !before.contains(v)).collect())
 }
 
+/// Not checked at compile time: `_sqlx_migrations` is sqlx's own table, made by the
+/// migrator at run time, not part of the schema the checks are made against.
 async fn applied_versions(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
         .fetch_all(pool)
@@ -353,14 +388,14 @@ impl Db {
     /// (a k6_performance_runs row cannot exist without its `runs` row), in a transaction
     /// only where a pooler needs one (see [`Db`]).
     pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
-        let q = self
-            .query(
-                "SELECT r.organization_id, r.project_id, r.k6_archived_month IS NOT NULL, \
+        let q = checked!(
+            self,
+            "SELECT r.organization_id, r.project_id, r.k6_archived_month IS NOT NULL AS archived, \
                      (SELECT p.summary_format IS NOT NULL FROM k6_performance_runs p \
-                      WHERE p.run_id = r.id LIMIT 1) \
+                      WHERE p.run_id = r.id LIMIT 1) AS has_summary \
                  FROM runs r WHERE r.id = $1",
-            )
-            .bind(run_id);
+            run_id,
+        );
         let row = if self.prepared {
             q.fetch_optional(&self.pool).await?
         } else {
@@ -385,14 +420,14 @@ impl Db {
     /// deterministic keys.
     pub async fn referenced_s3_uris(&self, run_id: Uuid) -> Result<Vec<String>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row = self
-            .query(
-                "SELECT r.artifact_paths, r.logs_s3_url, p.summary_s3_url FROM runs r \
+        let row = checked!(
+            self,
+            "SELECT r.artifact_paths, r.logs_s3_url, p.summary_s3_url FROM runs r \
                  LEFT JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
-            )
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            run_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.commit().await?;
         let mut out = Vec::new();
         if let Some(r) = row {
@@ -498,27 +533,27 @@ impl Db {
         };
         let replaced = self.settle_run(&mut tx, msg, &run, lock).await?;
         let k6_run_id = Uuid::now_v7();
-        let row = self
-            .query(
-                "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, \
+        let row = checked!(
+            self,
+            "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, \
                      status, started_at, completed_at, duration_ms, exit_code, warnings) \
                  VALUES ($1, $2, $3, $4, $5, COALESCE($6, 'us-east'), 'error', $7, $8, $9, $10, $11) \
                  ON CONFLICT DO NOTHING RETURNING id",
-            )
-            .bind(k6_run_id)
-            .bind(msg.run_id)
-            .bind(msg.test_id)
-            .bind(msg.organization_id)
-            .bind(msg.project_id)
-            .bind(&msg.location)
-            .bind(msg.started_at)
-            .bind(msg.completed_at)
-            .bind(msg.wall_duration_ms())
-            .bind(msg.exit_code)
-            .bind(Json(vec![rec.reason]))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+            k6_run_id,
+            msg.run_id,
+            msg.test_id,
+            msg.organization_id,
+            msg.project_id,
+            msg.location.as_deref(),
+            msg.started_at,
+            msg.completed_at,
+            msg.wall_duration_ms(),
+            msg.exit_code,
+            _ Json(vec![rec.reason]),
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
         if row.is_none() {
             tx.rollback().await?;
             return Ok(Stored::AlreadyPresent);
@@ -558,20 +593,20 @@ impl Db {
         if fresh {
             return Ok(Some(Locked::Fresh));
         }
-        let row = self
-            .query(
-                "SELECT organization_id, project_id, k6_archived_month IS NOT NULL FROM runs \
+        let row = checked!(
+            self,
+            "SELECT organization_id, project_id, k6_archived_month IS NOT NULL AS archived FROM runs \
                  WHERE id = $1 FOR UPDATE",
+            msg.run_id,
+        )
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| {
+            (
+                (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)),
+                r.get::<bool, _>(2),
             )
-            .bind(msg.run_id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r| {
-                (
-                    (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)),
-                    r.get::<bool, _>(2),
-                )
-            });
+        });
         let tenant = row.map(|r| r.0);
         if row.is_some_and(|r| r.1) {
             // Archived to S3 with its month: stored and final.
@@ -582,15 +617,15 @@ impl Db {
             existing.check_tenant(msg)?;
             return Ok(None);
         }
-        let prior = self
-            .query(
-                "SELECT id, summary_format IS NOT NULL FROM k6_performance_runs \
+        let prior = checked!(
+            self,
+            "SELECT id, summary_format IS NOT NULL AS has_summary FROM k6_performance_runs \
                  WHERE run_id = $1 FOR UPDATE",
-            )
-            .bind(msg.run_id)
-            .fetch_optional(&mut **tx)
-            .await?
-            .map(|r| (r.get::<Uuid, _>(0), r.get::<bool, _>(1)));
+            msg.run_id,
+        )
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| (r.get::<Uuid, _>(0), r.get::<bool, _>(1)));
         let existing = Existing {
             tenant,
             performance_has_summary: prior.map(|p| p.1),
@@ -600,10 +635,13 @@ impl Db {
             return Ok(None);
         }
         if let Some((old_id, _)) = prior {
-            self.query("DELETE FROM k6_performance_runs WHERE id = $1")
-                .bind(old_id)
-                .execute(&mut **tx)
-                .await?;
+            checked!(
+                self,
+                "DELETE FROM k6_performance_runs WHERE id = $1",
+                old_id,
+            )
+            .execute(&mut **tx)
+            .await?;
         }
         Ok(Some(Locked::Existing {
             replaced: prior.is_some(),
@@ -631,14 +669,14 @@ impl Db {
     /// The headline numbers of a stored run.
     pub async fn stored_line(&self, run_id: Uuid) -> Result<RunLine, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row = self
-            .query(
-                "SELECT status, p95_response_time_ms, request_rate, thresholds_total, thresholds_failed, \
+        let row = checked!(
+            self,
+            "SELECT status, p95_response_time_ms, request_rate, thresholds_total, thresholds_failed, \
                  checks_total, checks_passed FROM k6_performance_runs WHERE run_id = $1",
-            )
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            run_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(row.map_or_else(RunLine::default, |r| RunLine {
             status: r.get(0),
@@ -650,6 +688,15 @@ impl Db {
             checks_passed: r.get(6),
         }))
     }
+}
+
+/// What the INSERT of a `runs` row does when the row exists.
+#[derive(Clone, Copy)]
+enum OnConflict {
+    /// Leaves it as it is (and returns no row).
+    Nothing,
+    /// Updates it with what the message says, keeping what it leaves out.
+    Update,
 }
 
 /// A run's `runs` row, locked by this transaction.
@@ -681,8 +728,7 @@ impl Db {
         msg: &RunCompleted,
         run: &RunValues<'_>,
     ) -> Result<bool, sqlx::Error> {
-        self.write_runs_row(tx, msg, run, "ON CONFLICT (id) DO NOTHING RETURNING true")
-            .await
+        self.write_runs_row(tx, msg, run, OnConflict::Nothing).await
     }
 
     /// The `runs` row, created or updated: the application may have created it when the
@@ -693,61 +739,74 @@ impl Db {
         msg: &RunCompleted,
         run: &RunValues<'_>,
     ) -> Result<(), sqlx::Error> {
-        self.write_runs_row(
-            tx,
-            msg,
-            run,
-            "ON CONFLICT (id) DO UPDATE SET \
-                 job_id = COALESCE(EXCLUDED.job_id, runs.job_id), \
-                 test_id = COALESCE(EXCLUDED.test_id, runs.test_id), \
-                 status = EXCLUDED.status, duration_ms = EXCLUDED.duration_ms, \
-                 started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, \
-                 artifact_paths = EXCLUDED.artifact_paths, logs_s3_url = EXCLUDED.logs_s3_url, \
-                 error_details = EXCLUDED.error_details, \
-                 trigger = COALESCE(EXCLUDED.trigger, runs.trigger), \
-                 location = COALESCE(EXCLUDED.location, runs.location), \
-                 metadata = runs.metadata || EXCLUDED.metadata, \
-                 updated_at = now() RETURNING true",
-        )
-        .await
-        .map(|_| ())
+        self.write_runs_row(tx, msg, run, OnConflict::Update)
+            .await
+            .map(|_| ())
     }
 
-    /// One INSERT of the `runs` row with its values bound, ending in `on_conflict`
-    /// (which returns a row when one was written); whether one was.
+    /// One INSERT of the `runs` row with its values bound; whether a row was written.
+    /// The two conflict clauses are two whole statements so that each is checked.
     async fn write_runs_row(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         msg: &RunCompleted,
         run: &RunValues<'_>,
-        on_conflict: &str,
+        on_conflict: OnConflict,
     ) -> Result<bool, sqlx::Error> {
         let metadata = msg
             .metadata
             .clone()
             .filter(|m| run.metadata && m.is_object())
             .unwrap_or_else(|| Value::Object(Default::default()));
-        let sql = format!(
-            "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, started_at, \
-                 completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) {on_conflict}"
-        );
-        self.query(&sql)
-            .bind(msg.run_id)
-            .bind(msg.job_id)
-            .bind(msg.test_id)
-            .bind(msg.organization_id)
-            .bind(msg.project_id)
-            .bind(run.status)
-            .bind(run.duration_ms)
-            .bind(msg.started_at)
-            .bind(msg.completed_at)
-            .bind(Json(run.artifact_paths))
-            .bind(run.logs_s3_url)
-            .bind(run.error_details)
-            .bind(msg.trigger.map(|t| t.as_str()))
-            .bind(&msg.location)
-            .bind(Json(metadata))
+        let trigger = msg.trigger.map(|t| t.as_str());
+        macro_rules! runs_row {
+            ($sql:literal) => {
+                checked!(
+                    self,
+                    $sql,
+                    msg.run_id,
+                    msg.job_id,
+                    msg.test_id,
+                    msg.organization_id,
+                    msg.project_id,
+                    run.status,
+                    run.duration_ms,
+                    msg.started_at,
+                    msg.completed_at,
+                    _ Json(run.artifact_paths),
+                    run.logs_s3_url,
+                    run.error_details,
+                    trigger,
+                    msg.location.as_deref(),
+                    _ Json(&metadata)
+                )
+            };
+        }
+        let query = match on_conflict {
+            OnConflict::Nothing => runs_row!(
+                "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, \
+                     started_at, completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (id) DO NOTHING RETURNING true AS written"
+            ),
+            OnConflict::Update => runs_row!(
+                "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, duration_ms, \
+                     started_at, completed_at, artifact_paths, logs_s3_url, error_details, trigger, location, metadata) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                     job_id = COALESCE(EXCLUDED.job_id, runs.job_id), \
+                     test_id = COALESCE(EXCLUDED.test_id, runs.test_id), \
+                     status = EXCLUDED.status, duration_ms = EXCLUDED.duration_ms, \
+                     started_at = EXCLUDED.started_at, completed_at = EXCLUDED.completed_at, \
+                     artifact_paths = EXCLUDED.artifact_paths, logs_s3_url = EXCLUDED.logs_s3_url, \
+                     error_details = EXCLUDED.error_details, \
+                     trigger = COALESCE(EXCLUDED.trigger, runs.trigger), \
+                     location = COALESCE(EXCLUDED.location, runs.location), \
+                     metadata = runs.metadata || EXCLUDED.metadata, \
+                     updated_at = now() RETURNING true AS written"
+            ),
+        };
+        query
             .fetch_optional(&mut **tx)
             .await
             .map(|row| row.is_some())
@@ -761,8 +820,9 @@ impl Db {
     ) -> Result<bool, sqlx::Error> {
         let msg = new.msg;
         let c = &new.extraction.columns;
-        let row = self.query(
-        "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, status, \
+        let row = checked!(
+            self,
+            "INSERT INTO k6_performance_runs (id, run_id, test_id, organization_id, project_id, location, status, \
              started_at, completed_at, duration_ms, total_requests, failed_requests, request_rate, \
              avg_response_time_ms, p50_response_time_ms, p90_response_time_ms, p95_response_time_ms, \
              p99_response_time_ms, min_response_time_ms, max_response_time_ms, thresholds_passed, \
@@ -773,48 +833,48 @@ impl Db {
              $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, \
              $38, $39) \
          ON CONFLICT DO NOTHING RETURNING id",
-    )
-    .bind(id)
-    .bind(msg.run_id)
-    .bind(msg.test_id)
-    .bind(msg.organization_id)
-    .bind(msg.project_id)
-    .bind(&msg.location)
-    .bind(c.status.as_str())
-    .bind(msg.started_at)
-    .bind(msg.completed_at)
-    .bind(new.duration_ms)
-    .bind(c.total_requests)
-    .bind(c.failed_requests)
-    .bind(c.request_rate)
-    .bind(c.avg_response_time_ms)
-    .bind(c.p50_response_time_ms)
-    .bind(c.p90_response_time_ms)
-    .bind(c.p95_response_time_ms)
-    .bind(c.p99_response_time_ms)
-    .bind(c.min_response_time_ms)
-    .bind(c.max_response_time_ms)
-    .bind(c.thresholds_passed)
-    .bind(c.thresholds_total)
-    .bind(c.thresholds_failed)
-    .bind(c.checks_total)
-    .bind(c.checks_passed)
-    .bind(c.checks_failed)
-    .bind(c.vus_max)
-    .bind(c.iterations_total)
-    .bind(c.iterations_rate)
-    .bind(c.data_received_bytes)
-    .bind(c.data_sent_bytes)
-    .bind(c.exit_code)
-    .bind(&msg.k6_version)
-    .bind(c.summary_format)
-    .bind(Json(&c.value_sources))
-    .bind(Json(&c.warnings))
-    .bind(new.summary_json.as_ref().map(Json))
-    .bind(&new.summary_s3_url)
-    .bind(msg.config_snapshot.as_ref().map(Json))
-    .fetch_optional(&mut **tx)
-    .await?;
+            id,
+            msg.run_id,
+            msg.test_id,
+            msg.organization_id,
+            msg.project_id,
+            msg.location.as_deref(),
+            c.status.as_str(),
+            msg.started_at,
+            msg.completed_at,
+            new.duration_ms,
+            c.total_requests,
+            c.failed_requests,
+            c.request_rate,
+            c.avg_response_time_ms,
+            c.p50_response_time_ms,
+            c.p90_response_time_ms,
+            c.p95_response_time_ms,
+            c.p99_response_time_ms,
+            c.min_response_time_ms,
+            c.max_response_time_ms,
+            c.thresholds_passed,
+            c.thresholds_total,
+            c.thresholds_failed,
+            c.checks_total,
+            c.checks_passed,
+            c.checks_failed,
+            c.vus_max,
+            c.iterations_total,
+            c.iterations_rate,
+            c.data_received_bytes,
+            c.data_sent_bytes,
+            c.exit_code,
+            msg.k6_version.as_deref(),
+            c.summary_format,
+            _ Json(&c.value_sources),
+            _ Json(&c.warnings),
+            _ new.summary_json.as_ref().map(Json),
+            new.summary_s3_url.as_deref(),
+            _ msg.config_snapshot.as_ref().map(Json),
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
         Ok(row.is_some())
     }
 
@@ -832,7 +892,8 @@ impl Db {
         }
         let col = |f: fn(&MetricRow) -> Option<i64>| rows.iter().map(f).collect::<Vec<_>>();
         let recorded_at = new.msg.completed_at.unwrap_or(new.msg.started_at);
-        self.query(
+        checked!(
+            self,
             "INSERT INTO k6_metrics_history (id, k6_run_id, metric_name, base_name, metric_type, contains, tags, \
                  scale, value, count, rate, rate_scale, passes, fails, min_value, max_value, avg_value, med_value, \
                  p90_value, p95_value, p99_value, percentiles, raw_values, sources, warnings, recorded_at, started_at) \
@@ -846,34 +907,34 @@ impl Db {
              AS t(id, metric_name, base_name, metric_type, contains, tags, scale, value, count, rate, rate_scale, \
                  passes, fails, min_value, max_value, avg_value, med_value, p90_value, p95_value, p99_value, \
                  percentiles, raw_values, sources, warnings)",
+            _ new_ids(rows.len()),
+            k6_run_id,
+            recorded_at,
+            new.msg.started_at,
+            _ rows.iter().map(|m| m.metric_name.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| m.base_name.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| m.metric_type).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| m.contains).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| Json(&m.tags)).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| m.scale).collect::<Vec<_>>(),
+            _ col(|m| m.value),
+            _ col(|m| m.count),
+            _ col(|m| m.rate),
+            _ rows.iter().map(|m| m.rate_scale).collect::<Vec<_>>(),
+            _ col(|m| m.passes),
+            _ col(|m| m.fails),
+            _ col(|m| m.min_value),
+            _ col(|m| m.max_value),
+            _ col(|m| m.avg_value),
+            _ col(|m| m.med_value),
+            _ col(|m| m.p90_value),
+            _ col(|m| m.p95_value),
+            _ col(|m| m.p99_value),
+            _ rows.iter().map(|m| Json(&m.percentiles)).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| Json(&m.raw_values)).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| Json(&m.sources)).collect::<Vec<_>>(),
+            _ rows.iter().map(|m| Json(&m.warnings)).collect::<Vec<_>>(),
         )
-        .bind(new_ids(rows.len()))
-        .bind(k6_run_id)
-        .bind(recorded_at)
-        .bind(new.msg.started_at)
-        .bind(rows.iter().map(|m| m.metric_name.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| m.base_name.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| m.metric_type).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| m.contains).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| Json(&m.tags)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| m.scale).collect::<Vec<_>>())
-        .bind(col(|m| m.value))
-        .bind(col(|m| m.count))
-        .bind(col(|m| m.rate))
-        .bind(rows.iter().map(|m| m.rate_scale).collect::<Vec<_>>())
-        .bind(col(|m| m.passes))
-        .bind(col(|m| m.fails))
-        .bind(col(|m| m.min_value))
-        .bind(col(|m| m.max_value))
-        .bind(col(|m| m.avg_value))
-        .bind(col(|m| m.med_value))
-        .bind(col(|m| m.p90_value))
-        .bind(col(|m| m.p95_value))
-        .bind(col(|m| m.p99_value))
-        .bind(rows.iter().map(|m| Json(&m.percentiles)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| Json(&m.raw_values)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| Json(&m.sources)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|m| Json(&m.warnings)).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -890,7 +951,8 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
-        self.query(
+        checked!(
+            self,
             "INSERT INTO k6_threshold_results (id, k6_run_id, metric_name, base_name, tags, expression, ok, \
                  aggregation, observed_value, observed_scale, observed_raw, observed_source, started_at) \
              SELECT id, $2, metric_name, base_name, tags, expression, ok, aggregation, observed_value, \
@@ -899,20 +961,20 @@ impl Db {
                  $10::int8[], $11::int4[], $12::float8[], $13::text[]) \
              AS t(id, metric_name, base_name, tags, expression, ok, aggregation, observed_value, observed_scale, \
                  observed_raw, observed_source)",
+            _ new_ids(rows.len()),
+            k6_run_id,
+            new.msg.started_at,
+            _ rows.iter().map(|t| t.metric_name.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.base_name.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| Json(&t.tags)).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.expression.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.ok).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.aggregation.as_deref()).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.observed_value).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.observed_scale).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.observed_raw).collect::<Vec<_>>(),
+            _ rows.iter().map(|t| t.observed_source).collect::<Vec<_>>(),
         )
-        .bind(new_ids(rows.len()))
-        .bind(k6_run_id)
-        .bind(new.msg.started_at)
-        .bind(rows.iter().map(|t| t.metric_name.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.base_name.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| Json(&t.tags)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.expression.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.ok).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.aggregation.as_deref()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.observed_value).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.observed_scale).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.observed_raw).collect::<Vec<_>>())
-        .bind(rows.iter().map(|t| t.observed_source).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
         Ok(())
@@ -931,23 +993,24 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
-        self.query(
+        checked!(
+            self,
             "INSERT INTO k6_check_results (id, k6_run_id, position, group_path, path, name, passes, fails, started_at) \
              SELECT id, $2, position, \
                  ARRAY(SELECT g.v FROM jsonb_array_elements_text(group_path) WITH ORDINALITY AS g(v, n) ORDER BY g.n), \
                  path, name, passes, fails, $3 \
              FROM UNNEST($1::uuid[], $4::int4[], $5::jsonb[], $6::text[], $7::text[], $8::int8[], $9::int8[]) \
              AS t(id, position, group_path, path, name, passes, fails)",
+            _ new_ids(rows.len()),
+            k6_run_id,
+            new.msg.started_at,
+            _ rows.iter().map(|c| c.position).collect::<Vec<_>>(),
+            _ rows.iter().map(|c| Json(&c.group_path)).collect::<Vec<_>>(),
+            _ rows.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            _ rows.iter().map(|c| c.passes).collect::<Vec<_>>(),
+            _ rows.iter().map(|c| c.fails).collect::<Vec<_>>(),
         )
-        .bind(new_ids(rows.len()))
-        .bind(k6_run_id)
-        .bind(new.msg.started_at)
-        .bind(rows.iter().map(|c| c.position).collect::<Vec<_>>())
-        .bind(rows.iter().map(|c| Json(&c.group_path)).collect::<Vec<_>>())
-        .bind(rows.iter().map(|c| c.path.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|c| c.name.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|c| c.passes).collect::<Vec<_>>())
-        .bind(rows.iter().map(|c| c.fails).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
         Ok(())

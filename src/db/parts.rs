@@ -95,27 +95,30 @@ impl Db {
         msg: &RunCompleted,
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        self.query(
+        checked!(
+            self,
             "INSERT INTO runs (id, job_id, test_id, organization_id, project_id, status, started_at, trigger, location) \
              VALUES ($1, $2, $3, $4, $5, 'running', $6, $7, $8) ON CONFLICT (id) DO NOTHING",
+            msg.run_id,
+            msg.job_id,
+            msg.test_id,
+            msg.organization_id,
+            msg.project_id,
+            msg.started_at,
+            msg.trigger.map(|t| t.as_str()),
+            msg.location.as_deref(),
         )
-        .bind(msg.run_id)
-        .bind(msg.job_id)
-        .bind(msg.test_id)
-        .bind(msg.organization_id)
-        .bind(msg.project_id)
-        .bind(msg.started_at)
-        .bind(msg.trigger.map(|t| t.as_str()))
-        .bind(&msg.location)
         .execute(&mut *tx)
         .await
         .map_err(|e| StoreError::from_write("runs", e))?;
-        let tenant = self
-            .query("SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(msg.run_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
+        let tenant = checked!(
+            self,
+            "SELECT organization_id, project_id FROM runs WHERE id = $1 FOR UPDATE",
+            msg.run_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| (r.get::<Uuid, _>(0), r.get::<Uuid, _>(1)));
         Existing {
             tenant,
             performance_has_summary: None,
@@ -127,15 +130,15 @@ impl Db {
     /// Whether the run's part `index` is stored, and if so whether with a summary.
     pub async fn part_stored(&self, run_id: Uuid, index: u32) -> Result<Option<bool>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row = self
-            .query(
-                "SELECT summary_json IS NOT NULL OR summary_s3_url IS NOT NULL FROM k6_run_parts \
+        let row = checked!(
+            self,
+            "SELECT summary_json IS NOT NULL OR summary_s3_url IS NOT NULL AS has_summary FROM k6_run_parts \
                  WHERE run_id = $1 AND part_index = $2",
-            )
-            .bind(run_id)
-            .bind(index as i32)
-            .fetch_optional(&mut *tx)
-            .await?;
+            run_id,
+            index as i32,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(row.map(|r| r.get::<bool, _>(0)))
     }
@@ -149,9 +152,9 @@ impl Db {
         new: &NewPart<'_>,
     ) -> Result<PartWrite, StoreError> {
         let msg = new.msg;
-        let row = self
-            .query(
-                "INSERT INTO k6_run_parts (id, run_id, part_index, part_count, runner, execution_segment, \
+        let row = checked!(
+            self,
+            "INSERT INTO k6_run_parts (id, run_id, part_index, part_count, runner, execution_segment, \
                      event_id, exit_code, status, columns, artifact_paths, summary_json, summary_s3_url, \
                      metrics_s3_url, error_details, started_at, completed_at, location, k6_version, \
                      config_snapshot, metadata) \
@@ -168,32 +171,32 @@ impl Db {
                      config_snapshot = EXCLUDED.config_snapshot, metadata = EXCLUDED.metadata, created_at = now() \
                  WHERE k6_run_parts.summary_json IS NULL AND k6_run_parts.summary_s3_url IS NULL \
                      AND (EXCLUDED.summary_json IS NOT NULL OR EXCLUDED.summary_s3_url IS NOT NULL) \
-                 RETURNING (xmax = 0)",
-            )
-            .bind(Uuid::now_v7())
-            .bind(msg.run_id)
-            .bind(new.part.index as i32)
-            .bind(new.part.count as i32)
-            .bind(&new.part.runner)
-            .bind(&new.part.execution_segment)
-            .bind(msg.event_id)
-            .bind(msg.exit_code)
-            .bind(new.status)
-            .bind(Json(&new.columns))
-            .bind(Json(&new.artifact_paths))
-            .bind(new.summary_json.as_ref().map(Json))
-            .bind(&new.summary_s3_url)
-            .bind(&new.metrics_s3_url)
-            .bind(&new.error_details)
-            .bind(msg.started_at)
-            .bind(msg.completed_at)
-            .bind(&msg.location)
-            .bind(&msg.k6_version)
-            .bind(msg.config_snapshot.as_ref().map(Json))
-            .bind(msg.metadata.as_ref().map(Json))
-            .fetch_optional(&mut **tx)
-            .await
-            .map_err(|e| StoreError::from_write("k6_run_parts", e))?;
+                 RETURNING (xmax = 0) AS inserted",
+            Uuid::now_v7(),
+            msg.run_id,
+            new.part.index as i32,
+            new.part.count as i32,
+            new.part.runner.as_deref(),
+            new.part.execution_segment.as_deref(),
+            msg.event_id,
+            msg.exit_code,
+            new.status,
+            _ Json(&new.columns),
+            _ Json(&new.artifact_paths),
+            _ new.summary_json.as_ref().map(Json),
+            new.summary_s3_url.as_deref(),
+            new.metrics_s3_url.as_deref(),
+            new.error_details.as_deref(),
+            msg.started_at,
+            msg.completed_at,
+            msg.location.as_deref(),
+            msg.k6_version.as_deref(),
+            _ msg.config_snapshot.as_ref().map(Json),
+            _ msg.metadata.as_ref().map(Json),
+        )
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(|e| StoreError::from_write("k6_run_parts", e))?;
         Ok(match row {
             None => PartWrite::Kept,
             Some(r) if r.get::<bool, _>(0) => PartWrite::Inserted,
@@ -207,16 +210,16 @@ impl Db {
         tx: &mut Transaction<'_, Postgres>,
         run_id: Uuid,
     ) -> Result<PartState, sqlx::Error> {
-        let rows = self
-            .query(
-                "SELECT part_index, part_count, runner, execution_segment, exit_code, status, artifact_paths, \
-                     summary_json IS NOT NULL, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at, \
+        let rows = checked!(
+            self,
+            "SELECT part_index, part_count, runner, execution_segment, exit_code, status, artifact_paths, \
+                     summary_json IS NOT NULL AS has_inline_summary, summary_s3_url, metrics_s3_url, error_details, started_at, completed_at, \
                      location, k6_version, config_snapshot, metadata \
                  FROM k6_run_parts WHERE run_id = $1 ORDER BY part_index",
-            )
-            .bind(run_id)
-            .fetch_all(&mut **tx)
-            .await?;
+            run_id,
+        )
+        .fetch_all(&mut **tx)
+        .await?;
         let parts = rows
             .into_iter()
             .map(|r| StoredPart {
@@ -239,12 +242,14 @@ impl Db {
                 metadata: r.get::<Option<Json<Value>>, _>(16).map(|j| j.0),
             })
             .collect();
-        let perf = self
-            .query("SELECT value_sources ->> $2 FROM k6_performance_runs WHERE run_id = $1")
-            .bind(run_id)
-            .bind(MERGED_PARTS_KEY)
-            .fetch_optional(&mut **tx)
-            .await?;
+        let perf = checked!(
+            self,
+            "SELECT value_sources ->> $2 AS merged FROM k6_performance_runs WHERE run_id = $1",
+            run_id,
+            MERGED_PARTS_KEY,
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
         Ok(PartState {
             parts,
             has_performance_row: perf.is_some(),
@@ -259,12 +264,14 @@ impl Db {
         run_id: Uuid,
         index: u32,
     ) -> Result<Option<Value>, sqlx::Error> {
-        let row = self
-            .query("SELECT summary_json FROM k6_run_parts WHERE run_id = $1 AND part_index = $2")
-            .bind(run_id)
-            .bind(index as i32)
-            .fetch_optional(&mut **tx)
-            .await?;
+        let row = checked!(
+            self,
+            "SELECT summary_json FROM k6_run_parts WHERE run_id = $1 AND part_index = $2",
+            run_id,
+            index as i32,
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
         Ok(row.and_then(|r| r.get::<Option<Json<Value>>, _>(0).map(|j| j.0)))
     }
 
@@ -276,11 +283,13 @@ impl Db {
         new: &NewRun<'_>,
     ) -> Result<Stored, StoreError> {
         let run_id = new.msg.run_id;
-        let prior = self
-            .query("DELETE FROM k6_performance_runs WHERE run_id = $1 RETURNING id")
-            .bind(run_id)
-            .fetch_optional(&mut **tx)
-            .await?;
+        let prior = checked!(
+            self,
+            "DELETE FROM k6_performance_runs WHERE run_id = $1 RETURNING id",
+            run_id,
+        )
+        .fetch_optional(&mut **tx)
+        .await?;
         let c = &new.extraction.columns;
         let run = RunValues {
             status: c.status.as_str(),
@@ -321,18 +330,18 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<Uuid>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let rows = self
-            .query(
-                "SELECT p.run_id FROM k6_run_parts p \
+        let rows = checked!(
+            self,
+            "SELECT p.run_id FROM k6_run_parts p \
                  WHERE NOT EXISTS (SELECT 1 FROM k6_performance_runs k WHERE k.run_id = p.run_id) \
                  GROUP BY p.run_id \
                  HAVING count(*) < max(p.part_count) AND min(p.created_at) < $1 \
                  ORDER BY min(p.created_at) LIMIT $2",
-            )
-            .bind(older_than)
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
+            older_than,
+            limit,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(rows.into_iter().map(|r| r.get::<Uuid, _>(0)).collect())
     }
@@ -343,14 +352,14 @@ impl Db {
         run_id: Uuid,
     ) -> Result<Option<(Transaction<'static, Postgres>, RunIdentity)>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let row = self
-            .query(
-                "SELECT job_id, test_id, organization_id, project_id, trigger, location, metadata \
+        let row = checked!(
+            self,
+            "SELECT job_id, test_id, organization_id, project_id, trigger, location, metadata \
                  FROM runs WHERE id = $1 FOR UPDATE",
-            )
-            .bind(run_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            run_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         Ok(row.map(|r| {
             (
                 tx,
