@@ -1,11 +1,11 @@
 //! The binary as a user runs it: `extract` with no services, configuration errors that
 //! name the setting, and `replay`'s table and exit code.
 
-mod common;
+mod harness;
 
 use std::process::{Command, Output};
 
-use common::*;
+use harness::*;
 
 fn k6_ingest(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));

@@ -2,12 +2,12 @@
 //! of one run, agreement with the numbers k6 itself printed, exact percentiles from raw
 //! samples, and robustness against arbitrary input. No services needed.
 
-mod common;
+mod harness;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
 use k6_ingest::summary::{

@@ -3,7 +3,7 @@
 //! slowness, lying or missing lengths, endless bodies, redirects), and `ingest_one`
 //! is driven end to end against it with the real PostgreSQL and S3 server.
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::{FetchError, Fetcher, LocalArtifact, Tenant};
 use k6_ingest::config::{FetchSettings, Settings};
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
@@ -774,7 +774,7 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
         ("/runs/1/k6.log", Reply::Chunked(logs.clone())),
     ])
     .await;
-    let mut s = settings("http-ok");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
     let ing = ingestor(&pool, &s).await;
     let mut msg = message(&dir);
@@ -816,7 +816,7 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
         ("/down/k6.log", Reply::Status(503)),
     ])
     .await;
-    let mut s = settings("http-503");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
     let ing = ingestor(&pool, &s).await;
     let mut msg = message(&dir);
@@ -867,7 +867,7 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
 async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "json-logs");
     let host = ArtifactHost::start(vec![]).await;
-    let mut s = settings("http-404");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
     let ing = ingestor(&pool, &s).await;
     let mut msg = message(&dir);
@@ -1001,7 +1001,7 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         ("/runs/1/k6.log", Reply::Body(logs.clone())),
     ])
     .await;
-    let mut s = settings("http-credentials");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
     let ing = ingestor(&pool, &s).await;
     let with_secrets = |path: &str, query: &str| {

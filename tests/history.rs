@@ -2,12 +2,12 @@
 //! partitioning migration on a filled database, archives that survive being killed,
 //! restores row for row, and the dashboard's queries reading only the months they need.
 
-mod common;
+mod harness;
 
 use std::process::{Command, Output};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
-use common::*;
+use harness::*;
 use k6_ingest::config::Settings;
 use k6_ingest::db::Db;
 use k6_ingest::history::{self, partition_name};
@@ -120,7 +120,7 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         .await
         .unwrap();
     k6_ingest::db::MIGRATOR.run(&scratch).await.unwrap();
-    let s = settings("history-migrate");
+    let s = settings();
     let starts = [
         at(2025, 1, 5),
         at(2025, 2, 28),
@@ -326,7 +326,7 @@ async fn database_url(pool: &PgPool) -> String {
 /// an archived run, and restore bring back every row as it was.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) {
-    let s = settings("history-archive");
+    let s = settings();
     let store = store(&s).await;
     let starts = [at(2025, 1, 10), at(2025, 2, 3), at(2025, 3, 31)];
     let msgs = ingest_at(&pool, &s, &starts).await;
@@ -458,7 +458,7 @@ async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) 
 /// A restore checks the archive: a file changed in S3 is refused and nothing loaded.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn restore_refuses_a_changed_archive(pool: PgPool) {
-    let s = settings("history-tamper");
+    let s = settings();
     let store = store(&s).await;
     ingest_at(&pool, &s, &[at(2024, 5, 5)]).await;
     history::archive_before(
@@ -646,7 +646,7 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
 /// time: the partitioned unique key cannot see them as one, the `runs` row lock does.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
-    let s = settings("history-dup");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     for round in 0..4 {
         let (a, dir) = moved(CASES[round % CASES.len()], at(2025, 4, 30));
@@ -686,7 +686,7 @@ async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
 /// last month stays.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn archive_without_arguments_follows_the_retention_setting(pool: PgPool) {
-    let s = settings("history-retention");
+    let s = settings();
     let this_month = k6_ingest::db::month_of(Utc::now());
     let old = this_month - chrono::Months::new(4);
     let recent = this_month - chrono::Months::new(1);

@@ -1,15 +1,15 @@
 //! `ingest_one` and `replay` against real PostgreSQL and the real S3-compatible server.
 
-mod common;
+mod harness;
 
-use common::*;
+use harness::*;
 use k6_ingest::ingest::{Disposition, IngestContext, IngestError, Outcome};
 use k6_ingest::replay::{render_table, replay};
 use sqlx::{PgPool, Row};
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
-    let s = settings("replay");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let rows = replay(&ing, &[fixtures()], false, 4, 1 << 20)
         .await
@@ -60,7 +60,7 @@ async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn stores_columns_details_and_artifacts(pool: PgPool) {
-    let s = settings("details");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-fail");
     let msg = message(&dir);
@@ -164,7 +164,7 @@ type CheckRow = (Vec<String>, String, Option<i64>, Option<i64>);
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn checks_keep_their_group_path(pool: PgPool) {
-    let s = settings("checks");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "groups-nested-checks");
     let msg = message(&dir);
@@ -201,7 +201,7 @@ async fn checks_keep_their_group_path(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
-    let s = settings("tenant");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let msg = message(&dir);
@@ -241,7 +241,7 @@ async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
-    let s = settings("upsert");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let msg = message(&dir);
@@ -272,7 +272,7 @@ async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPool) {
-    let s = settings("missing");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let summary = std::fs::read(dir.path().join("summary.json")).unwrap();
@@ -324,7 +324,7 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
-    let s = settings("corrupt");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     std::fs::write(
@@ -357,7 +357,7 @@ async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
-    let s = settings("script-error");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "script-error");
     let msg = message(&dir);
@@ -379,7 +379,7 @@ async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
-    let mut s = settings("large-summary");
+    let mut s = settings();
     s.s3.inline_summary_max_bytes = 100;
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "custom-metrics");
@@ -409,7 +409,7 @@ async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_store_one_run(pool: PgPool) {
-    let s = settings("dup");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "scenarios");
     let msg = message(&dir);
@@ -436,7 +436,7 @@ async fn concurrent_duplicates_store_one_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dry_run_writes_nothing(pool: PgPool) {
-    let s = settings("dry");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let rows = replay(&ing, &[fixtures().join("v0.57.0")], true, 2, 1 << 20)
         .await
@@ -463,7 +463,7 @@ async fn a_dry_run_writes_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn artifacts_can_come_from_s3(pool: PgPool) {
-    let s = settings("from-s3");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
     let dir = fixture_dir("v1.1.0", "html-report");
@@ -522,7 +522,7 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
-    let mut s = settings("multipart");
+    let mut s = settings();
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
     let ing = ingestor(&pool, &s).await;
@@ -554,7 +554,7 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
 /// single uploads and multipart work with it.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
-    let mut s = settings("checksum");
+    let mut s = settings();
     s.s3.checksum = k6_ingest::config::ChecksumMode::WhenRequired;
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
@@ -629,7 +629,7 @@ async fn extract_keys_are_the_tables_columns(pool: PgPool) {
 /// k6 allows any character in check and group names; PostgreSQL text cannot hold NUL.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
-    let s = settings("nul");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "groups-nested-checks");
     let path = dir.path().join("summary.json");

@@ -3,12 +3,12 @@
 //! threshold verdicts are reproduced by the threshold evaluator in every fixture.
 //! Files only, no services.
 
-mod common;
+mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
 use k6_ingest::summary::threshold::evaluate_on_metric;

@@ -2,13 +2,13 @@
 //! 1 GiB and one whose log is 1 MiB, and the kernel's peak-RSS figures of the two
 //! processes are compared. Memory, not time, is asserted.
 
-mod common;
+mod harness;
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use harness::*;
 use sqlx::PgPool;
 
 const MIB: u64 = 1024 * 1024;
@@ -61,7 +61,7 @@ fn run_dir(log_bytes: u64) -> tempfile::TempDir {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
-    let s = settings("rss");
+    let s = settings();
     let store = store(&s).await;
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pool)

@@ -5,7 +5,7 @@
 //!
 //! Run with `--no-capture` to see the figures.
 
-mod common;
+mod harness;
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -13,7 +13,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use harness::*;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -245,7 +245,7 @@ fn hist_percentile(hist: &[u32], n: u64, p: f64) -> f64 {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
-    let s = settings("mem");
+    let s = settings();
     let store = store(&s).await;
     let db: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&pool)

@@ -2,15 +2,15 @@
 //! dead letters, the delivery limit, outages that pause instead of spending attempts,
 //! faults of the message that are retried, concurrency.
 
-mod queue_support;
+mod harness;
 
 use std::sync::atomic::Ordering;
 
+use harness::*;
 use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
 use k6_ingest::consumer;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPool) {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     let shutdown = CancellationToken::new();
     let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await
@@ -114,10 +114,10 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
     pool: PgPool,
 ) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.amqp.max_message_bytes = 8192;
     // A run the application created for another organization: the message is refused.
-    let foreign = message("thresholds-pass");
+    let foreign = case_message("thresholds-pass");
     sqlx::query(
         "INSERT INTO runs (id, organization_id, project_id, status) VALUES ($1, $2, $3, 'running')",
     )
@@ -133,13 +133,13 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
     .execute(&pool)
     .await
     .unwrap();
-    let mut missing = message("thresholds-pass");
+    let mut missing = case_message("thresholds-pass");
     missing.as_object_mut().unwrap().remove("organization_id");
-    let mut future = message("thresholds-pass");
+    let mut future = case_message("thresholds-pass");
     future["schema_version"] = 2.into();
-    let mut large = message("thresholds-pass");
+    let mut large = case_message("thresholds-pass");
     large["metadata"]["padding"] = Value::String("x".repeat(10_000));
-    let good = message("thresholds-fail");
+    let good = case_message("thresholds-fail");
 
     let poison: Vec<(Vec<u8>, &str)> = vec![
         (b"this is not json {".to_vec(), "not_json"),
@@ -220,7 +220,7 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
 #[tokio::test]
 async fn delivery_limit_dead_letters_instead_of_dropping() {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.amqp.delivery_limit = 2;
     declare(&s).await;
     publish_bodies(&s, &[b"{\"crashes\": \"every worker\"}".to_vec()]).await;
@@ -287,7 +287,7 @@ async fn database_outage_pauses_without_spending_attempts_and_every_run_is_store
     pool: PgPool,
 ) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
     let proxy = Proxy::start(pg_addr(&pool).await).await;
@@ -382,7 +382,7 @@ async fn database_outage_pauses_without_spending_attempts_and_every_run_is_store
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     let _ = store(&s).await; // the bucket, created through the real endpoint
     let proxy = Proxy::start(s3_addr(&s)).await;
     s.s3.endpoint = Some(format!("http://{}", proxy.addr));
@@ -474,7 +474,7 @@ async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
     s.shutdown.grace_secs = 120;
@@ -523,7 +523,7 @@ async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPo
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
@@ -534,7 +534,7 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
         .await
         .unwrap();
     let slow_msg = |i: usize| {
-        let mut m = message("thresholds-pass");
+        let mut m = case_message("thresholds-pass");
         m["artifacts"] =
             serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
         m
@@ -592,7 +592,7 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
 #[tokio::test]
 async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.amqp.declare = false;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://postgres@127.0.0.1:5432/postgres")
@@ -624,7 +624,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     pool: PgPool,
 ) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
     s.breaker.host_wait_secs = 60;
@@ -640,7 +640,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     proxy.cut();
     let msgs: Vec<Value> = (0..2)
         .map(|i| {
-            let mut m = message("thresholds-pass");
+            let mut m = case_message("thresholds-pass");
             m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/runs/{i}/summary.json", proxy.addr) });
             m
         })
@@ -703,7 +703,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
     s.amqp.max_attempts = 2;
@@ -718,7 +718,7 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
     let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await
         .unwrap();
-    let mut m = message("thresholds-pass");
+    let mut m = case_message("thresholds-pass");
     m["artifacts"] = serde_json::json!({ "summary": format!("http://{dead}/summary.json") });
     let msgs = vec![m];
     publish_bodies(&s, &bodies(&msgs)).await;
@@ -753,7 +753,7 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
@@ -766,7 +766,7 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
     let msgs: Vec<Value> = ["status/503/summary.json", "hangup/summary.json"]
         .iter()
         .map(|path| {
-            let mut m = message("thresholds-pass");
+            let mut m = case_message("thresholds-pass");
             m["artifacts"] =
                 serde_json::json!({ "summary": format!("http://{}/{path}", host.addr) });
             m

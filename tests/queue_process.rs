@@ -1,18 +1,18 @@
 //! The real binary as a child process: SIGTERM during work, SIGKILL at a random moment,
 //! and the `publish` and `requeue` commands.
 
-mod queue_support;
+mod harness;
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
+use harness::*;
 use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_HEADER, Topology};
 use k6_ingest::config::Settings;
 use lapin::BasicProperties;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -120,7 +120,7 @@ impl Worker {
 }
 
 fn process_settings(tag: &str) -> Settings {
-    let mut s = settings(tag);
+    let mut s = queue_settings(tag);
     s.http.bind = format!("127.0.0.1:{}", free_port());
     s
 }
@@ -143,7 +143,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
 
     let in_flight: Vec<Value> = (0..4)
         .map(|i| {
-            let mut m = message("thresholds-pass");
+            let mut m = case_message("thresholds-pass");
             m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
             m
         })
@@ -270,7 +270,7 @@ async fn run(cmd: &mut Command) -> (i32, String, String) {
 #[tokio::test]
 async fn publish_confirms_every_message_and_reports_failures() {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
 
@@ -369,7 +369,7 @@ async fn publish_confirms_every_message_and_reports_failures() {
         .await;
 
     // Nothing declared and told not to declare: an error naming what is missing.
-    let mut missing = settings(&tag());
+    let mut missing = queue_settings(&tag());
     missing.amqp.declare = false;
     let (code, _, err) = run(&mut command(
         &missing,
@@ -388,7 +388,7 @@ async fn publish_confirms_every_message_and_reports_failures() {
 #[tokio::test]
 async fn requeue_moves_dead_letters_back_with_a_fresh_attempt_count() {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     declare(&s).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);

@@ -1,10 +1,10 @@
 //! Tests that disturb the shared broker. Named `serial_*`: the suite runs them alone,
 //! after everything else (`cargo nextest run -E 'test(/serial_/)' --test-threads 1`).
 
-mod queue_support;
+mod harness;
 
+use harness::*;
 use k6_ingest::consumer;
-use queue_support::*;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool) {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     let shutdown = CancellationToken::new();
     let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await

@@ -1,14 +1,14 @@
 //! A split run's parts through RabbitMQ and the worker (`consumer::start`), in a shuffled
 //! order with a duplicate, store exactly the rows `replay` of the parts' directory stores.
 
-mod queue_support;
+mod harness;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use harness::*;
 use k6_ingest::artifact::Fetcher;
 use k6_ingest::ingest::Ingestor;
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +78,7 @@ async fn merged_rows(pool: &PgPool, run: uuid::Uuid) -> Vec<String> {
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.fetch.allowed_roots = vec![case_dir()];
     let dirs = part_dirs();
     let run: uuid::Uuid =

@@ -4,14 +4,13 @@
 //! forced with triggers installed in the test's own database (real refusals, raised by
 //! PostgreSQL, for content the schema itself now accepts).
 
-mod common;
-mod queue_support;
+mod harness;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use harness::*;
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
 use k6_ingest::message::RunCompleted;
 use k6_ingest::s3::ArtifactStore;
@@ -84,7 +83,7 @@ async fn detail_rows(pool: &PgPool, run_id: Uuid) -> i64 {
 /// (about 2.7 KB) used to fail the whole run on a 10,000-character key.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
-    let s = settings("long-keys");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
@@ -133,7 +132,7 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
 /// warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: PgPool) {
-    let s = settings("dup-metric");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     // k6 1.5's schema 1.0.0 (the same document tests/extract.rs reads), with
@@ -209,7 +208,7 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
 /// for metrics and for a metric's thresholds.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgPool) {
-    let s = settings("dup-nul");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
@@ -256,7 +255,7 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
 /// metadata and config_snapshot) it is replaced by U+FFFD, with a warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn nul_in_message_strings_is_replaced_with_a_warning(pool: PgPool) {
-    let s = settings("nul-msg");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let mut m = fresh_message(&dir);
@@ -328,7 +327,7 @@ fn with_marker_metric() -> tempfile::TempDir {
 /// dead-letter disposition. Replayed after the fix, the run replaces its error record.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
-    let s = settings("refused");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
     let dir = with_marker_metric();
@@ -432,7 +431,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
 /// deleted from S3.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPool) {
-    let s = settings("refused-twice");
+    let s = settings();
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
@@ -515,7 +514,7 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     let hits = Arc::new(AtomicUsize::new(0));
     let log = std::fs::read(dir.join("k6.log")).unwrap();
     let host = serve_log_and_steal_the_run(pool.clone(), log, msg.clone(), hits.clone()).await;
-    let mut s = settings("tenant-race");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
@@ -554,11 +553,11 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool) {
     use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
-    use queue_support as q;
-    let t = q::tag();
-    let s = q::settings(&t);
-    let refused = q::message("thresholds-pass");
-    let good = q::message("thresholds-fail");
+
+    let t = tag();
+    let s = queue_settings(&t);
+    let refused = case_message("thresholds-pass");
+    let good = case_message("thresholds-fail");
     let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();
     // Refuses the metric rows of that one run, as PostgreSQL would an oversized value.
     sqlx::raw_sql(&format!(
@@ -573,23 +572,23 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     .execute(&pool)
     .await
     .unwrap();
-    q::declare(&s).await;
-    q::publish_bodies(&s, &q::bodies(&[refused.clone(), good.clone()])).await;
+    declare(&s).await;
+    publish_bodies(&s, &bodies(&[refused.clone(), good.clone()])).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = k6_ingest::consumer::start(&s, q::ingestor(&pool, &s).await, shutdown.clone())
+    let running = k6_ingest::consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
         .await
         .unwrap();
-    let conn = q::connect().await;
+    let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    q::wait_for("one dead letter", || async {
-        (q::queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
+    wait_for("one dead letter", || async {
+        (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
     })
     .await;
-    q::wait_for("the good run", || async {
-        (q::stored(&pool, &q::run_ids(std::slice::from_ref(&good))).await == 1).then_some(())
+    wait_for("the good run", || async {
+        (stored(&pool, &run_ids(std::slice::from_ref(&good))).await == 1).then_some(())
     })
     .await;
-    let dead = q::drain(&conn, &topo.dead_letter_queue).await;
+    let dead = drain(&conn, &topo.dead_letter_queue).await;
     let (body, props) = &dead[0];
     assert_eq!(body, &serde_json::to_vec(&refused).unwrap());
     assert_eq!(
@@ -619,7 +618,7 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
 
     shutdown.cancel();
     running.done.await.unwrap().unwrap();
-    q::cleanup(&s).await;
+    cleanup(&s).await;
 }
 
 /// Serves the same bytes under any path.
@@ -643,7 +642,7 @@ async fn serve_any_path(body: Vec<u8>) -> String {
 async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let host = serve_any_path(std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()).await;
-    let mut s = settings("upload-fails");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;

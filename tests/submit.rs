@@ -1,16 +1,14 @@
 //! The runner side: `k6-ingest submit` stages a run's files in S3 and publishes its
 //! message with confirms; a worker then ingests it from the staged copies.
 
-mod common;
-#[path = "queue_support/mod.rs"]
-mod queue_support;
+mod harness;
 
 use std::process::Command;
 
+use harness::*;
 use k6_ingest::amqp::Topology;
 use k6_ingest::ingest::{IngestContext, Outcome};
 use k6_ingest::message::RunCompleted;
-use queue_support::*;
 use sqlx::PgPool;
 
 fn submit_command(
@@ -48,7 +46,7 @@ fn submit_command(
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     // Short keys for the test server; the worker reads staged files only from the
     // staging prefix it is configured with, so runner and worker share the setting.
     s.s3.staging_prefix = "s".into();
@@ -88,7 +86,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
         msg.organization_id, msg.project_id, msg.run_id
     )));
     assert_eq!(
-        common::get_object(&store, staged_key).await,
+        get_object(&store, staged_key).await,
         std::fs::read(dir.join("summary.json")).unwrap()
     );
 
@@ -114,7 +112,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
 #[tokio::test]
 async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_error() {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     store(&s).await;
     declare(&s).await;
     let dir = tempfile::tempdir().unwrap();
@@ -159,7 +157,7 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPool) {
     let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&t);
     s.s3.staging_prefix = "s".into();
     store(&s).await;
     declare(&s).await;

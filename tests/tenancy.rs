@@ -4,14 +4,14 @@
 //! a message naming them is refused before any request reaches S3, the run is recorded as
 //! `error` with the reason, and nothing is copied under the sender's prefix.
 
-mod common;
+mod harness;
 
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::{Fetcher, Tenant};
 use k6_ingest::config::Settings;
 use k6_ingest::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
@@ -62,7 +62,7 @@ struct World {
 /// The worker as deployed (default templates), its fetches of S3 counted by the proxy;
 /// uploads go straight to the server.
 async fn world(pool: &PgPool) -> World {
-    let s = settings("tenancy");
+    let s = settings();
     let store = store(&s).await;
     let target = url::Url::parse(s.s3.endpoint.as_deref().unwrap())
         .unwrap()
@@ -370,7 +370,7 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
 
 #[test]
 fn the_default_template_is_the_staging_prefix_submit_writes() {
-    let s = settings("tenancy-default");
+    let s = settings();
     assert_eq!(
         s.s3.source_templates,
         ["s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/{run_id}/"]
@@ -455,7 +455,7 @@ fn bad_templates_fail_at_start_naming_the_setting() {
 
 #[test]
 fn submit_publishes_uris_the_worker_accepts_whatever_the_file_names() {
-    let s = settings("tenancy-submit");
+    let s = settings();
     let dir = tempfile::tempdir().unwrap();
     let summary = fixture_dir("v1.1.0", "json-logs").join("summary.json");
     // Names that would need encoding, or decode into something else, in a URI.
