@@ -783,15 +783,13 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
 
     let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let (status, source, inline): (String, Option<String>, Option<serde_json::Value>) =
-        sqlx::query_as(
-            "SELECT r.status, r.artifact_paths->'summary'->>'source', p.summary_json \
+    let (status, source, inline): (String, Option<String>, Option<serde_json::Value>) = row_of(
+        &pool,
+        "SELECT r.status, r.artifact_paths->'summary'->>'source', p.summary_json \
              FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
-        )
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "passed");
     assert_eq!(source, msg.artifacts.summary);
     let expected: serde_json::Value = serde_json::from_slice(&fixture_summary()).unwrap();
@@ -880,23 +878,23 @@ async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool
         "{err:?}"
     );
     assert_eq!(err.disposition(), Disposition::DeadLetter, "{err}");
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, String) = row_of(
+        &pool,
+        "SELECT status, error_details FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "error");
     assert!(
         details.contains(&uri) && details.contains("not found") && details.contains("exit code 0"),
         "{details}"
     );
-    let perf_status: String =
-        sqlx::query_scalar("SELECT status FROM k6_performance_runs WHERE run_id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let perf_status: String = value_of(
+        &pool,
+        "SELECT status FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(perf_status, "error");
     assert_eq!(host.requests(), ["/runs/1/summary.json"]);
 }
@@ -1024,12 +1022,12 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         report.warnings
     );
     assert_no_secret("the warnings", &report.warnings.join(" "));
-    let paths: serde_json::Value =
-        sqlx::query_scalar("SELECT artifact_paths FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let paths: serde_json::Value = value_of(
+        &pool,
+        "SELECT artifact_paths FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(
         paths["summary"]["source"],
         format!("http://{}/runs/1/summary.json?token=REDACTED", host.addr)
@@ -1061,11 +1059,12 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         "{err:?}"
     );
     assert_no_secret("the ingest error", &format!("{err} {err:?}"));
-    let details: String = sqlx::query_scalar("SELECT error_details FROM runs WHERE id = $1")
-        .bind(lost.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let details: String = value_of(
+        &pool,
+        "SELECT error_details FROM runs WHERE id = $1",
+        lost.run_id,
+    )
+    .await;
     assert!(
         details.contains(&format!(
             "http://{}/runs/2/summary.json?token=REDACTED",

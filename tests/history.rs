@@ -87,14 +87,13 @@ async fn rows_json(pool: &PgPool, table: &str, minus: &str) -> Vec<String> {
 }
 
 async fn partitions_of(pool: &PgPool, table: &str) -> Vec<String> {
-    sqlx::query_scalar(
+    values_of(
+        pool,
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = $1::regclass ORDER BY 1",
+        table,
     )
-    .bind(table)
-    .fetch_all(pool)
     .await
-    .unwrap()
 }
 
 /// The released migrations (every file but the partitioning one) on a database filled
@@ -150,14 +149,13 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         let table = table.to_string();
         let pool = pool.clone();
         async move {
-            let c: Vec<String> = sqlx::query_scalar(
+            let c: Vec<String> = values_of(
+                &pool,
                 "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass \
                  AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                format!("public.{table}"),
             )
-            .bind(format!("public.{table}"))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+            .await;
             c.join(", ")
         }
     };
@@ -401,11 +399,7 @@ async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) 
     for f in &manifest.files {
         let body = get_object(&store, &f.key).await;
         assert_eq!(body.len() as u64, f.bytes, "{}", f.key);
-        let sha: String = sqlx::query_scalar("SELECT encode(sha256($1), 'hex')")
-            .bind(&body)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let sha: String = value_of(&pool, "SELECT encode(sha256($1), 'hex')", &body).await;
         assert_eq!(sha, f.sha256, "{}", f.key);
         assert!(f.rows > 0, "{}", f.key);
     }
@@ -662,21 +656,20 @@ async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
             [Outcome::AlreadyPresent, Outcome::Ingested],
             "round {round}"
         );
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-                .bind(a.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let n: i64 = value_of(
+            &pool,
+            "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+            a.run_id,
+        )
+        .await;
         assert_eq!(n, 1, "round {round}: one k6_performance_runs row per run");
-        let orphans: i64 = sqlx::query_scalar(
+        let orphans: i64 = value_of(
+            &pool,
             "SELECT count(*) FROM k6_metrics_history m JOIN k6_performance_runs p \
              ON p.id = m.k6_run_id WHERE p.run_id = $1 AND m.started_at <> p.started_at",
+            a.run_id,
         )
-        .bind(a.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(orphans, 0);
     }
 }

@@ -145,12 +145,12 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     assert!(failed[0].2.unwrap() > 5_000, "{failed:?}");
     assert_eq!(failed[1].0, "http_req_failed");
 
-    let metrics: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM k6_metrics_history WHERE k6_run_id = $1")
-            .bind(k6_run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let metrics: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_metrics_history WHERE k6_run_id = $1",
+        k6_run_id,
+    )
+    .await;
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(
@@ -189,13 +189,7 @@ async fn checks_keep_their_group_path(pool: PgPool) {
     // The inner one always fails in the script.
     assert_eq!(rows[2].2, Some(0));
     assert!(rows[2].3.unwrap() > 0);
-    let empty: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM k6_check_results c JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = ''",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let empty: i64 = value_of(&pool, "SELECT count(*) FROM k6_check_results c JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = ''", msg.run_id).await;
     assert_eq!(empty, 1, "the empty-named check is stored");
 }
 
@@ -231,11 +225,12 @@ async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(err.class(), "tenant_mismatch");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-        .bind(fresh.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let n: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+        fresh.run_id,
+    )
+    .await;
     assert_eq!(n, 0);
 }
 
@@ -255,12 +250,12 @@ async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
     .await
     .unwrap();
     ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    let (status, by, case): (String, Option<String>, Option<String>) =
-        sqlx::query_as("SELECT status, metadata->>'by', metadata->>'case' FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, by, case): (String, Option<String>, Option<String>) = row_of(
+        &pool,
+        "SELECT status, metadata->>'by', metadata->>'case' FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "passed");
     assert_eq!(
         by.as_deref(),
@@ -282,12 +277,12 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert!(matches!(err, IngestError::SummaryUnusable { .. }), "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, String) = row_of(
+        &pool,
+        "SELECT status, error_details FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "error");
     assert!(
         details.contains("not found") && details.contains("exit code 0"),
@@ -298,13 +293,7 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
     std::fs::write(dir.path().join("summary.json"), summary).unwrap();
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Replaced);
-    let (status, n): (String, i64) = sqlx::query_as(
-        "SELECT p.status, (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) FROM k6_performance_runs p WHERE p.run_id = $1",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (status, n): (String, i64) = row_of(&pool, "SELECT p.status, (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) FROM k6_performance_runs p WHERE p.run_id = $1", msg.run_id).await;
     assert_eq!(status, "passed");
     assert!(n > 5);
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs")
@@ -335,12 +324,12 @@ async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
     let msg = message(dir.path());
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert!(err.to_string().contains("not valid JSON"), "{err}");
-    let paths: serde_json::Value =
-        sqlx::query_scalar("SELECT artifact_paths FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let paths: serde_json::Value = value_of(
+        &pool,
+        "SELECT artifact_paths FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(paths["summary"]["unreadable"], true);
     let store = store(&s).await;
     let key = store.key_for(
@@ -363,12 +352,12 @@ async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
     let msg = message(&dir);
     let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let (status, details, logs): (String, String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details, logs): (String, String, Option<String>) = row_of(
+        &pool,
+        "SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "error");
     assert!(
         details.contains("107") && details.contains("script exception"),
@@ -385,13 +374,12 @@ async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "custom-metrics");
     let msg = message(&dir);
     ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    let (inline, url): (Option<serde_json::Value>, Option<String>) = sqlx::query_as(
+    let (inline, url): (Option<serde_json::Value>, Option<String>) = row_of(
+        &pool,
         "SELECT summary_json, summary_s3_url FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
     )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert!(inline.is_none());
     let store = store(&s).await;
     let key = store.key_for(
@@ -649,11 +637,11 @@ async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
         names.iter().all(|n| n == "status\u{FFFD}is 200"),
         "{names:?}"
     );
-    let warnings: serde_json::Value =
-        sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let warnings: serde_json::Value = value_of(
+        &pool,
+        "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert!(warnings.to_string().contains("NUL"), "{warnings}");
 }

@@ -149,27 +149,20 @@ struct Stored {
 }
 
 async fn stored(pool: &PgPool, run_id: Uuid) -> Stored {
-    let (status, error_details): (String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(run_id)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    let (p99_ms, warnings): (Option<i64>, Value) = sqlx::query_as(
+    let (status, error_details): (String, Option<String>) = row_of(
+        pool,
+        "SELECT status, error_details FROM runs WHERE id = $1",
+        run_id,
+    )
+    .await;
+    let (p99_ms, warnings): (Option<i64>, Value) = row_of(
+        pool,
         "SELECT p99_response_time_ms, warnings FROM k6_performance_runs WHERE run_id = $1",
+        run_id,
     )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let metric_rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM k6_metrics_history h JOIN k6_performance_runs p ON p.id = h.k6_run_id \
-         WHERE p.run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    .await;
+    let metric_rows: i64 = value_of(pool, "SELECT count(*) FROM k6_metrics_history h JOIN k6_performance_runs p ON p.id = h.k6_run_id \
+         WHERE p.run_id = $1", run_id).await;
     Stored {
         status,
         error_details,
@@ -454,30 +447,27 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         "{:?}",
         row.warnings
     );
-    let (p90_us, p95_us, p99_us, sources): (Option<i64>, Option<i64>, Option<i64>, Value) =
-        sqlx::query_as(
-            "SELECT h.p90_value, h.p95_value, h.p99_value, h.sources FROM k6_metrics_history h \
+    let (p90_us, p95_us, p99_us, sources): (Option<i64>, Option<i64>, Option<i64>, Value) = row_of(
+        &pool,
+        "SELECT h.p90_value, h.p95_value, h.p99_value, h.sources FROM k6_metrics_history h \
              JOIN k6_performance_runs p ON p.id = h.k6_run_id \
              WHERE p.run_id = $1 AND h.metric_name = 'http_req_duration'",
-        )
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        run,
+    )
+    .await;
     assert_eq!(p90_us, Some((pct(90.0) * 1000.0).round() as i64));
     assert_eq!(p95_us, Some((pct(95.0) * 1000.0).round() as i64));
     assert_eq!(p99_us, Some((pct(99.0) * 1000.0).round() as i64));
     assert_eq!(sources["p(99)"], "samples");
     // The threshold `p(95)<1000` was judged on a percentile from the samples: bit for bit.
-    let (observed, source): (Option<f64>, Option<String>) = sqlx::query_as(
+    let (observed, source): (Option<f64>, Option<String>) = row_of(
+        &pool,
         "SELECT t.observed_raw, t.observed_source FROM k6_threshold_results t \
          JOIN k6_performance_runs p ON p.id = t.k6_run_id \
          WHERE p.run_id = $1 AND t.metric_name = 'http_req_duration'",
+        run,
     )
-    .bind(run)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(source.as_deref(), Some("samples"));
     assert_eq!(observed.map(f64::to_bits), Some(pct(95.0).to_bits()));
     within("e) 30,000,000 samples, exact percentiles", r.peak_kib);

@@ -64,8 +64,7 @@ async fn bouncer_ingestor(pool: &PgPool, s: &k6_ingest::config::Settings) -> Ing
 
 /// What a run stored, without ids and times: equal for two ingests of one fixture.
 async fn run_digest(pool: &PgPool, run_id: Uuid) -> String {
-    sqlx::query_scalar(
-        "SELECT row_to_json(x)::text FROM (SELECT r.status AS run_status, r.error_details, \
+    value_of(pool, "SELECT row_to_json(x)::text FROM (SELECT r.status AS run_status, r.error_details, \
              p.status, p.summary_format, p.p95_response_time_ms, p.request_rate, p.checks_total, \
              p.thresholds_total, p.thresholds_failed, p.warnings, p.value_sources, \
              (SELECT md5(string_agg(m.metric_name || ' ' || m.raw_values::text || ' ' || m.percentiles::text \
@@ -77,12 +76,7 @@ async fn run_digest(pool: &PgPool, run_id: Uuid) -> String {
              (SELECT md5(string_agg(c.position || ' ' || c.path || ' ' || coalesce(c.passes, -1), '|' \
                  ORDER BY c.position)) \
               FROM k6_check_results c WHERE c.k6_run_id = p.id) AS checks \
-         FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1) x",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
+         FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1) x", run_id).await
 }
 
 /// Every bundled fixture through PgBouncer stores exactly what a direct connection

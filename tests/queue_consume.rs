@@ -677,12 +677,12 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
         (stored(&pool, &run_ids(&msgs)).await == 2).then_some(())
     })
     .await;
-    let status: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)")
-            .bind(run_ids(&msgs))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let status: Vec<String> = values_of(
+        &pool,
+        "SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)",
+        run_ids(&msgs),
+    )
+    .await;
     assert!(
         status.iter().all(|s| s == "passed"),
         "stored from the fetched summary: {status:?}"

@@ -335,11 +335,12 @@ async fn assert_merged(pool: &PgPool, dirs: &[PathBuf], merged_fail: bool) {
 }
 
 async fn parts_stored(pool: &PgPool, run: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM k6_run_parts WHERE run_id = $1")
-        .bind(run)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    value_of(
+        pool,
+        "SELECT count(*) FROM k6_run_parts WHERE run_id = $1",
+        run,
+    )
+    .await
 }
 
 async fn forget(pool: &PgPool, run: Uuid) {
@@ -431,12 +432,12 @@ async fn two_last_parts_committing_at_once_merge_once(pool: PgPool) {
         ingest_part(&ing, &dirs[1]).await;
         let (a, b) = tokio::join!(ingest_part(&ing, &dirs[2]), ingest_part(&ing, &dirs[3]));
         assert_eq!(a.run_id, b.run_id);
-        let rows: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-                .bind(run)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let rows: i64 = value_of(
+            &pool,
+            "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+            run,
+        )
+        .await;
         assert_eq!(rows, 1, "round {round}");
         assert_eq!(parts_stored(&pool, run).await, 4);
         assert_merged(&pool, &dirs, true).await;
@@ -476,13 +477,12 @@ async fn a_part_that_errored_makes_the_merged_run_error(pool: PgPool) {
             got.iterations,
             Some(sum_counter(&three, "iterations", "count") as i64)
         );
-        let part_status: String = sqlx::query_scalar(
+        let part_status: String = value_of(
+            &pool,
             "SELECT status FROM k6_run_parts WHERE run_id = $1 AND part_index = 2",
+            run,
         )
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(part_status, "error");
     }
 }
@@ -558,11 +558,7 @@ async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(p
         got.iterations,
         Some(sum_counter(&three, "iterations", "count") as i64)
     );
-    let run_status: String = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let run_status: String = value_of(&pool, "SELECT status FROM runs WHERE id = $1", run).await;
     assert_eq!(run_status, "error");
     // a second sweep finds nothing to do
     assert!(

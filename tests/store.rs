@@ -58,25 +58,25 @@ async fn objects_of_run(store: &ArtifactStore, msg: &RunCompleted) -> Vec<String
 }
 
 async fn perf_warnings(pool: &PgPool, run_id: Uuid) -> String {
-    let w: Value = sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-        .bind(run_id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
+    let w: Value = value_of(
+        pool,
+        "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
+        run_id,
+    )
+    .await;
     w.to_string()
 }
 
 async fn detail_rows(pool: &PgPool, run_id: Uuid) -> i64 {
-    sqlx::query_scalar(
+    value_of(
+        pool,
         "SELECT (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) \
               + (SELECT count(*) FROM k6_threshold_results t WHERE t.k6_run_id = p.id) \
               + (SELECT count(*) FROM k6_check_results c WHERE c.k6_run_id = p.id) \
          FROM k6_performance_runs p WHERE p.run_id = $1",
+        run_id,
     )
-    .bind(run_id)
-    .fetch_one(pool)
     .await
-    .unwrap()
 }
 
 /// k6 does not bound metric names, selectors or threshold expressions; the btree limit
@@ -103,27 +103,15 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
     let msg = message(dir.path());
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let stored: Vec<String> = sqlx::query_scalar(
-        "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+    let stored: Vec<String> = values_of(&pool, "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND (length(m.metric_name) > 10000 OR m.metric_name IN ('A', '\\x41')) \
-         ORDER BY 1",
-    )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+         ORDER BY 1", msg.run_id).await;
     assert_eq!(
         stored,
         vec!["A".to_string(), r"\x41".into(), long_name.clone()]
     );
-    let (metric, expr): (String, String) = sqlx::query_as(
-        "SELECT t.metric_name, t.expression FROM k6_threshold_results t \
-         JOIN k6_performance_runs p ON p.id = t.k6_run_id WHERE p.run_id = $1 AND length(t.expression) > 10000",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (metric, expr): (String, String) = row_of(&pool, "SELECT t.metric_name, t.expression FROM k6_threshold_results t \
+         JOIN k6_performance_runs p ON p.id = t.k6_run_id WHERE p.run_id = $1 AND length(t.expression) > 10000", msg.run_id).await;
     assert_eq!((metric, expr), (long_name, long_expr));
 }
 
@@ -182,13 +170,12 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
         Some(2.0),
         "the last occurrence"
     );
-    let p95: Option<i64> = sqlx::query_scalar(
+    let p95: Option<i64> = value_of(
+        &pool,
         "SELECT p95_response_time_ms FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
     )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(p95, Some(42), "the run's columns use the kept occurrence");
     let warnings = perf_warnings(&pool, msg.run_id).await;
     assert!(
@@ -226,23 +213,16 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
     let msg = message(dir.path());
     ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
 
-    let counts: Vec<Option<f64>> = sqlx::query_scalar(
-        "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
-         WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'",
-    )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let counts: Vec<Option<f64>> = values_of(&pool, "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+         WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'", msg.run_id).await;
     assert_eq!(counts, vec![Some(2.0)], "one row, the last value");
-    let oks: Vec<bool> = sqlx::query_scalar(
+    let oks: Vec<bool> = values_of(
+        &pool,
         "SELECT t.ok FROM k6_threshold_results t JOIN k6_performance_runs p ON p.id = t.k6_run_id \
          WHERE p.run_id = $1 AND t.metric_name = 'reqs\u{FFFD}copy'",
+        msg.run_id,
     )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(oks, vec![false], "one threshold row, the last occurrence");
     let warnings = perf_warnings(&pool, msg.run_id).await;
     assert!(
@@ -399,11 +379,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     let msg = decode(&fresh_message(dir.path()));
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert_eq!(err.class(), "database", "{err}");
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
     let kept = objects_of_run(&store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
@@ -416,12 +392,12 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     let msg = last.unwrap();
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Replaced);
-    let (status, details): (String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, Option<String>) = row_of(
+        &pool,
+        "SELECT status, error_details FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!((status.as_str(), details), ("passed", None));
     assert!(detail_rows(&pool, msg.run_id).await > 0);
 }
@@ -454,11 +430,7 @@ async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPo
     assert_eq!(err.disposition(), Disposition::DeadLetter);
     assert_eq!(err.class(), "content_refused");
     assert!(err.to_string().contains("no row for this run"), "{err}");
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
     assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
 
@@ -530,11 +502,12 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     assert_eq!(err.class(), "tenant_mismatch", "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
     assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let n: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(n, 0);
 
     // Without the race the same message's uploads stay (the listing can see them).
@@ -606,12 +579,12 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
         "never retried"
     );
     assert_eq!(running.metrics.dead_lettered_count("content_refused"), 1);
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(refused_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, String) = row_of(
+        &pool,
+        "SELECT status, error_details FROM runs WHERE id = $1",
+        refused_id,
+    )
+    .await;
     assert_eq!(status, "error");
     assert!(details.contains("value too long for the test"), "{details}");
     assert_eq!(detail_rows(&pool, refused_id).await, 0);

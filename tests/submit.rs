@@ -98,12 +98,12 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
         .unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
     assert_eq!(report.line.status.as_deref(), Some("failed"));
-    let (trigger, logs): (Option<String>, Option<String>) =
-        sqlx::query_as("SELECT trigger, logs_s3_url FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (trigger, logs): (Option<String>, Option<String>) = row_of(
+        &pool,
+        "SELECT trigger, logs_s3_url FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(trigger.as_deref(), Some("ci_cd"));
     assert!(logs.is_some());
     cleanup(&s).await;
@@ -226,13 +226,7 @@ async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPo
     }
     indexes.sort_unstable();
     assert_eq!(indexes, [0, 1, 2, 3]);
-    let (status, iterations, merged): (String, Option<i64>, Option<String>) = sqlx::query_as(
-        "SELECT status, iterations_total, value_sources ->> 'merged_parts' FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (status, iterations, merged): (String, Option<i64>, Option<String>) = row_of(&pool, "SELECT status, iterations_total, value_sources ->> 'merged_parts' FROM k6_performance_runs WHERE run_id = $1", run_id).await;
     // every runner passed `iterations count<25` on its 10; the merged 40 fail it
     assert_eq!(
         (status.as_str(), iterations, merged.as_deref()),

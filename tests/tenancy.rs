@@ -290,12 +290,12 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         assert_eq!(err.disposition(), Disposition::DeadLetter, "{uri}");
         assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
 
-        let (status, details, paths): (String, String, serde_json::Value) =
-            sqlx::query_as("SELECT status, error_details, artifact_paths FROM runs WHERE id = $1")
-                .bind(msg.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let (status, details, paths): (String, String, serde_json::Value) = row_of(
+            &pool,
+            "SELECT status, error_details, artifact_paths FROM runs WHERE id = $1",
+            msg.run_id,
+        )
+        .await;
         assert_eq!(status, "error", "{uri}");
         assert!(
             details.contains("refused") && details.contains(why),
@@ -304,12 +304,12 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         assert!(!details.contains("hunter2"), "{details}");
         assert_eq!(paths, serde_json::json!({}), "{uri}: nothing stored");
         // The other artifacts were refused the same way, and the run says so.
-        let warnings: serde_json::Value =
-            sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-                .bind(msg.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let warnings: serde_json::Value = value_of(
+            &pool,
+            "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
+            msg.run_id,
+        )
+        .await;
         for role in ["logs", "report_html"] {
             assert!(
                 warnings.as_array().unwrap().iter().any(|w| w

@@ -26,40 +26,43 @@ pub fn database_url(pool: &PgPool) -> String {
     url.to_string()
 }
 
-/// One row of `sql`, whose only parameter `$1` is a run id.
-pub async fn row_of<T>(pool: &PgPool, sql: &str, run: Uuid) -> T
+/// One row of `sql`, whose only parameter `$1` is `param` (mostly a run id).
+pub async fn row_of<'q, T, P>(pool: &PgPool, sql: &'q str, param: P) -> T
 where
     T: for<'r> sqlx::FromRow<'r, PgRow> + Send + Unpin,
+    P: 'q + Send + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
 {
     sqlx::query_as(sql)
-        .bind(run)
+        .bind(param)
         .fetch_one(pool)
         .await
-        .unwrap_or_else(|e| panic!("{sql} for run {run}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// The single value of `sql`, whose only parameter `$1` is a run id.
-pub async fn value_of<T>(pool: &PgPool, sql: &str, run: Uuid) -> T
+/// The single value of `sql`, whose only parameter `$1` is `param`.
+pub async fn value_of<'q, T, P>(pool: &PgPool, sql: &'q str, param: P) -> T
 where
     T: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres> + Send + Unpin,
+    P: 'q + Send + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
 {
     sqlx::query_scalar(sql)
-        .bind(run)
+        .bind(param)
         .fetch_one(pool)
         .await
-        .unwrap_or_else(|e| panic!("{sql} for run {run}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// Every value of `sql`, whose only parameter `$1` is a run id.
-pub async fn values_of<T>(pool: &PgPool, sql: &str, run: Uuid) -> Vec<T>
+/// Every value of `sql`, whose only parameter `$1` is `param`.
+pub async fn values_of<'q, T, P>(pool: &PgPool, sql: &'q str, param: P) -> Vec<T>
 where
     T: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres> + Send + Unpin,
+    P: 'q + Send + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
 {
     sqlx::query_scalar(sql)
-        .bind(run)
+        .bind(param)
         .fetch_all(pool)
         .await
-        .unwrap_or_else(|e| panic!("{sql} for run {run}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 /// The single value of a query without parameters.
@@ -120,25 +123,23 @@ pub async fn detail_rows(pool: &PgPool, run: Uuid) -> i64 {
 
 /// How many of `ids` have their `runs` and `k6_performance_runs` rows.
 pub async fn stored(pool: &PgPool, ids: &[Uuid]) -> i64 {
-    sqlx::query_scalar(
+    value_of(
+        pool,
         "SELECT count(*) FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = ANY($1)",
+        ids,
     )
-    .bind(ids)
-    .fetch_one(pool)
     .await
-    .unwrap()
 }
 
 /// How many `runs` and `k6_performance_runs` rows belong to `ids`.
 pub async fn run_rows(pool: &PgPool, ids: &[Uuid]) -> (i64, i64) {
-    sqlx::query_as(
+    row_of(
+        pool,
         "SELECT (SELECT count(*) FROM runs WHERE id = ANY($1)), \
                 (SELECT count(*) FROM k6_performance_runs WHERE run_id = ANY($1))",
+        ids,
     )
-    .bind(ids)
-    .fetch_one(pool)
     .await
-    .unwrap()
 }
 
 /// Every row of the run tables as text, ordered, per table (partition-independent).
