@@ -125,11 +125,7 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
     let out = submit_command(&s, dir.path(), &["--exit-code", "107"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not staged: summary"));
     let conn = connect().await;
     let published = drain(&conn, &Topology::new(&s.amqp).queue).await;

@@ -64,3 +64,12 @@ pub fn exit_and_peak_rss(cmd: &mut Command) -> (i32, i64) {
     assert!(libc::WIFEXITED(status), "the child did not exit: {status}");
     (libc::WEXITSTATUS(status), usage.ru_maxrss)
 }
+
+/// Asserts that the child exited with status 0, showing its standard error otherwise.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

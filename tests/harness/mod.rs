@@ -167,11 +167,22 @@ pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
 /// An ingestor that may also read local artifacts under `roots`.
 pub async fn ingestor_with_roots(pool: &PgPool, s: &Settings, roots: Vec<PathBuf>) -> Ingestor {
     let store = store(s).await;
-    let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
-        .unwrap()
-        .with_roots(roots)
-        .with_s3_sources(s.s3.sources().unwrap());
-    assemble(pool, s, store, fetcher)
+    let client = store.client().clone();
+    assemble(pool, s, store, client, roots)
+}
+
+/// An ingestor whose fetches of `s3://` sources go to `endpoint` (a proxy in front of
+/// the S3 server, say) while its uploads go straight to the server.
+pub async fn ingestor_fetching_via(pool: &PgPool, s: &Settings, endpoint: String) -> Ingestor {
+    let mut via = s.s3.clone();
+    via.endpoint = Some(endpoint);
+    assemble(
+        pool,
+        s,
+        store(s).await,
+        build_client(&via).await,
+        Vec::new(),
+    )
 }
 
 /// An ingestor for a dry run: it keeps the database and the store, so a test can show
@@ -181,7 +192,17 @@ pub async fn dry_run_ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
 }
 
 /// The one place an ingestor is put together from its parts.
-pub fn assemble(pool: &PgPool, s: &Settings, store: ArtifactStore, fetcher: Fetcher) -> Ingestor {
+fn assemble(
+    pool: &PgPool,
+    s: &Settings,
+    store: ArtifactStore,
+    fetch_client: aws_sdk_s3::Client,
+    roots: Vec<PathBuf>,
+) -> Ingestor {
+    let fetcher = Fetcher::new(&s.fetch, Some(fetch_client))
+        .unwrap()
+        .with_roots(roots)
+        .with_s3_sources(s.s3.sources().unwrap());
     Ingestor::new(
         Some(pool.clone()),
         Some(store),
