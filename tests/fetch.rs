@@ -878,12 +878,7 @@ async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool
         "{err:?}"
     );
     assert_eq!(err.disposition(), Disposition::DeadLetter, "{err}");
-    let (status, details): (String, String) = row_of(
-        &pool,
-        "SELECT status, error_details FROM runs WHERE id = $1",
-        msg.run_id,
-    )
-    .await;
+    let (status, details): (String, String) = run_status(&pool, msg.run_id).await;
     assert_eq!(status, "error");
     assert!(
         details.contains(&uri) && details.contains("not found") && details.contains("exit code 0"),

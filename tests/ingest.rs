@@ -277,12 +277,7 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert!(matches!(err, IngestError::SummaryUnusable { .. }), "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    let (status, details): (String, String) = row_of(
-        &pool,
-        "SELECT status, error_details FROM runs WHERE id = $1",
-        msg.run_id,
-    )
-    .await;
+    let (status, details): (String, String) = run_status(&pool, msg.run_id).await;
     assert_eq!(status, "error");
     assert!(
         details.contains("not found") && details.contains("exit code 0"),

@@ -149,12 +149,7 @@ struct Stored {
 }
 
 async fn stored(pool: &PgPool, run_id: Uuid) -> Stored {
-    let (status, error_details): (String, Option<String>) = row_of(
-        pool,
-        "SELECT status, error_details FROM runs WHERE id = $1",
-        run_id,
-    )
-    .await;
+    let (status, error_details): (String, Option<String>) = run_status(pool, run_id).await;
     let (p99_ms, warnings): (Option<i64>, Value) = row_of(
         pool,
         "SELECT p99_response_time_ms, warnings FROM k6_performance_runs WHERE run_id = $1",

@@ -6,77 +6,18 @@
 
 mod harness;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use harness::*;
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
 use k6_ingest::message::RunCompleted;
-use k6_ingest::s3::ArtifactStore;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn write_json(path: &Path, v: &Value) {
-    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
-}
-
-/// The fixture's message as JSON with a fresh run and event id, so one fixture can be
-/// ingested as several runs.
-fn fresh_message(dir: &Path) -> Value {
-    let mut m = read_json(&dir.join("message.json"));
-    m["run_id"] = json!(Uuid::now_v7());
-    m["event_id"] = json!(Uuid::now_v7());
-    m
-}
-
 fn decode(v: &Value) -> RunCompleted {
     RunCompleted::decode(v.to_string().as_bytes()).unwrap()
-}
-
-/// Every object key under the run's prefix in the test's bucket.
-async fn objects_of_run(store: &ArtifactStore, msg: &RunCompleted) -> Vec<String> {
-    let prefix = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "");
-    let listed = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(&prefix)
-        .send()
-        .await
-        .unwrap();
-    listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect()
-}
-
-async fn perf_warnings(pool: &PgPool, run_id: Uuid) -> String {
-    let w: Value = value_of(
-        pool,
-        "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
-        run_id,
-    )
-    .await;
-    w.to_string()
-}
-
-async fn detail_rows(pool: &PgPool, run_id: Uuid) -> i64 {
-    value_of(
-        pool,
-        "SELECT (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) \
-              + (SELECT count(*) FROM k6_threshold_results t WHERE t.k6_run_id = p.id) \
-              + (SELECT count(*) FROM k6_check_results c WHERE c.k6_run_id = p.id) \
-         FROM k6_performance_runs p WHERE p.run_id = $1",
-        run_id,
-    )
-    .await
 }
 
 /// k6 does not bound metric names, selectors or threshold expressions; the btree limit
@@ -238,7 +179,7 @@ async fn nul_in_message_strings_is_replaced_with_a_warning(pool: PgPool) {
     let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["location"] = json!("us\u{0}east");
     m["k6_version"] = json!("1.1.0\u{0}");
     m["metadata"] = json!({"team\u{0}": {"note": "a\u{0}b", "list": ["\u{0}"]}});
@@ -314,7 +255,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     let mut last = None;
     for code in ["22001", "23514", "22003", "54000", "23505", "22P02"] {
         refuse_marker_metric(&pool, code).await;
-        let msg = decode(&fresh_message(dir.path()));
+        let msg = decode(&fresh_message_json(dir.path()));
         let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
         assert!(
             matches!(&err, IngestError::ContentRefused { run_id, .. } if *run_id == msg.run_id),
@@ -376,7 +317,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     // (a concurrent attempt may be about to commit rows referring to the same keys; a
     // replay uploads them again and refers to them).
     refuse_marker_metric(&pool, "XX000").await;
-    let msg = decode(&fresh_message(dir.path()));
+    let msg = decode(&fresh_message_json(dir.path()));
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert_eq!(err.class(), "database", "{err}");
     let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
@@ -392,12 +333,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     let msg = last.unwrap();
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Replaced);
-    let (status, details): (String, Option<String>) = row_of(
-        &pool,
-        "SELECT status, error_details FROM runs WHERE id = $1",
-        msg.run_id,
-    )
-    .await;
+    let (status, details): (String, Option<String>) = run_status(&pool, msg.run_id).await;
     assert_eq!((status.as_str(), details), ("passed", None));
     assert!(detail_rows(&pool, msg.run_id).await > 0);
 }
@@ -411,7 +347,7 @@ async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPo
     let ing = ingestor(&pool, &s).await;
     let store = store(&s).await;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    let msg = decode(&fresh_message(dir.path()));
+    let msg = decode(&fresh_message_json(dir.path()));
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION refuse_run() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN IF NEW.run_id = '{}' THEN \
@@ -436,7 +372,7 @@ async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPo
 
     // The same path stores a run the trigger does not refuse, and its objects stay:
     // the listing above can see objects.
-    let other = decode(&fresh_message(dir.path()));
+    let other = decode(&fresh_message_json(dir.path()));
     ing.ingest_one(&other, &ctx(dir.path())).await.unwrap();
     assert!(objects_of_run(&store, &other).await.len() >= 2);
 }
@@ -482,7 +418,7 @@ async fn serve_log_and_steal_the_run(
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let msg = decode(&fresh_message(&dir));
+    let msg = decode(&fresh_message_json(&dir));
     let hits = Arc::new(AtomicUsize::new(0));
     let log = std::fs::read(dir.join("k6.log")).unwrap();
     let host = serve_log_and_steal_the_run(pool.clone(), log, msg.clone(), hits.clone()).await;
@@ -511,7 +447,7 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     assert_eq!(n, 0);
 
     // Without the race the same message's uploads stay (the listing can see them).
-    let mut fine = decode(&fresh_message(&dir));
+    let mut fine = decode(&fresh_message_json(&dir));
     fine.artifacts.logs = msg.artifacts.logs.clone();
     ing.ingest_one(&fine, &ctx(&dir)).await.unwrap();
     let kept = objects_of_run(&store, &fine).await;
@@ -579,12 +515,7 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
         "never retried"
     );
     assert_eq!(running.metrics.dead_lettered_count("content_refused"), 1);
-    let (status, details): (String, String) = row_of(
-        &pool,
-        "SELECT status, error_details FROM runs WHERE id = $1",
-        refused_id,
-    )
-    .await;
+    let (status, details): (String, String) = run_status(&pool, refused_id).await;
     assert_eq!(status, "error");
     assert!(details.contains("value too long for the test"), "{details}");
     assert_eq!(detail_rows(&pool, refused_id).await, 0);
@@ -621,17 +552,11 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
     let store = store(&s).await;
     let runs_of = |id: Uuid| {
         let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
+        async move { value_of::<i64, _>(&pool, "SELECT count(*) FROM runs WHERE id = $1", id).await }
     };
 
     // Logs first (from the fixture), then the metrics under a 1,100-byte name.
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(1100)));
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
@@ -646,7 +571,7 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
 
     // A transient failure (s3s-fs answers InternalError for a key its file system
     // cannot hold) keeps what went up: the logs stay for the retry to overwrite.
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(240)));
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();

@@ -76,8 +76,12 @@ where
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
-/// A run's `runs.status` and `runs.error_details`.
-pub async fn run_status(pool: &PgPool, run: Uuid) -> (String, Option<String>) {
+/// A run's `runs.status` and `runs.error_details` (`String` where it must be set,
+/// `Option<String>` where it may be NULL).
+pub async fn run_status<D>(pool: &PgPool, run: Uuid) -> (String, D)
+where
+    D: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres> + Send + Unpin,
+{
     row_of(
         pool,
         "SELECT status, error_details FROM runs WHERE id = $1",
