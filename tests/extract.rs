@@ -5,36 +5,12 @@
 mod harness;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use harness::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
-use k6_ingest::summary::{
-    Extraction, extract, extract_without_summary, parse_summary, wanted_samples,
-};
+use k6_ingest::summary::{Extraction, extract, parse_summary, wanted_samples};
 use proptest::prelude::*;
-
-/// Extracts a fixture run exactly as ingestion does: the message's summary and exit code,
-/// and the raw samples when the summary leaves gaps.
-fn extract_fixture(dir: &Path) -> Extraction {
-    let msg = message(dir);
-    let summary_path = dir.join(msg.artifacts.summary.as_deref().unwrap());
-    let Ok(bytes) = std::fs::read(&summary_path) else {
-        return extract_without_summary(msg.exit_code, "summary unavailable");
-    };
-    let summary = parse_summary(&bytes).unwrap();
-    let metrics = dir.join("metrics.ndjson.gz");
-    let samples = metrics.is_file().then(|| {
-        collect_samples(
-            open_lines(&metrics).unwrap(),
-            &wanted_samples(&summary),
-            10_000_000,
-        )
-        .unwrap()
-    });
-    extract(&summary, msg.exit_code, samples.as_ref())
-}
 
 #[test]
 fn every_fixture_matches_its_snapshot() {

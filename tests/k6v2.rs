@@ -9,33 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use harness::*;
-use k6_ingest::artifact::open_lines;
-use k6_ingest::summary::samples::collect_samples;
 use k6_ingest::summary::threshold::evaluate_on_metric;
-use k6_ingest::summary::{
-    Extraction, SummaryFormat, extract, extract_without_summary, parse_summary, wanted_samples,
-};
+use k6_ingest::summary::{Extraction, SummaryFormat, parse_summary};
 use serde_json::Value;
-
-/// Extracts a fixture run as ingestion does: the message's summary, its exit code and
-/// the raw samples when the summary leaves gaps.
-fn extract_fixture(dir: &Path) -> Extraction {
-    let msg = message(dir);
-    let Ok(bytes) = std::fs::read(dir.join(msg.artifacts.summary.as_deref().unwrap())) else {
-        return extract_without_summary(msg.exit_code, "summary unavailable");
-    };
-    let summary = parse_summary(&bytes).unwrap();
-    let metrics = dir.join("metrics.ndjson.gz");
-    let samples = metrics.is_file().then(|| {
-        collect_samples(
-            open_lines(&metrics).unwrap(),
-            &wanted_samples(&summary),
-            10_000_000,
-        )
-        .unwrap()
-    });
-    extract(&summary, msg.exit_code, samples.as_ref())
-}
 
 fn columns(e: &Extraction) -> serde_json::Map<String, Value> {
     match serde_json::to_value(&e.columns).unwrap() {

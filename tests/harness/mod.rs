@@ -7,12 +7,13 @@
 
 mod bin;
 mod db;
+mod extract;
 mod net;
 mod queue;
 mod s3;
 
 #[allow(unused_imports)] // each test binary uses a different subset
-pub use {bin::*, db::*, net::*, queue::*, s3::*};
+pub use {bin::*, db::*, extract::*, net::*, queue::*, s3::*};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
