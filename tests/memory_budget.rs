@@ -11,14 +11,13 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
 use harness::*;
+use k6_ingest::config::Settings;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const MIB: u64 = 1024 * 1024;
 /// A run in flight may cost at most this much more than the baseline (README "Memory budget").
 const RUN_BUDGET_KIB: i64 = 64 * 1024;
 
@@ -46,66 +45,30 @@ fn own_rss_kib() -> i64 {
 /// peak, a forked one only the test's resident set at the fork. So the child is forked
 /// (a `pre_exec` hook makes `Command` fork), freed memory is returned first, and the
 /// test's own resident set must lie below the figure, which is then the binary's own.
-fn replay(dir: &Path, db_url: &str, bucket: &str) -> Replayed {
-    replay_with(dir, db_url, bucket, &[])
+fn replay(dir: &Path, db_url: &str, s: &Settings) -> Replayed {
+    replay_with(dir, db_url, s, &[])
 }
 
-fn replay_with(dir: &Path, db_url: &str, bucket: &str, env: &[(&str, &str)]) -> Replayed {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+fn replay_with(dir: &Path, db_url: &str, s: &Settings, env: &[(&str, &str)]) -> Replayed {
+    let mut cmd = replay_command(dir, db_url, s);
     cmd.envs(env.iter().copied());
-    cmd.args(["replay", dir.to_str().unwrap(), "--concurrency", "1"])
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", bucket)
-        .env("K6_INGEST__S3__PREFIX", "")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null());
     // SAFETY: the hook does nothing (so it is async-signal-safe); it only makes the
     // standard library fork instead of vfork.
     unsafe {
         cmd.pre_exec(|| Ok(()));
     }
     let own = own_rss_kib();
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet reaped; pointers are to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    std::mem::forget(child); // already reaped
-    assert!(libc::WIFEXITED(status), "replay did not exit: {status}");
+    let (code, peak_kib) = exit_and_peak_rss(&mut cmd);
     assert!(
-        own < usage.ru_maxrss,
-        "the test held {own} KiB when it forked: the child's peak {} KiB may be the test's",
-        usage.ru_maxrss
+        own < peak_kib,
+        "the test held {own} KiB when it forked: the child's peak {peak_kib} KiB may be the test's"
     );
-    Replayed {
-        code: libc::WEXITSTATUS(status),
-        peak_kib: usage.ru_maxrss,
-    }
+    Replayed { code, peak_kib }
 }
 
 /// A copy of the `thresholds-pass` run under a fresh run id.
 fn run_dir() -> (tempfile::TempDir, Uuid) {
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    let path = dir.path().join("message.json");
-    let mut msg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let run_id = Uuid::now_v7();
-    msg["run_id"] = run_id.to_string().into();
-    msg["event_id"] = Uuid::now_v7().to_string().into();
-    std::fs::write(&path, msg.to_string()).unwrap();
-    (dir, run_id)
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(data).unwrap();
-    enc.finish().unwrap()
+    fresh_run_dir("v1.1.0", "thresholds-pass")
 }
 
 /// About `inflated` bytes of `byte` without a newline, gzip'd: 64 MiB streamed through
@@ -149,21 +112,19 @@ struct Stored {
 }
 
 async fn stored(pool: &PgPool, run_id: Uuid) -> Stored {
-    let (status, error_details): (String, Option<String>) = run_status(pool, run_id).await;
+    let (status, error_details) = run_status(pool, run_id).await;
     let (p99_ms, warnings): (Option<i64>, Value) = row_of(
         pool,
         "SELECT p99_response_time_ms, warnings FROM k6_performance_runs WHERE run_id = $1",
         run_id,
     )
     .await;
-    let metric_rows: i64 = value_of(pool, "SELECT count(*) FROM k6_metrics_history h JOIN k6_performance_runs p ON p.id = h.k6_run_id \
-         WHERE p.run_id = $1", run_id).await;
     Stored {
         status,
         error_details,
         p99_ms,
         warnings: serde_json::from_value(warnings).unwrap(),
-        metric_rows,
+        metric_rows: metric_rows(pool, run_id).await,
     }
 }
 
@@ -234,18 +195,12 @@ fn hist_percentile(hist: &[u32], n: u64, p: f64) -> f64 {
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let s = settings();
-    let store = store(&s).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
-    let bucket = store.bucket().to_string();
+    store(&s).await; // the bucket
+    let db_url = database_url(&pool);
 
     // Baseline: the fixture as k6 wrote it.
     let (dir, run) = run_dir();
-    let base_run = replay(dir.path(), &db_url, &bucket);
+    let base_run = replay(dir.path(), &db_url, &s);
     assert_eq!(base_run.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -268,7 +223,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let (dir, run) = run_dir();
     let size = write_gzip_bomb(&dir.path().join("metrics.ndjson.gz"), b'0', 2048 * MIB);
     assert!(size < 4 * MIB, "{size}");
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0, "a useless samples file does not fail the run");
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -295,7 +250,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let r = replay_with(
         dir2.path(),
         &db_url,
-        &bucket,
+        &s,
         &[("K6_INGEST__FETCH__MAX_SAMPLES_INFLATED_BYTES", "1073741824")],
     );
     assert_eq!(r.code, 0);
@@ -332,7 +287,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         }
         f.flush().unwrap();
     }
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -348,7 +303,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let doc_len = doc.len();
     assert!(doc_len > 2 * MIB as usize, "{doc_len}");
     std::fs::write(dir.path().join("summary.json"), doc).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1, "an unusable summary fails the replay");
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "error");
@@ -360,7 +315,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let (dir, run) = run_dir();
     let doc = summary_with_copies(dir.path(), "iterations", "m", 12_000, 0);
     std::fs::write(dir.path().join("summary.json"), gzip(&doc)).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "error");
@@ -381,7 +336,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         "{doc_len}"
     );
     std::fs::write(dir.path().join("summary.json"), doc).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -395,7 +350,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let (dir, run) = run_dir();
     let size = write_gzip_bomb(&dir.path().join("summary.json"), b' ', 2048 * MIB);
     assert!(size < 4 * MIB, "{size}");
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "error");
@@ -431,7 +386,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     });
     std::fs::write(dir.path().join("summary.json"), doc.to_string()).unwrap();
     let started = std::time::Instant::now();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     eprintln!("30 M samples replayed in {:?}", started.elapsed());
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;

@@ -64,3 +64,16 @@ pub async fn s3_keys(store: &ArtifactStore, run_id: &str) -> Vec<String> {
         .filter(|k| k.contains(run_id))
         .collect()
 }
+
+/// The size the server reports for an object.
+pub async fn object_size(store: &ArtifactStore, key: &str) -> i64 {
+    let head = store
+        .client()
+        .head_object()
+        .bucket(store.bucket())
+        .key(key)
+        .send()
+        .await
+        .unwrap();
+    head.content_length().unwrap()
+}
