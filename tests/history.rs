@@ -55,26 +55,6 @@ async fn ingest_at(pool: &PgPool, s: &Settings, starts: &[DateTime<Utc>]) -> Vec
     out
 }
 
-/// Every row of the five tables as text, ordered, per table (partition-independent).
-async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
-        let rows: Vec<String> =
-            sqlx::query_scalar(&format!("SELECT t::text FROM {table} t ORDER BY t::text"))
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        out.push((table.to_string(), rows));
-    }
-    out
-}
-
 /// Every row of `table` as JSON without the column `minus`, ordered.
 async fn rows_json(pool: &PgPool, table: &str, minus: &str) -> Vec<String> {
     sqlx::query_scalar(&format!(
@@ -215,13 +195,14 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         "k6_threshold_results",
         "k6_check_results",
     ] {
-        let mismatched: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {table} d JOIN k6_performance_runs p ON p.id = d.k6_run_id \
+        let mismatched: i64 = scalar(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM {table} d JOIN k6_performance_runs p ON p.id = d.k6_run_id \
              WHERE d.started_at <> p.started_at"
-        ))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+            ),
+        )
+        .await;
         assert_eq!(
             mismatched, 0,
             "{table}: a detail row is not in its run's month"
@@ -295,29 +276,19 @@ async fn partitions_ahead_is_idempotent(pool: PgPool) {
     }
 }
 
+/// The binary on the test's database, its archives under the prefix `hist`.
+fn hist_command(args: &[&str], db_url: &str, s: &Settings) -> Command {
+    let mut cmd = command(args, db_url, s);
+    cmd.env("K6_INGEST__S3__PREFIX", "hist");
+    cmd
+}
+
 fn k6_ingest_cmd(args: &[&str], db_url: &str, s: &Settings, abort_after: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    cmd.args(args)
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-        .env("K6_INGEST__S3__PREFIX", "hist")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .env_remove("K6_INGEST_TEST_ABORT_AFTER");
+    let mut cmd = hist_command(args, db_url, s);
     if let Some(step) = abort_after {
         cmd.env("K6_INGEST_TEST_ABORT_AFTER", step);
     }
     cmd.output().unwrap()
-}
-
-async fn database_url(pool: &PgPool) -> String {
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(&name);
-    url.to_string()
 }
 
 /// Archive killed after each of its steps loses nothing; then archive, a redelivery of
@@ -328,7 +299,7 @@ async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) 
     let store = store(&s).await;
     let starts = [at(2025, 1, 10), at(2025, 2, 3), at(2025, 3, 31)];
     let msgs = ingest_at(&pool, &s, &starts).await;
-    let url = database_url(&pool).await;
+    let url = database_url(&pool);
     let before = snapshot(&pool).await;
 
     for step in ["exported", "uploaded", "verified", "marked", "dropped"] {
@@ -504,6 +475,15 @@ fn scanned(plan: &serde_json::Value, executed_only: bool, out: &mut Vec<String>)
     }
 }
 
+/// The relations a plan scans, sorted, each once.
+fn relations(plan: &serde_json::Value, executed_only: bool) -> Vec<String> {
+    let mut rels = Vec::new();
+    scanned(plan, executed_only, &mut rels);
+    rels.sort();
+    rels.dedup();
+    rels
+}
+
 /// With 14 months of generated history, the dashboard's questions read only the
 /// partitions they need.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
@@ -543,19 +523,13 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     assert!(months.len() >= 14, "{months:?}");
 
     // p95 of a test over time within a date range: two months, planned statically.
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+    let plan: serde_json::Value = scalar(&pool, &format!(
         "EXPLAIN (FORMAT JSON) SELECT started_at, p95_response_time_ms FROM k6_performance_runs \
          WHERE test_id = '{test}' AND location = 'us-east' \
          AND started_at >= '2025-04-01 00:00:00+00' AND started_at < '2025-06-01 00:00:00+00' \
          ORDER BY started_at"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, false, &mut rels);
-    rels.sort();
-    rels.dedup();
+    )).await;
+    let rels = relations(&plan, false);
     assert_eq!(
         rels,
         vec![
@@ -567,20 +541,18 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
 
     // One metric of a test over a month: the detail table is pruned too when the query
     // bounds its own started_at (a range does not travel through the join's equality).
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
-        "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
+    let plan: serde_json::Value = scalar(
+        &pool,
+        &format!(
+            "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
          JOIN k6_metrics_history m ON m.k6_run_id = p.id AND m.started_at = p.started_at \
          WHERE p.test_id = '{test}' AND m.metric_name = 'http_req_duration' \
          AND p.started_at >= '2025-04-01 00:00:00+00' AND p.started_at < '2025-05-01 00:00:00+00' \
          AND m.started_at >= '2025-04-01 00:00:00+00' AND m.started_at < '2025-05-01 00:00:00+00'"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, false, &mut rels);
-    rels.sort();
-    rels.dedup();
+        ),
+    )
+    .await;
+    let rels = relations(&plan, false);
     assert_eq!(
         rels,
         vec![
@@ -602,10 +574,7 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, true, &mut rels);
-    rels.sort();
-    rels.dedup();
+    let rels = relations(&plan, true);
     assert_eq!(
         rels,
         vec![partition_name("k6_performance_runs", month(2025, 9))],
@@ -613,18 +582,12 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     );
 
     // Latest runs of a project in a location: newest month first, stopping early.
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+    let plan: serde_json::Value = scalar(&pool, &format!(
         "EXPLAIN (ANALYZE, FORMAT JSON) SELECT run_id, status, started_at, p95_response_time_ms \
          FROM k6_performance_runs WHERE project_id = '{project}' AND location = 'eu-west' \
          ORDER BY started_at DESC LIMIT 20"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, true, &mut rels);
-    rels.sort();
-    rels.dedup();
+    )).await;
+    let rels = relations(&plan, true);
     // Newer months (created ahead by the migration) are empty and cost an index probe;
     // of the months with rows only the newest is read.
     let newest_with_rows = partition_name("k6_performance_runs", month(2026, 2));
@@ -685,15 +648,9 @@ async fn archive_without_arguments_follows_the_retention_setting(pool: PgPool) {
     let recent = this_month - chrono::Months::new(1);
     let to_time = |d: NaiveDate| at(d.year(), d.month(), 10);
     ingest_at(&pool, &s, &[to_time(old), to_time(recent)]).await;
-    let url = database_url(&pool).await;
+    let url = database_url(&pool);
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    let out = cmd
-        .args(["archive"])
-        .env("K6_INGEST__DATABASE__URL", &url)
-        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-        .env("K6_INGEST__S3__PREFIX", "hist")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
+    let out = hist_command(&["archive"], &url, &s)
         .env("K6_INGEST__RETENTION__HOT_MONTHS", "2")
         .output()
         .unwrap();
