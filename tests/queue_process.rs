@@ -86,10 +86,7 @@ impl Worker {
             .unwrap();
         let addr = s.http.bind.parse().unwrap();
         let w = Self { child, addr, log };
-        wait_for("the worker to be ready", || async {
-            (readyz(addr).await == Some(200)).then_some(())
-        })
-        .await;
+        wait_readyz(addr, 200).await;
         w
     }
 

@@ -483,10 +483,7 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     .unwrap();
     declare(&s).await;
     publish_bodies(&s, &bodies(&[refused.clone(), good.clone()])).await;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = k6_ingest::consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
     wait_for("one dead letter", || async {
@@ -514,14 +511,19 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
         Some(1),
         "never retried"
     );
-    assert_eq!(running.metrics.dead_lettered_count("content_refused"), 1);
+    assert_eq!(
+        worker
+            .running
+            .metrics
+            .dead_lettered_count("content_refused"),
+        1
+    );
     let (status, details): (String, String) = run_status(&pool, refused_id).await;
     assert_eq!(status, "error");
     assert!(details.contains("value too long for the test"), "{details}");
     assert_eq!(detail_rows(&pool, refused_id).await, 0);
 
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    worker.stop().await;
     cleanup(&s).await;
 }
 
