@@ -36,10 +36,7 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
     publish_bodies(&s, &all).await;
 
     let ids = run_ids(&msgs);
-    wait_for("all runs stored", || async {
-        (stored(&pool, &ids).await == 12).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &ids, 12, "all runs stored").await;
     wait_for("every delivery settled", || async {
         let m = worker.running.metrics.snapshot();
         (m.received == 15 && m.in_flight == 0).then_some(())
@@ -147,16 +144,10 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
 
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let good_id = run_ids(std::slice::from_ref(&good));
-    wait_for("the good run after the poison ones", || async {
-        (stored(&pool, &good_id).await == 1).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &good_id, 1, "the good run after the poison ones").await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("five dead letters", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 5).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 5, "five dead letters").await;
 
     let dead = drain(&conn, &topo.dead_letter_queue).await;
     for (body, expected_class) in &poison {
@@ -267,6 +258,14 @@ fn short_attempt_budget(s: &mut Settings) {
     s.amqp.concurrency = 4;
 }
 
+/// The test's queue settings with a short attempt budget and quick breakers.
+fn outage_settings() -> Settings {
+    let mut s = queue_settings(&tag());
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    s
+}
+
 /// Longer than the whole attempt budget many times over.
 const OUTAGE: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -364,10 +363,7 @@ async fn assert_settled_after(
 async fn database_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = queue_settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let s = outage_settings();
     let proxy = Proxy::start(pg_addr(&pool).await).await;
     let proxied = proxied_pool(&pool, &proxy);
     let worker = Consumer::start(&s, ingestor(&proxied, &s).await).await;
@@ -421,10 +417,7 @@ async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once
 /// outage, not after the grace period), spending no attempt, and the worker stops cleanly.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.shutdown.grace_secs = 120;
     let proxy = Proxy::start(pg_addr(&pool).await).await;
     let proxied = proxied_pool(&pool, &proxy);
@@ -448,9 +441,12 @@ async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPo
         .expect("stopped without waiting for the outage or the grace period")
         .unwrap()
         .unwrap();
-    wait_for("every message back in the work queue", || async {
-        (queue_len(&conn, &topo.queue).await == 6).then_some(())
-    })
+    wait_queue_len(
+        &conn,
+        &topo.queue,
+        6,
+        "every message back in the work queue",
+    )
     .await;
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     assert_eq!(
@@ -491,9 +487,12 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     .await;
     let quick = messages(10);
     publish_bodies(&s, &bodies(&quick)).await;
-    wait_for("the quick runs, past the stuck one", || async {
-        (stored(&pool, &run_ids(&quick)).await == 10).then_some(())
-    })
+    wait_stored_count(
+        &pool,
+        &run_ids(&quick),
+        10,
+        "the quick runs, past the stuck one",
+    )
     .await;
     assert_eq!(stored(&pool, &run_ids(&stuck)).await, 0);
     assert_eq!(worker.running.metrics.snapshot().in_flight, 1);
@@ -507,10 +506,7 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     .await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("two messages left in the queue", || async {
-        (queue_len(&conn, &topo.queue).await == 2).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.queue, 2, "two messages left in the queue").await;
     assert_eq!(
         slow.peak.load(Ordering::SeqCst),
         4,
@@ -521,10 +517,7 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     slow.release();
     let mut all = stuck.clone();
     all.extend(more);
-    wait_for("the slow runs", || async {
-        (stored(&pool, &run_ids(&all)).await == 6).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&all), 6, "the slow runs").await;
     assert_eq!(slow.peak.load(Ordering::SeqCst), 4);
     worker.stop().await;
     cleanup(&s).await;
@@ -561,10 +554,7 @@ async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
 async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stores_them(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = queue_settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.breaker.host_wait_secs = 60;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let host = SlowServer::start(summary).await;
@@ -594,9 +584,12 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     // Two of four slots are held; runs that do not need the host still go through.
     let others = messages(6);
     publish_bodies(&s, &bodies(&others)).await;
-    wait_for("other runs stored during the host outage", || async {
-        (stored(&pool, &run_ids(&others)).await == 6).then_some(())
-    })
+    wait_stored_count(
+        &pool,
+        &run_ids(&others),
+        6,
+        "other runs stored during the host outage",
+    )
     .await;
     tokio::time::sleep(OUTAGE).await;
     let conn = connect().await;
@@ -609,10 +602,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     proxy.restore();
-    wait_for("every run stored", || async {
-        (stored(&pool, &run_ids(&msgs)).await == 2).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&msgs), 2, "every run stored").await;
     let status: Vec<String> = values_of(
         &pool,
         "SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)",
@@ -637,10 +627,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
 /// dead-lettered with the count and the reason.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.amqp.max_attempts = 2;
     s.breaker.host_wait_secs = 1;
     // A port nothing listens on: bound, then released.
@@ -656,10 +643,7 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("the dead letter", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 1, "the dead letter").await;
     let dead_letters = drain(&conn, &topo.dead_letter_queue).await;
     let props = &dead_letters[0].1;
     assert_eq!(amqp::header_u64(props, ATTEMPTS_HEADER), Some(2));
@@ -683,10 +667,7 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
 /// after `max_attempts` with the count; no breaker opens.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let host = SlowServer::start(summary).await;
     s.fetch.allowed_hosts = vec![host.addr.to_string()];
@@ -703,10 +684,7 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("two dead letters", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 2).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 2, "two dead letters").await;
     let dead = drain(&conn, &topo.dead_letter_queue).await;
     for (body, props) in &dead {
         assert!(bodies(&msgs).contains(body), "original body kept");

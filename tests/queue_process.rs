@@ -154,10 +154,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     publish_bodies(&s, &bodies(&waiting)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("the burst queued", || async {
-        (queue_len(&conn, &topo.queue).await == 20).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.queue, 20, "the burst queued").await;
 
     worker.signal("-TERM");
     wait_for("/readyz to say stopping", || async {
@@ -188,10 +185,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     );
 
     let mut second = Worker::start(&s, &pool, &logs, "second").await;
-    wait_for("the rest stored", || async {
-        (stored(&pool, &run_ids(&waiting)).await == 20).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&waiting), 20, "the rest stored").await;
     let mut all = in_flight.clone();
     all.extend(waiting);
     assert_each_stored_once(&pool, &all).await;
@@ -234,10 +228,7 @@ async fn sigkill_at_a_random_moment_then_restart_stores_every_run_once(pool: PgP
     eprintln!("killed after {at_kill} of 40 runs (aimed at {kill_after})");
 
     let mut again = Worker::start(&s, &pool, &logs, "restarted").await;
-    wait_for("every run stored", || async {
-        (stored(&pool, &ids).await == 40).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &ids, 40, "every run stored").await;
     assert_each_stored_once(&pool, &msgs).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);

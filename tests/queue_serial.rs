@@ -17,10 +17,7 @@ async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool
     let addr = worker.addr();
     let before = messages(10);
     publish_bodies(&s, &bodies(&before)).await;
-    wait_for("runs before the restart", || async {
-        (stored(&pool, &run_ids(&before)).await == 10).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&before), 10, "runs before the restart").await;
     wait_readyz(addr, 200).await;
 
     // A burst, and the broker goes down while it is being consumed.
@@ -45,10 +42,7 @@ async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool
     all.extend(around);
     all.extend(after);
     let ids = run_ids(&all);
-    wait_for("every run stored", || async {
-        (stored(&pool, &ids).await == 50).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &ids, 50, "every run stored").await;
     assert_each_stored_once(&pool, &all).await;
     assert!(
         worker.running.metrics.snapshot().amqp_connections >= 2,

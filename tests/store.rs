@@ -486,13 +486,13 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("one dead letter", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
-    })
-    .await;
-    wait_for("the good run", || async {
-        (stored(&pool, &run_ids(std::slice::from_ref(&good))).await == 1).then_some(())
-    })
+    wait_queue_len(&conn, &topo.dead_letter_queue, 1, "one dead letter").await;
+    wait_stored_count(
+        &pool,
+        &run_ids(std::slice::from_ref(&good)),
+        1,
+        "the good run",
+    )
     .await;
     let dead = drain(&conn, &topo.dead_letter_queue).await;
     let (body, props) = &dead[0];

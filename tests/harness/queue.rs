@@ -89,8 +89,21 @@ impl Consumer {
 /// Waits until every run of `msgs` has its rows.
 pub async fn wait_stored(pool: &PgPool, msgs: &[Value], what: &str) {
     let ids = run_ids(msgs);
+    wait_stored_count(pool, &ids, ids.len() as i64, what).await;
+}
+
+/// Waits until `n` of `ids` have their rows.
+pub async fn wait_stored_count(pool: &PgPool, ids: &[uuid::Uuid], n: i64, what: &str) {
     wait_for(what, || async {
-        (stored(pool, &ids).await == ids.len() as i64).then_some(())
+        (stored(pool, ids).await == n).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `queue` holds `n` ready messages.
+pub async fn wait_queue_len(conn: &Connection, queue: &str, n: u32, what: &str) {
+    wait_for(what, || async {
+        (queue_len(conn, queue).await == n).then_some(())
     })
     .await;
 }
