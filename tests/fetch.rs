@@ -605,6 +605,13 @@ async fn an_announced_length_over_the_limit_is_refused_before_downloading() {
     assert!(!err.is_transient());
 }
 
+fn assert_too_large(err: &FetchError, limit: u64) {
+    assert!(
+        matches!(err, FetchError::TooLarge { limit: l, .. } if *l == limit),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
     let temp = private_temp_dir();
@@ -640,20 +647,14 @@ async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
     let err = fetch_artifact(&fetcher, &host.url("/one-over"), limit)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
+    assert_too_large(&err, limit);
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
 
     // A body without end: the fetcher stops at the limit and hangs up.
     let err = fetch_artifact(&fetcher, &host.url("/endless"), limit)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
+    assert_too_large(&err, limit);
     assert!(!err.is_transient());
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
     host.client_hung_up().await;
@@ -663,10 +664,7 @@ async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
     let err = fetch_summary(&fetcher, &host.url("/endless"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
+    assert_too_large(&err, limit);
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
 
     // Bytes beyond the announced length are never read.

@@ -475,6 +475,16 @@ fn scanned(plan: &serde_json::Value, executed_only: bool, out: &mut Vec<String>)
     }
 }
 
+/// The relations the plan of `explain` (an EXPLAIN in JSON) scans, and the plan.
+async fn scans(
+    pool: &PgPool,
+    explain: &str,
+    executed_only: bool,
+) -> (Vec<String>, serde_json::Value) {
+    let plan: serde_json::Value = scalar(pool, explain).await;
+    (relations(&plan, executed_only), plan)
+}
+
 /// The relations a plan scans, sorted, each once.
 fn relations(plan: &serde_json::Value, executed_only: bool) -> Vec<String> {
     let mut rels = Vec::new();
@@ -523,13 +533,12 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     assert!(months.len() >= 14, "{months:?}");
 
     // p95 of a test over time within a date range: two months, planned statically.
-    let plan: serde_json::Value = scalar(&pool, &format!(
+    let (rels, plan) = scans(&pool, &format!(
         "EXPLAIN (FORMAT JSON) SELECT started_at, p95_response_time_ms FROM k6_performance_runs \
          WHERE test_id = '{test}' AND location = 'us-east' \
          AND started_at >= '2025-04-01 00:00:00+00' AND started_at < '2025-06-01 00:00:00+00' \
          ORDER BY started_at"
-    )).await;
-    let rels = relations(&plan, false);
+    ), false).await;
     assert_eq!(
         rels,
         vec![
@@ -541,7 +550,7 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
 
     // One metric of a test over a month: the detail table is pruned too when the query
     // bounds its own started_at (a range does not travel through the join's equality).
-    let plan: serde_json::Value = scalar(
+    let (rels, plan) = scans(
         &pool,
         &format!(
             "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
@@ -550,9 +559,9 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
          AND p.started_at >= '2025-04-01 00:00:00+00' AND p.started_at < '2025-05-01 00:00:00+00' \
          AND m.started_at >= '2025-04-01 00:00:00+00' AND m.started_at < '2025-05-01 00:00:00+00'"
         ),
+        false,
     )
     .await;
-    let rels = relations(&plan, false);
     assert_eq!(
         rels,
         vec![
@@ -582,12 +591,11 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     );
 
     // Latest runs of a project in a location: newest month first, stopping early.
-    let plan: serde_json::Value = scalar(&pool, &format!(
+    let (rels, plan) = scans(&pool, &format!(
         "EXPLAIN (ANALYZE, FORMAT JSON) SELECT run_id, status, started_at, p95_response_time_ms \
          FROM k6_performance_runs WHERE project_id = '{project}' AND location = 'eu-west' \
          ORDER BY started_at DESC LIMIT 20"
-    )).await;
-    let rels = relations(&plan, true);
+    ), true).await;
     // Newer months (created ahead by the migration) are empty and cost an index probe;
     // of the months with rows only the newest is read.
     let newest_with_rows = partition_name("k6_performance_runs", month(2026, 2));

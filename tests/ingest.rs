@@ -63,9 +63,7 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-fail");
-    let msg = message(&dir);
-    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
+    let msg = ingest_dir(&ing, &dir).await;
 
     let run = sqlx::query("SELECT status, error_details, logs_s3_url, artifact_paths, organization_id FROM runs WHERE id = $1")
         .bind(msg.run_id)
@@ -167,8 +165,7 @@ async fn checks_keep_their_group_path(pool: PgPool) {
     let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "groups-nested-checks");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    let msg = ingest_dir(&ing, &dir).await;
     let rows: Vec<CheckRow> = sqlx::query_as(
         "SELECT c.group_path, c.name, c.passes, c.fails FROM k6_check_results c \
          JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = 'status is 200' ORDER BY c.position",
@@ -198,8 +195,7 @@ async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
     let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    let msg = ingest_dir(&ing, &dir).await;
     let before = table_digest(&pool).await;
 
     let mut other = msg.clone();
@@ -344,9 +340,7 @@ async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
     let s = settings();
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "script-error");
-    let msg = message(&dir);
-    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
+    let msg = ingest_dir(&ing, &dir).await;
     let (status, details, logs): (String, String, Option<String>) = row_of(
         &pool,
         "SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1",
@@ -367,8 +361,7 @@ async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
     s.s3.inline_summary_max_bytes = 100;
     let ing = ingestor(&pool, &s).await;
     let dir = fixture_dir("v1.1.0", "custom-metrics");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    let msg = ingest_dir(&ing, &dir).await;
     let (inline, url): (Option<serde_json::Value>, Option<String>) = row_of(
         &pool,
         "SELECT summary_json, summary_s3_url FROM k6_performance_runs WHERE run_id = $1",
@@ -517,8 +510,7 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
         log.push_str(line);
     }
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(&ing, dir.path()).await;
     let store = store(&s).await;
     let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
     assert_eq!(object_size(&store, &key).await, log.len() as i64);
@@ -539,8 +531,7 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
         .map(|i| b"abcdefghij\n"[i % 11])
         .collect();
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(&ing, dir.path()).await;
     let store = store(&s).await;
     for (name, want) in [
         ("k6.log", log),
@@ -612,8 +603,7 @@ async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
         .unwrap()
         .replace("\"status is 200\"", "\"status\\u0000is 200\"");
     std::fs::write(&path, text).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(&ing, dir.path()).await;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT name FROM k6_check_results WHERE name LIKE 'status%is 200'")
             .fetch_all(&pool)

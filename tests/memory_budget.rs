@@ -128,6 +128,14 @@ async fn stored(pool: &PgPool, run_id: Uuid) -> Stored {
     }
 }
 
+/// Asserts that the run is stored as `error` with a reason that says `why`.
+async fn assert_error_run(pool: &PgPool, run_id: Uuid, why: &str) {
+    let row = stored(pool, run_id).await;
+    assert_eq!(row.status, "error");
+    let reason = row.error_details.unwrap_or_default();
+    assert!(reason.contains(why), "{reason}");
+}
+
 /// Values of the 30 M-sample file: whole microseconds, so the test can sort them by
 /// counting, and every block of lines distinct from the next.
 const SAMPLE_BLOCKS: u64 = 8;
@@ -305,10 +313,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     std::fs::write(dir.path().join("summary.json"), doc).unwrap();
     let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1, "an unusable summary fails the replay");
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(reason.contains("larger than the limit"), "{reason}");
+    assert_error_run(&pool, run, "larger than the limit").await;
     within("c) summary with 100,000 metrics (~10 MB)", r.peak_kib);
 
     // c2) the same metrics in less than the byte cap: refused by the metric cap, read first.
@@ -317,13 +322,12 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     std::fs::write(dir.path().join("summary.json"), gzip(&doc)).unwrap();
     let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(
-        reason.contains("more than the 10000 metrics allowed (ingest.max_metrics)"),
-        "{reason}"
-    );
+    assert_error_run(
+        &pool,
+        run,
+        "more than the 10000 metrics allowed (ingest.max_metrics)",
+    )
+    .await;
     within("c2) summary with 12,000 metrics, gzip'd", r.peak_kib);
 
     // c3) about the largest summary the defaults accept: 9,000 more trend metrics,
@@ -352,13 +356,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     assert!(size < 4 * MIB, "{size}");
     let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(
-        reason.contains("larger than the limit of 2097152"),
-        "{reason}"
-    );
+    assert_error_run(&pool, run, "larger than the limit of 2097152").await;
     within("d) summary gzip bomb (2 MiB -> 2 GiB)", r.peak_kib);
 
     // e) 30 M real-looking samples: percentiles exact, memory flat.

@@ -212,8 +212,7 @@ async fn named_prepared_statements_break_behind_pgbouncer_1_18(pool: PgPool) {
 /// duplicates, with `database.prepared_statements = false`.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn the_consumer_works_through_pgbouncer(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.database.prepared_statements = false;
     let ing = ingestor(&through_pgbouncer(&pool, 8), &s)
         .await

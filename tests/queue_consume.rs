@@ -16,8 +16,7 @@ use sqlx::PgPool;
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPool) {
-    let t = tag();
-    let s = queue_settings(&t);
+    let s = queue_settings(&tag());
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let addr = worker.addr();
     wait_readyz(addr, 200).await;
@@ -102,8 +101,7 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
 async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_goes_on(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.max_message_bytes = 8192;
     // A run the application created for another organization: the message is refused.
     let foreign = case_message("thresholds-pass");
@@ -201,8 +199,7 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
 /// quorum queue's delivery limit; the broker then dead-letters the message, never drops it.
 #[tokio::test]
 async fn delivery_limit_dead_letters_instead_of_dropping() {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.delivery_limit = 2;
     declare(&s).await;
     publish_bodies(&s, &[b"{\"crashes\": \"every worker\"}".to_vec()]).await;
@@ -387,8 +384,7 @@ async fn database_outage_pauses_without_spending_attempts_and_every_run_is_store
 /// S3 goes away for far longer than the attempt budget; the artifacts go up after.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     let store = store(&s).await; // the bucket, created through the real endpoint
     let proxy = Proxy::start(s3_addr(&s)).await;
     s.s3.endpoint = Some(format!("http://{}", proxy.addr));
@@ -463,8 +459,7 @@ async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPo
 /// artifact fetch does not hold up the others.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
@@ -525,8 +520,7 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
 
 #[tokio::test]
 async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.declare = false;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://postgres@127.0.0.1:5432/postgres")

@@ -127,8 +127,7 @@ fn process_settings(tag: &str) -> Settings {
 /// then takes the rest; every run is stored once and none was delivered twice.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool: PgPool) {
-    let t = tag();
-    let mut s = process_settings(&t);
+    let mut s = process_settings(&tag());
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
     let _ = store(&s).await;
@@ -209,8 +208,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
 /// nothing left in any queue.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn sigkill_at_a_random_moment_then_restart_stores_every_run_once(pool: PgPool) {
-    let t = tag();
-    let s = process_settings(&t);
+    let s = process_settings(&tag());
     let _ = store(&s).await;
     let msgs = messages(40);
     publish_bodies(&s, &bodies(&msgs)).await;
@@ -375,8 +373,7 @@ async fn publish_confirms_every_message_and_reports_failures() {
 
 #[tokio::test]
 async fn requeue_moves_dead_letters_back_with_a_fresh_attempt_count() {
-    let t = tag();
-    let s = queue_settings(&t);
+    let s = queue_settings(&tag());
     declare(&s).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);

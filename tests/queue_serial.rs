@@ -11,8 +11,7 @@ use sqlx::PgPool;
 /// after the restart is stored exactly once.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool) {
-    let t = tag();
-    let s = queue_settings(&t);
+    let s = queue_settings(&tag());
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let addr = worker.addr();
     let before = messages(10);

@@ -61,8 +61,7 @@ async fn merged_rows(pool: &PgPool, run: uuid::Uuid) -> Vec<String> {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.fetch.allowed_roots = vec![case_dir()];
     let dirs = part_dirs();
     let run = message(&dirs[0]).run_id;

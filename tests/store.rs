@@ -41,9 +41,7 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
     metrics.insert(r"\x41".into(), counter);
     write_json(&path, &summary);
 
-    let msg = message(dir.path());
-    let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
+    let msg = ingest_dir(&ing, dir.path()).await;
     let stored: Vec<String> = values_of(&pool, "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND (length(m.metric_name) > 10000 OR m.metric_name IN ('A', '\\x41')) \
          ORDER BY 1", msg.run_id).await;
@@ -86,8 +84,7 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
         }
     });
     write_json(&dir.path().join("summary.json"), &doc);
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(&ing, dir.path()).await;
 
     let rows = sqlx::query(
         "SELECT m.metric_name, m.p95_value, (m.raw_values->>'count')::float8 FROM k6_metrics_history m \
@@ -151,8 +148,7 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
     metrics.insert("reqs\u{FFFD}copy".into(), first);
     metrics.insert("reqs\u{0}copy".into(), last);
     write_json(&path, &summary);
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(&ing, dir.path()).await;
 
     let counts: Vec<Option<f64>> = values_of(&pool, "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'", msg.run_id).await;
@@ -463,8 +459,7 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
 async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool) {
     use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
 
-    let t = tag();
-    let s = queue_settings(&t);
+    let s = queue_settings(&tag());
     let refused = case_message("thresholds-pass");
     let good = case_message("thresholds-fail");
     let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();

@@ -45,8 +45,7 @@ fn submit_command(
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     // Short keys for the test server; the worker reads staged files only from the
     // staging prefix it is configured with, so runner and worker share the setting.
     s.s3.staging_prefix = "s".into();
@@ -111,8 +110,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
 
 #[tokio::test]
 async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_error() {
-    let t = tag();
-    let s = queue_settings(&t);
+    let s = queue_settings(&tag());
     store(&s).await;
     declare(&s).await;
     let dir = tempfile::tempdir().unwrap();
@@ -152,8 +150,7 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
 /// the four staged parts into one run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPool) {
-    let t = tag();
-    let mut s = queue_settings(&t);
+    let mut s = queue_settings(&tag());
     s.s3.staging_prefix = "s".into();
     store(&s).await;
     declare(&s).await;

@@ -220,6 +220,23 @@ pub fn ctx(dir: &Path) -> IngestContext {
     }
 }
 
+/// Ingests the run whose message lies in `dir`, as a replay does, and asserts it was
+/// stored as new; returns its message.
+pub async fn ingest_dir(ing: &Ingestor, dir: &Path) -> RunCompleted {
+    let msg = message(dir);
+    let report = ing
+        .ingest_one(&msg, &ctx(dir))
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    assert_eq!(
+        report.outcome,
+        k6_ingest::ingest::Outcome::Ingested,
+        "{}",
+        dir.display()
+    );
+    msg
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `DEADLINE`.
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
