@@ -759,7 +759,7 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
     let expected: serde_json::Value = serde_json::from_slice(&fixture_summary()).unwrap();
     assert_eq!(inline, Some(expected));
     let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let key = run_key(&store, &msg, "k6.log");
     assert_eq!(get_object(&store, &key).await, logs);
 
     // A redelivery is recognised before anything is fetched again.
@@ -990,7 +990,7 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         )
     );
     let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let key = run_key(&store, &msg, "k6.log");
     assert_eq!(
         get_object(&store, &key).await,
         logs,

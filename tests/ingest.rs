@@ -79,7 +79,7 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
 
     // The log bytes in S3 are exactly the file the runner wrote.
     let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let key = run_key(&store, &msg, "k6.log");
     assert_eq!(
         run.get::<Option<String>, _>("logs_s3_url"),
         Some(store.uri(&key))
@@ -88,12 +88,7 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
         get_object(&store, &key).await,
         std::fs::read(dir.join("k6.log")).unwrap()
     );
-    let mkey = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "metrics.ndjson.gz",
-    );
+    let mkey = run_key(&store, &msg, "metrics.ndjson.gz");
     assert_eq!(
         get_object(&store, &mkey).await,
         std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()
@@ -323,12 +318,7 @@ async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
     .await;
     assert_eq!(paths["summary"]["unreadable"], true);
     let store = store(&s).await;
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "summary.json",
-    );
+    let key = run_key(&store, &msg, "summary.json");
     assert_eq!(
         get_object(&store, &key).await,
         b"{\"metrics\": {\"http_reqs\": "
@@ -370,12 +360,7 @@ async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
     .await;
     assert!(inline.is_none());
     let store = store(&s).await;
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "summary.json",
-    );
+    let key = run_key(&store, &msg, "summary.json");
     assert_eq!(url, Some(store.uri(&key)));
     assert_eq!(
         get_object(&store, &key).await,
@@ -472,12 +457,7 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "report.html",
-    );
+    let key = run_key(&store, &msg, "report.html");
     assert_eq!(
         get_object(&store, &key).await,
         std::fs::read(dir.join("report.html")).unwrap()
@@ -512,7 +492,7 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
     let msg = ingest_dir(&ing, dir.path()).await;
     let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let key = run_key(&store, &msg, "k6.log");
     assert_eq!(object_size(&store, &key).await, log.len() as i64);
     assert_eq!(get_object(&store, &key).await, log.as_bytes());
 }
@@ -540,7 +520,7 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
             std::fs::read(dir.path().join("report.html")).unwrap(),
         ),
     ] {
-        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
+        let key = run_key(&store, &msg, name);
         assert_eq!(get_object(&store, &key).await, want, "{name}");
     }
 }

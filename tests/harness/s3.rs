@@ -52,7 +52,7 @@ pub async fn all_keys(store: &ArtifactStore) -> Vec<String> {
 
 /// Every object key under the run's prefix in the test's bucket.
 pub async fn objects_of_run(store: &ArtifactStore, msg: &RunCompleted) -> Vec<String> {
-    let prefix = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "");
+    let prefix = run_key(store, msg, "");
     keys_under(store, store.bucket(), &prefix).await
 }
 
@@ -76,4 +76,9 @@ pub async fn object_size(store: &ArtifactStore, key: &str) -> i64 {
         .await
         .unwrap();
     head.content_length().unwrap()
+}
+
+/// The key of a run's artifact `name` in the store.
+pub fn run_key(store: &ArtifactStore, msg: &RunCompleted, name: &str) -> String {
+    store.key_for(msg.organization_id, msg.project_id, msg.run_id, name)
 }
