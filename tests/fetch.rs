@@ -740,7 +740,8 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
     .await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let mut msg = message(&dir);
     msg.artifacts.summary = Some(host.url("/runs/1/summary.json"));
     msg.artifacts.logs = Some(host.url("/runs/1/k6.log"));
@@ -758,9 +759,9 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
     assert_eq!(source, msg.artifacts.summary);
     let expected: serde_json::Value = serde_json::from_slice(&fixture_summary()).unwrap();
     assert_eq!(inline, Some(expected));
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "k6.log");
-    assert_eq!(get_object(&store, &key).await, logs);
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
+    assert_eq!(get_object(store, &key).await, logs);
 
     // A redelivery is recognised before anything is fetched again.
     let requests = host.requests().len();
@@ -780,8 +781,9 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
     .await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let mut msg = message(&dir);
 
     // The summary's host is down; then the summary arrives, but the logs' host is down:
@@ -809,7 +811,7 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
         assert_eq!(err.disposition(), Disposition::Retry, "{err}");
         assert_no_rows(&pool, "although the run will be retried").await;
         assert_eq!(
-            all_keys(&store).await,
+            all_keys(store).await,
             Vec::<String>::new(),
             "artifacts uploaded"
         );
@@ -822,7 +824,8 @@ async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool
     let host = ArtifactHost::start(vec![]).await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let mut msg = message(&dir);
     let uri = host.url("/runs/1/summary.json");
     msg.artifacts.summary = Some(uri.clone());
@@ -951,7 +954,8 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
     .await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let with_secrets = |path: &str, query: &str| {
         Some(format!("http://runner:hunter2@{}{path}?{query}", host.addr))
     };
@@ -989,10 +993,10 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
             host.addr
         )
     );
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "k6.log");
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         logs,
         "fetched with the credentials"
     );

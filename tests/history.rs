@@ -608,8 +608,8 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
 /// time: the partitioned unique key cannot see them as one, the `runs` row lock does.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     for round in 0..4 {
         let (a, dir) = moved(CASES[round % CASES.len()], at(2025, 4, 30));
         let mut b = a.clone();

@@ -9,11 +9,9 @@ use sqlx::{PgPool, Row};
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
-    let rows = replay(&ing, &[fixtures()], false, 4, 1 << 20)
-        .await
-        .unwrap();
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let rows = replay(ing, &[fixtures()], false, 4, 1 << 20).await.unwrap();
     let table = render_table(&rows);
     assert!(rows.iter().all(|r| r.result.is_ok()), "{table}");
     assert_eq!(rows.len(), all_fixture_runs().len());
@@ -30,9 +28,7 @@ async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
         "one k6_performance_runs row per run"
     );
 
-    let again = replay(&ing, &[fixtures()], false, 4, 1 << 20)
-        .await
-        .unwrap();
+    let again = replay(ing, &[fixtures()], false, 4, 1 << 20).await.unwrap();
     assert!(
         again
             .iter()
@@ -60,10 +56,10 @@ async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn stores_columns_details_and_artifacts(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-fail");
-    let msg = ingest_dir(&ing, &dir).await;
+    let msg = ingest_dir(ing, &dir).await;
 
     let run = sqlx::query("SELECT status, error_details, logs_s3_url, artifact_paths, organization_id FROM runs WHERE id = $1")
         .bind(msg.run_id)
@@ -78,19 +74,19 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     );
 
     // The log bytes in S3 are exactly the file the runner wrote.
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "k6.log");
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
     assert_eq!(
         run.get::<Option<String>, _>("logs_s3_url"),
         Some(store.uri(&key))
     );
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("k6.log")).unwrap()
     );
-    let mkey = run_key(&store, &msg, "metrics.ndjson.gz");
+    let mkey = run_key(store, &msg, "metrics.ndjson.gz");
     assert_eq!(
-        get_object(&store, &mkey).await,
+        get_object(store, &mkey).await,
         std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()
     );
 
@@ -157,10 +153,10 @@ type CheckRow = (Vec<String>, String, Option<i64>, Option<i64>);
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn checks_keep_their_group_path(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "groups-nested-checks");
-    let msg = ingest_dir(&ing, &dir).await;
+    let msg = ingest_dir(ing, &dir).await;
     let rows: Vec<CheckRow> = sqlx::query_as(
         "SELECT c.group_path, c.name, c.passes, c.fails FROM k6_check_results c \
          JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = 'status is 200' ORDER BY c.position",
@@ -187,10 +183,10 @@ async fn checks_keep_their_group_path(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let msg = ingest_dir(&ing, &dir).await;
+    let msg = ingest_dir(ing, &dir).await;
     let before = table_digest(&pool).await;
 
     let mut other = msg.clone();
@@ -227,8 +223,8 @@ async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let msg = message(&dir);
     sqlx::query(
@@ -258,8 +254,8 @@ async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let summary = std::fs::read(dir.path().join("summary.json")).unwrap();
     std::fs::remove_file(dir.path().join("summary.json")).unwrap();
@@ -299,8 +295,8 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     std::fs::write(
         dir.path().join("summary.json"),
@@ -317,20 +313,20 @@ async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
     )
     .await;
     assert_eq!(paths["summary"]["unreadable"], true);
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "summary.json");
+    let store = &env.store;
+    let key = run_key(store, &msg, "summary.json");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         b"{\"metrics\": {\"http_reqs\": "
     );
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "script-error");
-    let msg = ingest_dir(&ing, &dir).await;
+    let msg = ingest_dir(ing, &dir).await;
     let (status, details, logs): (String, String, Option<String>) = row_of(
         &pool,
         "SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1",
@@ -349,9 +345,10 @@ async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
 async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
     let mut s = settings();
     s.s3.inline_summary_max_bytes = 100;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "custom-metrics");
-    let msg = ingest_dir(&ing, &dir).await;
+    let msg = ingest_dir(ing, &dir).await;
     let (inline, url): (Option<serde_json::Value>, Option<String>) = row_of(
         &pool,
         "SELECT summary_json, summary_s3_url FROM k6_performance_runs WHERE run_id = $1",
@@ -359,19 +356,19 @@ async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
     )
     .await;
     assert!(inline.is_none());
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "summary.json");
+    let store = &env.store;
+    let key = run_key(store, &msg, "summary.json");
     assert_eq!(url, Some(store.uri(&key)));
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("summary.json")).unwrap()
     );
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_store_one_run(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "scenarios");
     let msg = message(&dir);
     let c = ctx(&dir);
@@ -397,9 +394,9 @@ async fn concurrent_duplicates_store_one_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dry_run_writes_nothing(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
-    let rows = replay(&ing, &[fixtures().join("v0.57.0")], true, 2, 1 << 20)
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let rows = replay(ing, &[fixtures().join("v0.57.0")], true, 2, 1 << 20)
         .await
         .unwrap();
     assert!(
@@ -411,7 +408,7 @@ async fn a_dry_run_writes_nothing(pool: PgPool) {
     for (table, n, _) in table_digest(&pool).await {
         assert_eq!(n, 0, "{table} written by a dry run");
     }
-    let store = store(&s).await;
+    let store = &env.store;
     let listed = store
         .client()
         .list_objects_v2()
@@ -424,9 +421,9 @@ async fn a_dry_run_writes_nothing(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn artifacts_can_come_from_s3(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let (s, ing) = (&env.s, &env.ing);
+    let store = &env.store;
     let dir = fixture_dir("v1.1.0", "html-report");
     let mut msg = message(&dir);
     // Where `submit` stages them: the only place s3 sources may be by default.
@@ -457,9 +454,9 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let key = run_key(&store, &msg, "report.html");
+    let key = run_key(store, &msg, "report.html");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("report.html")).unwrap()
     );
 
@@ -481,7 +478,8 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
     let mut s = settings();
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "json-logs");
     // 12 MiB of log lines: three parts (5 + 5 + 2 MiB).
     let line = "time=\"2026-11-22T01:31:09Z\" level=info msg=\"a log line of some length\" source=console\n";
@@ -490,11 +488,11 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
         log.push_str(line);
     }
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = ingest_dir(&ing, dir.path()).await;
-    let store = store(&s).await;
-    let key = run_key(&store, &msg, "k6.log");
-    assert_eq!(object_size(&store, &key).await, log.len() as i64);
-    assert_eq!(get_object(&store, &key).await, log.as_bytes());
+    let msg = ingest_dir(ing, dir.path()).await;
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
+    assert_eq!(object_size(store, &key).await, log.len() as i64);
+    assert_eq!(get_object(store, &key).await, log.as_bytes());
 }
 
 /// Stores that lack the SDK's trailing checksums get `s3.checksum = when_required`; both
@@ -505,14 +503,15 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
     s.s3.checksum = k6_ingest::config::ChecksumMode::WhenRequired;
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "html-report");
     let log: Vec<u8> = (0..6 * 1024 * 1024)
         .map(|i| b"abcdefghij\n"[i % 11])
         .collect();
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = ingest_dir(&ing, dir.path()).await;
-    let store = store(&s).await;
+    let msg = ingest_dir(ing, dir.path()).await;
+    let store = &env.store;
     for (name, want) in [
         ("k6.log", log),
         (
@@ -520,8 +519,8 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
             std::fs::read(dir.path().join("report.html")).unwrap(),
         ),
     ] {
-        let key = run_key(&store, &msg, name);
-        assert_eq!(get_object(&store, &key).await, want, "{name}");
+        let key = run_key(store, &msg, name);
+        assert_eq!(get_object(store, &key).await, want, "{name}");
     }
 }
 
@@ -575,15 +574,15 @@ async fn extract_keys_are_the_tables_columns(pool: PgPool) {
 /// k6 allows any character in check and group names; PostgreSQL text cannot hold NUL.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "groups-nested-checks");
     let path = dir.path().join("summary.json");
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("\"status is 200\"", "\"status\\u0000is 200\"");
     std::fs::write(&path, text).unwrap();
-    let msg = ingest_dir(&ing, dir.path()).await;
+    let msg = ingest_dir(ing, dir.path()).await;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT name FROM k6_check_results WHERE name LIKE 'status%is 200'")
             .fetch_all(&pool)

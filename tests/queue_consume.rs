@@ -16,8 +16,9 @@ use sqlx::PgPool;
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPool) {
-    let s = queue_settings(&tag());
-    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let env = TestEnv::queued(&pool).await;
+    let s = &env.s;
+    let worker = Consumer::start(s, env.ing).await;
     let addr = worker.addr();
     wait_readyz(addr, 200).await;
     assert_eq!(
@@ -32,7 +33,7 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
     let mut all = bodies(&msgs);
     // The same runs published a second time (a runner retrying its publish).
     all.extend(bodies(&msgs[..3]));
-    publish_bodies(&s, &all).await;
+    publish_bodies(s, &all).await;
 
     let ids = run_ids(&msgs);
     wait_stored_count(&pool, &ids, 12, "all runs stored").await;
@@ -61,8 +62,8 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
         0,
         "nothing dead-lettered"
     );
-    let store = store(&s).await;
-    let keys = s3_keys(&store, msgs[0]["run_id"].as_str().unwrap()).await;
+    let store = &env.store;
+    let keys = s3_keys(store, msgs[0]["run_id"].as_str().unwrap()).await;
     assert!(
         keys.iter().any(|k| k.ends_with("k6.log")),
         "artifacts uploaded: {keys:?}"
@@ -94,7 +95,7 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
         readyz(addr).await.is_none(),
         "the HTTP server stops after the drain"
     );
-    cleanup(&s).await;
+    cleanup(s).await;
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]

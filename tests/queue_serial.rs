@@ -11,17 +11,18 @@ use sqlx::PgPool;
 /// after the restart is stored exactly once.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool) {
-    let s = queue_settings(&tag());
-    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let env = TestEnv::queued(&pool).await;
+    let s = &env.s;
+    let worker = Consumer::start(s, env.ing).await;
     let addr = worker.addr();
     let before = messages(10);
-    publish_bodies(&s, &bodies(&before)).await;
+    publish_bodies(s, &bodies(&before)).await;
     wait_stored_count(&pool, &run_ids(&before), 10, "runs before the restart").await;
     wait_readyz(addr, 200).await;
 
     // A burst, and the broker goes down while it is being consumed.
     let around = messages(30);
-    publish_bodies(&s, &bodies(&around)).await;
+    publish_bodies(s, &bodies(&around)).await;
     tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
         .await
         .unwrap();
@@ -36,7 +37,7 @@ async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool
 
     wait_readyz(addr, 200).await;
     let after = messages(10);
-    publish_bodies(&s, &bodies(&after)).await;
+    publish_bodies(s, &bodies(&after)).await;
     let mut all = before.clone();
     all.extend(around);
     all.extend(after);
@@ -57,5 +58,5 @@ async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool
     })
     .await;
     worker.stop().await;
-    cleanup(&s).await;
+    cleanup(s).await;
 }

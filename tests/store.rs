@@ -24,8 +24,8 @@ fn decode(v: &Value) -> RunCompleted {
 /// (about 2.7 KB) used to fail the whole run on a 10,000-character key.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
     let mut summary = read_json(&path);
@@ -41,7 +41,7 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
     metrics.insert(r"\x41".into(), counter);
     write_json(&path, &summary);
 
-    let msg = ingest_dir(&ing, dir.path()).await;
+    let msg = ingest_dir(ing, dir.path()).await;
     let stored: Vec<String> = values_of(&pool, "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND (length(m.metric_name) > 10000 OR m.metric_name IN ('A', '\\x41')) \
          ORDER BY 1", msg.run_id).await;
@@ -59,8 +59,8 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
 /// warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     // k6 1.5's schema 1.0.0 (the same document tests/extract.rs reads), with
     // http_req_duration repeated, and a counter repeated under a NUL-bearing name.
@@ -84,7 +84,7 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
         }
     });
     write_json(&dir.path().join("summary.json"), &doc);
-    let msg = ingest_dir(&ing, dir.path()).await;
+    let msg = ingest_dir(ing, dir.path()).await;
 
     let rows = sqlx::query(
         "SELECT m.metric_name, m.p95_value, (m.raw_values->>'count')::float8 FROM k6_metrics_history m \
@@ -133,8 +133,8 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
 /// for metrics and for a metric's thresholds.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
     let mut summary = read_json(&path);
@@ -148,7 +148,7 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
     metrics.insert("reqs\u{FFFD}copy".into(), first);
     metrics.insert("reqs\u{0}copy".into(), last);
     write_json(&path, &summary);
-    let msg = ingest_dir(&ing, dir.path()).await;
+    let msg = ingest_dir(ing, dir.path()).await;
 
     let counts: Vec<Option<f64>> = values_of(&pool, "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'", msg.run_id).await;
@@ -172,8 +172,8 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
 /// metadata and config_snapshot) it is replaced by U+FFFD, with a warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn nul_in_message_strings_is_replaced_with_a_warning(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let mut m = fresh_message_json(&dir);
     m["location"] = json!("us\u{0}east");
@@ -244,9 +244,9 @@ fn with_marker_metric() -> tempfile::TempDir {
 /// dead-letter disposition. Replayed after the fix, the run replaces its error record.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let dir = with_marker_metric();
     let mut last = None;
     for code in ["22001", "23514", "22003", "54000", "23505", "22P02"] {
@@ -295,14 +295,14 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
             row.get::<Option<String>, _>(5).as_deref(),
             Some(logs_uri.as_str())
         );
-        let objects = objects_of_run(&store, &msg).await;
+        let objects = objects_of_run(store, &msg).await;
         assert!(
             objects.iter().any(|k| logs_uri.ends_with(k.as_str())),
             "{code}: {objects:?}"
         );
         let logs_key = store.key_of(&logs_uri).unwrap().to_string();
         assert_eq!(
-            get_object(&store, &logs_key).await,
+            get_object(store, &logs_key).await,
             std::fs::read(dir.path().join("k6.log")).unwrap()
         );
         last = Some(msg);
@@ -318,7 +318,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     assert_eq!(err.class(), "database", "{err}");
     let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
-    let kept = objects_of_run(&store, &msg).await;
+    let kept = objects_of_run(store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
 
     // The cause fixed, the dead-lettered message replayed: the error record is replaced.
@@ -339,9 +339,9 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
 /// deleted from S3.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPool) {
-    let s = settings();
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let msg = decode(&fresh_message_json(dir.path()));
     sqlx::raw_sql(&format!(
@@ -364,13 +364,13 @@ async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPo
     assert!(err.to_string().contains("no row for this run"), "{err}");
     let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
 
     // The same path stores a run the trigger does not refuse, and its objects stay:
     // the listing above can see objects.
     let other = decode(&fresh_message_json(dir.path()));
     ing.ingest_one(&other, &ctx(dir.path())).await.unwrap();
-    assert!(objects_of_run(&store, &other).await.len() >= 2);
+    assert!(objects_of_run(store, &other).await.len() >= 2);
 }
 
 /// Serves the run's log over HTTP; serving it first creates the run's `runs` row for
@@ -420,8 +420,9 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     let host = serve_log_and_steal_the_run(pool.clone(), log, msg.clone(), hits.clone()).await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let mut msg = msg;
     msg.artifacts.logs = Some(format!("http://{host}/k6.log"));
     assert!(
@@ -433,7 +434,7 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the log was fetched once");
     assert_eq!(err.class(), "tenant_mismatch", "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
     let n: i64 = value_of(
         &pool,
         "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
@@ -446,7 +447,7 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     let mut fine = decode(&fresh_message_json(&dir));
     fine.artifacts.logs = msg.artifacts.logs.clone();
     ing.ingest_one(&fine, &ctx(&dir)).await.unwrap();
-    let kept = objects_of_run(&store, &fine).await;
+    let kept = objects_of_run(store, &fine).await;
     assert!(
         kept.iter().any(|k| k.ends_with("k6.log")) && kept.len() >= 2,
         "{kept:?}"
@@ -459,7 +460,9 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
 async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool) {
     use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
 
-    let s = queue_settings(&tag());
+    let env = TestEnv::queued(&pool).await;
+
+    let s = &env.s;
     let refused = case_message("thresholds-pass");
     let good = case_message("thresholds-fail");
     let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();
@@ -476,9 +479,9 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     .execute(&pool)
     .await
     .unwrap();
-    declare(&s).await;
-    publish_bodies(&s, &bodies(&[refused.clone(), good.clone()])).await;
-    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    declare(s).await;
+    publish_bodies(s, &bodies(&[refused.clone(), good.clone()])).await;
+    let worker = Consumer::start(s, env.ing).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
     wait_queue_len(&conn, &topo.dead_letter_queue, 1, "one dead letter").await;
@@ -519,7 +522,7 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     assert_eq!(detail_rows(&pool, refused_id).await, 0);
 
     worker.stop().await;
-    cleanup(&s).await;
+    cleanup(s).await;
 }
 
 /// Serves the same bytes under any path.
@@ -545,8 +548,9 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
     let host = serve_any_path(std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()).await;
     let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let runs_of = |id: Uuid| {
         let pool = pool.clone();
         async move { value_of::<i64, _>(&pool, "SELECT count(*) FROM runs WHERE id = $1", id).await }
@@ -563,7 +567,7 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
         "{err}"
     );
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
     assert_eq!(runs_of(msg.run_id).await, 0);
 
     // A transient failure (s3s-fs answers InternalError for a key its file system
@@ -573,7 +577,7 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
     assert_eq!(err.disposition(), Disposition::Retry, "{err}");
-    let kept = objects_of_run(&store, &msg).await;
+    let kept = objects_of_run(store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
     assert_eq!(runs_of(msg.run_id).await, 0);
 }

@@ -160,6 +160,35 @@ pub async fn store(s: &Settings) -> ArtifactStore {
     ArtifactStore::new(client, &s.s3, bucket)
 }
 
+/// One test's world: its database (the fresh one `#[sqlx::test]` made), its bucket, its
+/// settings (with queue names of its own for the queue tests) and an ingestor on them.
+pub struct TestEnv {
+    pub pool: PgPool,
+    pub s: Settings,
+    pub store: ArtifactStore,
+    pub ing: Ingestor,
+}
+
+impl TestEnv {
+    pub async fn new(pool: &PgPool) -> Self {
+        Self::with_settings(pool, settings()).await
+    }
+
+    /// With an exchange, queues and bucket named after a fresh tag.
+    pub async fn queued(pool: &PgPool) -> Self {
+        Self::with_settings(pool, queue_settings(&tag())).await
+    }
+
+    pub async fn with_settings(pool: &PgPool, s: Settings) -> Self {
+        Self {
+            pool: pool.clone(),
+            store: store(&s).await,
+            ing: ingestor(pool, &s).await,
+            s,
+        }
+    }
+}
+
 /// An ingestor on the test's database and bucket that reads the bundled fixtures.
 pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
     ingestor_with_roots(pool, s, vec![fixtures()]).await
