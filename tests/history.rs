@@ -139,13 +139,7 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
             c.join(", ")
         }
     };
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
+    for table in RUN_TABLES {
         let c = cols(table).await;
         sqlx::raw_sql(&copy(table, &c))
             .execute(&pool)
@@ -158,13 +152,7 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         .await
         .unwrap();
     let mut before = Vec::new();
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
+    for table in RUN_TABLES {
         before.push((table, rows_json(&pool, table, "").await));
     }
     assert_eq!(before[1].1.len(), msgs.len());

@@ -45,11 +45,7 @@ where
     T: for<'r> sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres> + Send + Unpin,
     P: 'q + Send + sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
 {
-    sqlx::query_scalar(sql)
-        .bind(param)
-        .fetch_one(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    row_of::<(T,), P>(pool, sql, param).await.0
 }
 
 /// Every value of `sql`, whose only parameter `$1` is `param`.
