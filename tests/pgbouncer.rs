@@ -234,7 +234,6 @@ async fn the_consumer_works_through_pgbouncer(pool: PgPool) {
     assert_eq!(queue_len(&conn, &topo.dead_letter_queue).await, 0);
 
     worker.stop().await;
-    cleanup(&s).await;
     release_server_sessions(&pool).await;
 }
 

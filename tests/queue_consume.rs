@@ -95,7 +95,6 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
         readyz(addr).await.is_none(),
         "the HTTP server stops after the drain"
     );
-    cleanup(s).await;
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
@@ -193,7 +192,6 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
         "the foreign run is untouched"
     );
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 /// Deliveries handed back again and again (a worker crashing on a message) reach the
@@ -379,7 +377,6 @@ async fn database_outage_pauses_without_spending_attempts_and_every_run_is_store
     all.extend(ride_out(&pool, &s, &worker, &proxy, &o, 12).await);
     assert_settled_after(&pool, &s, &worker, &o, &all).await;
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 /// S3 goes away for far longer than the attempt budget; the artifacts go up after.
@@ -407,7 +404,6 @@ async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once
         "artifacts uploaded after the outage: {keys:?}"
     );
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 /// Shutdown during an outage hands the held deliveries back at once (not after the
@@ -516,7 +512,6 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     wait_stored_count(&pool, &run_ids(&all), 6, "the slow runs").await;
     assert_eq!(slow.peak.load(Ordering::SeqCst), 4);
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 #[tokio::test]
@@ -614,7 +609,6 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     assert_eq!(worker.running.metrics.dead_lettered_count("fetch"), 0);
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 /// An artifact host that stays down holds a delivery only for `breaker.host_wait_secs`
@@ -654,7 +648,6 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
     assert_eq!(worker.running.metrics.retried_count("fetch"), 1);
     assert!(worker.running.metrics.held_count("artifact_host") >= 2);
     worker.stop().await;
-    cleanup(&s).await;
 }
 
 /// Faults of one path while its host is up (a 503, a connection closed without an
@@ -713,5 +706,4 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
     );
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     worker.stop().await;
-    cleanup(&s).await;
 }

@@ -58,5 +58,4 @@ async fn serial_broker_restart_reconnects_and_stores_every_run_once(pool: PgPool
     })
     .await;
     worker.stop().await;
-    cleanup(s).await;
 }

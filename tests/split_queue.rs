@@ -112,5 +112,4 @@ async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
     for (q, r) in via_queue.iter().zip(&via_replay) {
         assert_eq!(q, r);
     }
-    cleanup(&s).await;
 }

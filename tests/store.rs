@@ -522,7 +522,6 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     assert_eq!(detail_rows(&pool, refused_id).await, 0);
 
     worker.stop().await;
-    cleanup(s).await;
 }
 
 /// Serves the same bytes under any path.

@@ -46,10 +46,11 @@ pub fn queue_settings(tag: &str) -> Settings {
     s
 }
 
-/// A worker running in this process, as `consume` runs it.
+/// A worker running in this process, as `consume` runs it, on the test's own queues.
 pub struct Consumer {
     pub running: Running,
     shutdown: CancellationToken,
+    settings: Settings,
 }
 
 impl Consumer {
@@ -58,7 +59,11 @@ impl Consumer {
         let running = consumer::start(s, ingestor, shutdown.clone())
             .await
             .unwrap();
-        Self { running, shutdown }
+        Self {
+            running,
+            shutdown,
+            settings: s.clone(),
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -70,10 +75,11 @@ impl Consumer {
         self.shutdown.cancel();
     }
 
-    /// Stops the worker, which must end without an error.
+    /// Stops the worker, which must end without an error, and deletes its queues.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.running.done.await.unwrap().unwrap();
+        cleanup(&self.settings).await;
     }
 
     /// Waits until `received` deliveries came in and none is in flight.
