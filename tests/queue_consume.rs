@@ -70,25 +70,17 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
     );
 
     // The metrics endpoint shows the same numbers, with the names the README lists.
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_received_total").await,
-        15.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_ingested_total").await,
-        12.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_duplicate_total").await,
-        3.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_ingest_duration_seconds_count").await,
-        15.0
-    );
+    for (sample, value) in [
+        ("k6_ingest_messages_received_total", 15.0),
+        ("k6_ingest_messages_ingested_total", 12.0),
+        ("k6_ingest_messages_duplicate_total", 3.0),
+        ("k6_ingest_ingest_duration_seconds_count", 15.0),
+        ("k6_ingest_amqp_connected", 1.0),
+        ("k6_ingest_in_flight_messages", 0.0),
+    ] {
+        assert_eq!(scrape(addr, sample).await, value, "{sample}");
+    }
     assert!(scrape(addr, "k6_ingest_artifact_uploaded_bytes_total").await > 0.0);
-    assert_eq!(scrape(addr, "k6_ingest_amqp_connected").await, 1.0);
-    assert_eq!(scrape(addr, "k6_ingest_in_flight_messages").await, 0.0);
 
     worker.stop().await;
     assert!(
@@ -108,13 +100,7 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
     sqlx::query(
         "INSERT INTO runs (id, organization_id, project_id, status) VALUES ($1, $2, $3, 'running')",
     )
-    .bind(
-        foreign["run_id"]
-            .as_str()
-            .unwrap()
-            .parse::<uuid::Uuid>()
-            .unwrap(),
-    )
+    .bind(run_id_of(&foreign))
     .bind(uuid::Uuid::now_v7())
     .bind(uuid::Uuid::now_v7())
     .execute(&pool)
@@ -174,18 +160,12 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
         );
     }
     assert_eq!(queue_len(&conn, &topo.queue).await, 0);
-    let foreign_org: uuid::Uuid =
-        sqlx::query_scalar("SELECT organization_id FROM runs WHERE id = $1")
-            .bind(
-                foreign["run_id"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<uuid::Uuid>()
-                    .unwrap(),
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let foreign_org: uuid::Uuid = value_of(
+        &pool,
+        "SELECT organization_id FROM runs WHERE id = $1",
+        run_id_of(&foreign),
+    )
+    .await;
     assert_ne!(
         foreign_org.to_string(),
         foreign["organization_id"].as_str().unwrap(),

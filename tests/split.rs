@@ -102,6 +102,13 @@ async fn ingest_part(ing: &Ingestor, dir: &Path) -> k6_ingest::ingest::IngestRep
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
+/// The part directories of a split run, and the run's id.
+fn split_run(version: &str, case: &str) -> (Vec<PathBuf>, Uuid) {
+    let dirs = part_dirs(version, case);
+    let run = run_id(&dirs[0]);
+    (dirs, run)
+}
+
 fn run_id(dir: &Path) -> Uuid {
     message(dir).run_id
 }
@@ -147,6 +154,15 @@ async fn stored(pool: &PgPool, run: Uuid) -> Option<Stored> {
 }
 
 /// `(value, min, max, avg, med, p90, p95)` of a metric's history row.
+/// Asserts the merged run is stored as `error` with details that say `why`.
+async fn assert_error_run(pool: &PgPool, run: Uuid, why: &str) -> Stored {
+    let got = stored(pool, run).await.unwrap();
+    assert_eq!(got.status, "error");
+    let details = got.error_details.as_deref().unwrap_or_default();
+    assert!(details.contains(why), "{details:?}");
+    got
+}
+
 async fn history(pool: &PgPool, run: Uuid, metric: &str) -> BTreeMap<&'static str, Option<i64>> {
     let r = sqlx::query(
         "SELECT h.value, h.min_value, h.max_value, h.avg_value, h.med_value, h.p90_value, h.p95_value, h.count \
@@ -425,8 +441,7 @@ async fn thresholds_passing_on_every_part_fail_merged_and_a_part_99_passes_merge
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn two_last_parts_committing_at_once_merge_once(pool: PgPool) {
     let ing = split_ingestor(&pool).await;
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
     for round in 0..3 {
         ingest_part(&ing, &dirs[0]).await;
         ingest_part(&ing, &dirs[1]).await;
@@ -449,23 +464,13 @@ async fn two_last_parts_committing_at_once_merge_once(pool: PgPool) {
 async fn a_part_that_errored_makes_the_merged_run_error(pool: PgPool) {
     let ing = split_ingestor(&pool).await;
     for version in ["v1.1.0", "v2.2.0"] {
-        let dirs = part_dirs(version, "split4-part-error");
-        let run = run_id(&dirs[0]);
+        let (dirs, run) = split_run(version, "split4-part-error");
         for d in &dirs {
             let msg = message(d);
             // The part without a summary (exit 107) is stored; its own status is error.
             let _ = ing.ingest_one(&msg, &ctx(d)).await;
         }
-        let got = stored(&pool, run).await.unwrap();
-        assert_eq!(got.status, "error");
-        assert!(
-            got.error_details
-                .as_deref()
-                .unwrap_or_default()
-                .contains("part 2 of 4"),
-            "{:?}",
-            got.error_details
-        );
+        let got = assert_error_run(&pool, run, "part 2 of 4").await;
         // what the three other parts measured is still merged
         let three: Vec<PathBuf> = dirs
             .iter()
@@ -525,8 +530,7 @@ async fn without_every_part_s_samples_percentiles_are_null_with_the_reason(pool:
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(pool: PgPool) {
     let ing = split_ingestor(&pool).await;
-    let dirs = part_dirs("v2.2.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let (dirs, run) = split_run("v2.2.0", "split4-merged-fail");
     for i in [0, 1, 3] {
         ingest_part(&ing, &dirs[i]).await;
     }
@@ -542,16 +546,7 @@ async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(p
         .await
         .unwrap();
     assert_eq!(swept, vec![run]);
-    let got = stored(&pool, run).await.unwrap();
-    assert_eq!(got.status, "error");
-    assert!(
-        got.error_details
-            .as_deref()
-            .unwrap()
-            .contains("3 of 4 parts"),
-        "{:?}",
-        got.error_details
-    );
+    let got = assert_error_run(&pool, run, "3 of 4 parts").await;
     assert_eq!(got.merged_parts.as_deref(), Some("3 of 4"));
     let three = [dirs[0].clone(), dirs[1].clone(), dirs[3].clone()];
     assert_eq!(
@@ -594,8 +589,7 @@ async fn replaying_a_directory_of_parts_gives_the_same_rows_as_one_by_one(pool: 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_part_replayed_with_its_summary_replaces_its_error_record_and_the_merge(pool: PgPool) {
     let ing = split_ingestor(&pool).await;
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
     let good = message(&dirs[1]);
     let mut broken = good.clone();
     broken.artifacts.summary = Some("no-such-summary.json".into());
@@ -604,16 +598,7 @@ async fn a_part_replayed_with_its_summary_replaces_its_error_record_and_the_merg
     }
     let e = ing.ingest_one(&broken, &ctx(&dirs[1])).await.unwrap_err();
     assert!(e.to_string().contains("summary"), "{e}");
-    let got = stored(&pool, run).await.unwrap();
-    assert_eq!(got.status, "error");
-    assert!(
-        got.error_details
-            .as_deref()
-            .unwrap()
-            .contains("part 1 of 4"),
-        "{:?}",
-        got.error_details
-    );
+    assert_error_run(&pool, run, "part 1 of 4").await;
     // the same broken message again changes nothing
     let before = table_digest(&pool).await;
     ing.ingest_one(&broken, &ctx(&dirs[1])).await.unwrap();
@@ -635,8 +620,7 @@ async fn replay_records_missing_parts_at_its_end_and_a_later_replay_completes_th
     let s = settings();
     store(&s).await;
     let url = database_url(&pool);
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
     let tmp = tempfile::tempdir().unwrap();
     for i in [0, 1, 3] {
         copy_dir(&dirs[i], &tmp.path().join(format!("part-{i}")));

@@ -465,7 +465,7 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     let s = &env.s;
     let refused = case_message("thresholds-pass");
     let good = case_message("thresholds-fail");
-    let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();
+    let refused_id = run_id_of(&refused);
     // Refuses the metric rows of that one run, as PostgreSQL would an oversized value.
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION refuse_run_metrics() RETURNS trigger LANGUAGE plpgsql AS $$ \

@@ -245,10 +245,12 @@ pub fn bodies(msgs: &[Value]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+pub fn run_id_of(msg: &Value) -> uuid::Uuid {
+    msg["run_id"].as_str().unwrap().parse().unwrap()
+}
+
 pub fn run_ids(msgs: &[Value]) -> Vec<uuid::Uuid> {
-    msgs.iter()
-        .map(|m| m["run_id"].as_str().unwrap().parse().unwrap())
-        .collect()
+    msgs.iter().map(run_id_of).collect()
 }
 
 /// Messages in the retry delay queues and the dead-letter queue (ready ones).
