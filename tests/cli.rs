@@ -162,22 +162,21 @@ fn dry_run_replay_needs_no_services_and_prints_the_table() {
 
 #[test]
 fn replay_exits_non_zero_when_a_run_fails() {
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    std::fs::write(dir.path().join("summary.json"), b"not json").unwrap();
-    let out = k6_ingest(&["replay", "--dry-run", dir.path().to_str().unwrap()], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("FAILED") && table.contains("not valid JSON"),
-        "{table}"
-    );
-    let bad = tempfile::tempdir().unwrap();
-    std::fs::write(bad.path().join("message.json"), b"{\"schema_version\": 7}").unwrap();
-    let out = k6_ingest(&["replay", "--dry-run", bad.path().to_str().unwrap()], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("FAILED") && table.contains("unknown schema_version 7"),
-        "{table}"
-    );
+    let unreadable_summary = copy_fixture("v1.1.0", "thresholds-pass");
+    std::fs::write(unreadable_summary.path().join("summary.json"), b"not json").unwrap();
+    let unknown_version = tempfile::tempdir().unwrap();
+    std::fs::write(
+        unknown_version.path().join("message.json"),
+        b"{\"schema_version\": 7}",
+    )
+    .unwrap();
+    for (dir, why) in [
+        (unreadable_summary.path(), "not valid JSON"),
+        (unknown_version.path(), "unknown schema_version 7"),
+    ] {
+        let out = k6_ingest(&["replay", "--dry-run", dir.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1));
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("FAILED") && table.contains(why), "{table}");
+    }
 }
