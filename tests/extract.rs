@@ -90,13 +90,11 @@ fn summary_json_and_export_of_one_run_agree() {
             }
         }
         assert_eq!(ca, cb, "{version}/{case}");
-        let th = |e: &Extraction| {
-            e.thresholds
-                .iter()
-                .map(|t| (t.metric_name.clone(), t.expression.clone(), t.ok))
-                .collect::<BTreeSet<_>>()
-        };
-        assert_eq!(th(&ea), th(&eb), "{version}/{case} thresholds");
+        assert_eq!(
+            threshold_set(&ea),
+            threshold_set(&eb),
+            "{version}/{case} thresholds"
+        );
         let ck = |e: &Extraction| {
             e.checks
                 .iter()

@@ -384,13 +384,11 @@ fn k6_2_2_0_default_fixtures_extract_like_1_1_0() {
         assert_eq!(nc.exit_code, oc.exit_code, "{ctx}");
         assert_eq!(present(&new), present(&old), "{ctx}: columns with a value");
         assert_eq!(nc.value_sources, oc.value_sources, "{ctx}");
-        let thresholds = |e: &Extraction| {
-            e.thresholds
-                .iter()
-                .map(|t| (t.metric_name.clone(), t.expression.clone(), t.ok))
-                .collect::<BTreeSet<_>>()
-        };
-        assert_eq!(thresholds(&new), thresholds(&old), "{ctx}: thresholds");
+        assert_eq!(
+            threshold_set(&new),
+            threshold_set(&old),
+            "{ctx}: thresholds"
+        );
         let metrics = |e: &Extraction| {
             e.metrics
                 .iter()

@@ -443,12 +443,8 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     let slow = SlowServer::start(summary).await;
     s.fetch.allowed_hosts = vec![slow.addr.to_string()];
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
-    let slow_msg = |i: usize| {
-        let mut m = case_message("thresholds-pass");
-        m["artifacts"] =
-            serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
-        m
-    };
+    let slow_msg =
+        |i: usize| summary_message(format!("http://{}/slow/{i}/summary.json", slow.addr));
 
     // One stuck run, many quick ones: the quick ones all go through.
     let stuck = vec![slow_msg(0)];
@@ -534,11 +530,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     let addr = worker.addr();
     proxy.cut();
     let msgs: Vec<Value> = (0..2)
-        .map(|i| {
-            let mut m = case_message("thresholds-pass");
-            m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/runs/{i}/summary.json", proxy.addr) });
-            m
-        })
+        .map(|i| summary_message(format!("http://{}/runs/{i}/summary.json", proxy.addr)))
         .collect();
     publish_bodies(&s, &bodies(&msgs)).await;
     let host_label = format!("k6_ingest_artifact_host_up{{host=\"{}\"}}", proxy.addr);
@@ -606,9 +598,7 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
     };
     s.fetch.allowed_hosts = vec![dead.to_string()];
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
-    let mut m = case_message("thresholds-pass");
-    m["artifacts"] = serde_json::json!({ "summary": format!("http://{dead}/summary.json") });
-    let msgs = vec![m];
+    let msgs = vec![summary_message(format!("http://{dead}/summary.json"))];
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
@@ -642,12 +632,7 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let msgs: Vec<Value> = ["status/503/summary.json", "hangup/summary.json"]
         .iter()
-        .map(|path| {
-            let mut m = case_message("thresholds-pass");
-            m["artifacts"] =
-                serde_json::json!({ "summary": format!("http://{}/{path}", host.addr) });
-            m
-        })
+        .map(|path| summary_message(format!("http://{}/{path}", host.addr)))
         .collect();
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;

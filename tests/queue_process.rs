@@ -138,11 +138,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     let mut worker = Worker::start(&s, &pool, &logs, "first").await;
 
     let in_flight: Vec<Value> = (0..4)
-        .map(|i| {
-            let mut m = case_message("thresholds-pass");
-            m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
-            m
-        })
+        .map(|i| summary_message(format!("http://{}/slow/{i}/summary.json", slow.addr)))
         .collect();
     publish_bodies(&s, &bodies(&in_flight)).await;
     wait_for("four runs in flight", || async {

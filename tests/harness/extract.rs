@@ -1,5 +1,6 @@
 //! Extraction of a fixture run without services.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use k6_ingest::artifact::open_lines;
@@ -27,4 +28,12 @@ pub fn extract_fixture(dir: &Path) -> Extraction {
         .unwrap()
     });
     extract(&summary, msg.exit_code, samples.as_ref())
+}
+
+/// An extraction's thresholds as (metric, expression, ok), in a stable order.
+pub fn threshold_set(e: &Extraction) -> BTreeSet<(String, String, bool)> {
+    e.thresholds
+        .iter()
+        .map(|t| (t.metric_name.clone(), t.expression.clone(), t.ok))
+        .collect()
 }

@@ -232,6 +232,13 @@ pub fn case_message(case: &str) -> Value {
     v
 }
 
+/// A fresh run of `thresholds-pass` whose only artifact is its summary at `uri`.
+pub fn summary_message(uri: String) -> Value {
+    let mut m = case_message("thresholds-pass");
+    m["artifacts"] = serde_json::json!({ "summary": uri });
+    m
+}
+
 /// `n` distinct runs, cycling through the fixture cases.
 pub fn messages(n: usize) -> Vec<Value> {
     (0..n)
