@@ -205,64 +205,71 @@ impl SlowServer {
         let s = server.clone();
         let body = Arc::new(body);
         tokio::spawn(async move {
-            loop {
-                let Ok((mut conn, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, body) = (s.clone(), body.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 8192];
-                    let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match conn.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let line = String::from_utf8_lossy(&got)
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let path = line.split(' ').nth(1).unwrap_or("/").to_string();
-                    if path.starts_with("/hangup/") {
-                        return; // closes the connection without an answer
-                    }
-                    if let Some(code) = path.strip_prefix("/status/").and_then(|p| p.get(..3)) {
-                        let head = format!(
-                            "HTTP/1.1 {code} Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                        );
-                        let _ = conn.write_all(head.as_bytes()).await;
-                        let _ = conn.shutdown().await;
-                        return;
-                    }
-                    if path.starts_with("/slow/") {
-                        let now = s.open.fetch_add(1, Ordering::SeqCst) + 1;
-                        s.peak.fetch_max(now, Ordering::SeqCst);
-                        while !s.release.load(Ordering::SeqCst) {
-                            let notified = s.notify.notified();
-                            if s.release.load(Ordering::SeqCst) {
-                                break;
-                            }
-                            notified.await;
-                        }
-                        s.open.fetch_sub(1, Ordering::SeqCst);
-                    }
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-                        body.len()
-                    );
-                    let _ = conn.write_all(head.as_bytes()).await;
-                    let _ = conn.write_all(&body).await;
-                    let _ = conn.shutdown().await;
-                });
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(s.clone().answer(conn, body.clone()));
             }
         });
         server
+    }
+
+    async fn answer(self, mut conn: TcpStream, body: Arc<Vec<u8>>) {
+        let Some(path) = request_path(&mut conn).await else {
+            return;
+        };
+        if path.starts_with("/hangup/") {
+            return; // closes the connection without an answer
+        }
+        if let Some(code) = path.strip_prefix("/status/").and_then(|p| p.get(..3)) {
+            let head = format!(
+                "HTTP/1.1 {code} Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+        if path.starts_with("/slow/") {
+            self.wait_for_release().await;
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = conn.write_all(head.as_bytes()).await;
+        let _ = conn.write_all(&body).await;
+        let _ = conn.shutdown().await;
+    }
+
+    /// Holds one request open until `release`, counting it among the open ones.
+    async fn wait_for_release(&self) {
+        let now = self.open.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        while !self.release.load(Ordering::SeqCst) {
+            let notified = self.notify.notified();
+            if self.release.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 
     pub fn release(&self) {
         self.release.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
+}
+
+/// Reads a request's head and returns its path; `None` when the client hung up first.
+async fn request_path(conn: &mut TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 8192];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&got);
+    let line = head.lines().next().unwrap_or_default();
+    Some(line.split(' ').nth(1).unwrap_or("/").to_string())
 }
