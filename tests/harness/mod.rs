@@ -180,11 +180,14 @@ impl TestEnv {
     }
 
     pub async fn with_settings(pool: &PgPool, s: Settings) -> Self {
+        let store = store(&s).await;
+        let client = store.client().clone();
+        let ing = assemble(pool, &s, store.clone(), client, vec![fixtures()]);
         Self {
             pool: pool.clone(),
-            store: store(&s).await,
-            ing: ingestor(pool, &s).await,
             s,
+            store,
+            ing,
         }
     }
 }
@@ -215,7 +218,8 @@ pub async fn ingestor_fetching_via(pool: &PgPool, s: &Settings, endpoint: String
     )
 }
 
-/// An ingestor for a dry run: it keeps the database and the store, so a test can show
+/// The ingestor a dry run uses, made here only, so a change in how a dry run is set up
+/// touches this one function. It keeps the database and the store, so a test can show
 /// that neither is written to.
 pub async fn dry_run_ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
     ingestor(pool, s).await
