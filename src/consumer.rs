@@ -48,6 +48,7 @@ use crate::amqp::{
 };
 use crate::breaker::{Breakers, Verdict};
 use crate::config::AmqpSettings;
+use crate::fault::ReasonClass;
 use crate::fault::{Dependency, Fault};
 use crate::http::Health;
 use crate::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
@@ -110,8 +111,8 @@ enum Held {
 /// What to do with a delivery once its outcome is known.
 enum Action {
     Ack,
-    Retry { class: &'static str, reason: String },
-    DeadLetter { class: &'static str, reason: String },
+    Retry { class: ReasonClass, reason: String },
+    DeadLetter { class: ReasonClass, reason: String },
 }
 
 impl Worker {
@@ -426,7 +427,7 @@ impl Worker {
         let size = delivery.data.len() as u64;
         if size > s.settings.max_message_bytes {
             return Ok(Action::DeadLetter {
-                class: "too_large",
+                class: ReasonClass::TooLarge,
                 reason: format!(
                     "message is {size} bytes, over the limit of {} (amqp.max_message_bytes)",
                     s.settings.max_message_bytes
@@ -452,36 +453,30 @@ impl Worker {
         span.record("project.id", tracing::field::display(msg.project_id));
 
         let started = Instant::now();
-        let result = s.ingestor.ingest_one(&msg, &IngestContext::default()).await;
+        let result = s.ingestor.ingest(&msg, &IngestContext::default()).await;
         let elapsed = started.elapsed();
         s.metrics.observe_ingest(elapsed.as_secs_f64());
         let duration_ms = elapsed.as_millis() as u64;
-        match result {
-            Ok(report) => {
-                match report.outcome {
-                    Outcome::AlreadyPresent => {
-                        s.metrics.duplicate();
-                        tracing::info!(
-                            duration_ms,
-                            "run already stored; acknowledged without writing"
-                        );
-                    }
-                    _ => {
-                        s.metrics.ingested(report.bytes_uploaded);
-                        tracing::info!(
-                            outcome = report.outcome.as_str(),
-                            status = report.line.status.as_deref().unwrap_or("-"),
-                            bytes_uploaded = report.bytes_uploaded,
-                            warnings = report.warnings.len(),
-                            duration_ms,
-                            "run ingested"
-                        );
-                    }
-                }
-                Ok(Action::Ack)
-            }
-            Err(e) => Err(e),
+        // A run stored as error keeps its message: it is dead-lettered like a failure.
+        let report = result?.into_result()?;
+        if report.outcome == Outcome::AlreadyPresent {
+            s.metrics.duplicate();
+            tracing::info!(
+                duration_ms,
+                "run already stored; acknowledged without writing"
+            );
+        } else {
+            s.metrics.ingested(report.bytes_uploaded);
+            tracing::info!(
+                outcome = report.outcome.as_str(),
+                status = report.line.status.as_deref().unwrap_or("-"),
+                bytes_uploaded = report.bytes_uploaded,
+                warnings = report.warnings.len(),
+                duration_ms,
+                "run ingested"
+            );
         }
+        Ok(Action::Ack)
     }
 
     /// What a failure that spends an attempt does: retry while attempts remain, then
@@ -494,7 +489,6 @@ impl Worker {
             None => e.to_string(),
         };
         match e.disposition() {
-            Disposition::Ack => Action::Ack,
             Disposition::Retry if attempt < s.settings.max_attempts => Action::Retry {
                 class: e.class(),
                 reason,
@@ -530,7 +524,7 @@ impl Worker {
             }
             Action::Retry { class, reason } => {
                 let delay = s.topology.retry_delay(attempt);
-                tracing::warn!(reason.class = class, error = %reason, retry_in_ms = delay.as_millis() as u64, "transient failure; retrying later");
+                tracing::warn!(reason.class = class.as_str(), error = %reason, retry_in_ms = delay.as_millis() as u64, "transient failure; retrying later");
                 (
                     class,
                     reason,
@@ -540,7 +534,7 @@ impl Worker {
                 )
             }
             Action::DeadLetter { class, reason } => {
-                tracing::error!(reason.class = class, error = %reason, "message dead-lettered");
+                tracing::error!(reason.class = class.as_str(), error = %reason, "message dead-lettered");
                 (
                     class,
                     reason,
@@ -556,7 +550,7 @@ impl Worker {
             &[
                 (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
                 (REASON_HEADER, amqp::text(&reason)),
-                (REASON_CLASS_HEADER, amqp::text(class)),
+                (REASON_CLASS_HEADER, amqp::text(class.as_str())),
                 (
                     FAILED_AT_HEADER,
                     amqp::text(&chrono::Utc::now().to_rfc3339()),
@@ -569,9 +563,9 @@ impl Worker {
         {
             Ok(()) => {
                 if retry {
-                    s.metrics.retried(class);
+                    s.metrics.retried(class.as_str());
                 } else {
-                    s.metrics.dead_lettered(class);
+                    s.metrics.dead_lettered(class.as_str());
                 }
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(error = %e, "ack after republish failed; the broker will redeliver (a duplicate, never a loss)");
@@ -601,11 +595,7 @@ pub async fn start(
     ingestor: Ingestor,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
-    use anyhow::Context as _;
-    let pool = ingestor
-        .pool()
-        .cloned()
-        .context("consume needs database.url")?;
+    let pool = ingestor.pool().clone();
     let metrics = Metrics::new();
     let health = Health::default();
     // The HTTP server and the probes outlive the drain, so /readyz can say "stopping"
@@ -614,9 +604,10 @@ pub async fn start(
     let breakers = Breakers::new(
         &settings.breaker,
         Some(pool),
-        ingestor
-            .store()
-            .map(|st| (st.client().clone(), st.bucket().to_string())),
+        Some((
+            ingestor.artifact_store().client().clone(),
+            ingestor.artifact_store().bucket().to_string(),
+        )),
         metrics.clone(),
         health.clone(),
         http_stop.clone(),
@@ -664,11 +655,7 @@ pub async fn consume(
     settings: &crate::config::Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let needs = crate::app::Needs {
-        database: true,
-        s3: true,
-    };
-    let ingestor = crate::app::build_ingestor(settings, needs, Vec::new()).await?;
+    let ingestor = crate::app::build_ingestor(settings, Vec::new()).await?;
     let interval = std::time::Duration::from_secs(settings.ingest.part_sweep_interval_secs.max(1));
     ingestor.spawn_part_sweep(interval, shutdown.clone());
     let running = start(settings, ingestor, shutdown).await?;

@@ -72,6 +72,56 @@ impl Fault {
     }
 }
 
+/// Why a message was retried or dead-lettered: the `reason` label of the retry and
+/// dead-letter counters and the `x-k6-ingest-reason-class` header. The labels are a
+/// published contract (dashboards and alerts match on them), so they never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonClass {
+    NotJson,
+    UnknownVersion,
+    InvalidMessage,
+    TooLarge,
+    Fetch,
+    Upload,
+    TenantMismatch,
+    ContentRefused,
+    Database,
+    SummaryUnusable,
+    Config,
+}
+
+impl ReasonClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotJson => "not_json",
+            Self::UnknownVersion => "unknown_version",
+            Self::InvalidMessage => "invalid_message",
+            Self::TooLarge => "too_large",
+            Self::Fetch => "fetch",
+            Self::Upload => "upload",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::ContentRefused => "content_refused",
+            Self::Database => "database",
+            Self::SummaryUnusable => "summary_unusable",
+            Self::Config => "config",
+        }
+    }
+}
+
+impl fmt::Display for ReasonClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lets a label be compared with the string dashboards and headers carry.
+impl PartialEq<&str> for ReasonClass {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,28 +159,19 @@ mod tests {
                 status,
             };
             assert_eq!(e.fault(), fault, "{status}");
-            assert_eq!(e.is_transient(), fault.is_retryable(), "{status}");
         }
-        let s3 = |transient| FetchError::S3 {
+        let s3 = FetchError::S3 {
             uri: "s3://b/k".into(),
             message: "m".into(),
-            transient,
+            fault: Fault::Dependency(Dependency::ArtifactStore),
         };
-        assert_eq!(
-            s3(true).fault(),
-            Fault::Dependency(Dependency::ArtifactStore)
-        );
-        assert_eq!(s3(false).fault(), Fault::Permanent);
-        let upload = |transient| UploadError {
+        assert_eq!(s3.fault(), Fault::Dependency(Dependency::ArtifactStore));
+        let upload = UploadError {
             key: "k".into(),
             message: "m".into(),
-            transient,
+            fault: Fault::Permanent,
         };
-        assert_eq!(
-            upload(true).fault(),
-            Fault::Dependency(Dependency::ArtifactStore)
-        );
-        assert_eq!(upload(false).fault(), Fault::Permanent);
+        assert_eq!(upload.fault(), Fault::Permanent);
         assert_eq!(
             crate::db::db_fault(&sqlx::Error::PoolTimedOut),
             Fault::Dependency(Dependency::Database)

@@ -40,18 +40,12 @@ async fn split_ingestor(pool: &PgPool, tag: &str) -> Ingestor {
         .unwrap()
         .with_roots(vec![split_root()])
         .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    Ingestor::new(pool.clone(), store, fetcher, s.s3.inline_summary_max_bytes)
 }
 
 fn ctx_of(dir: &Path) -> IngestContext {
     IngestContext {
         base_dir: Some(dir.to_path_buf()),
-        dry_run: false,
     }
 }
 

@@ -40,12 +40,7 @@ async fn split_ingestor(pool: &PgPool, s: &k6_ingest::config::Settings) -> Inges
         .unwrap()
         .with_roots(vec![case_dir()])
         .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    Ingestor::new(pool.clone(), store, fetcher, s.s3.inline_summary_max_bytes)
 }
 
 /// Everything the merged run wrote, without ids and write times, in a stable order.

@@ -75,8 +75,8 @@ async fn world(pool: &PgPool) -> World {
         .unwrap()
         .with_s3_sources(s.s3.sources().unwrap());
     let ingestor = Ingestor::new(
-        Some(pool.clone()),
-        Some(store.clone()),
+        pool.clone(),
+        store.clone(),
         fetcher,
         s.s3.inline_summary_max_bytes,
     );

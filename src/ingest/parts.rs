@@ -17,8 +17,8 @@
 //! runs, joined with `SortedSamples::merge`: memory is bounded by
 //! `fetch.samples_buffer_bytes` per part whatever the sample counts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -26,13 +26,14 @@ use serde_json::{Value, json};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{
-    Body, IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine, SummaryLoad,
-    Uploads, summary_expected, unique_name,
-};
-use crate::artifact::{LocalArtifact, Source, Tenant, open_lines_capped, redact_uri};
+use super::steps::{ArtifactRole, Extracted};
+use super::store::refuses_every_attempt;
+use super::upload::Uploaded;
+use super::{IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine};
+use crate::artifact::{LocalArtifact, Source, open_lines_capped};
 use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, PartWrite, StoredPart, merged_label};
 use crate::db::{Db, NewRun, StoreError, Stored};
+use crate::fault::ReasonClass;
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
 use crate::summary::merge::MergeAcc;
 use crate::summary::parse::parse_summary_value;
@@ -55,7 +56,7 @@ struct MergeOutcome {
 }
 
 impl Ingestor {
-    /// `ingest_one` for a message with a `part`.
+    /// The path of a message with a `part`: the shared steps, then the part's own store.
     pub(super) async fn ingest_part(
         &self,
         msg: &RunCompleted,
@@ -63,198 +64,77 @@ impl Ingestor {
         ctx: &IngestContext,
     ) -> Result<IngestReport, IngestError> {
         let run_id = msg.run_id;
-        let store_err = |source| IngestError::Store { run_id, source };
-        let mut stored_before = None;
-        if let Some(db) = &self.db {
-            let ex = db
-                .existing(run_id)
-                .await
-                .map_err(|e| store_err(StoreError::Db(e)))?;
-            ex.check_tenant(msg).map_err(store_err)?;
-            // A part stored before: nothing to fetch; only a merge may still be due
-            // (when the transaction that stored it was the one that saw it complete,
-            // the merge is already there).
-            if !ctx.dry_run {
-                stored_before = db
-                    .part_stored(run_id, part.index)
-                    .await
-                    .map_err(|e| store_err(e.into()))?;
-                if stored_before == Some(true) {
-                    return self.part_again(db, msg, part).await;
-                }
-            }
+        self.prior_record(msg).await?;
+        // A part stored before: nothing to fetch; only a merge may still be due (when
+        // the transaction that stored it was the one that saw it complete, the merge is
+        // already there).
+        let stored_before = self
+            .db
+            .part_stored(run_id, part.index)
+            .await
+            .map_err(|e| IngestError::store(run_id, e))?;
+        if stored_before == Some(true) {
+            return self.part_again(&self.db, msg, part).await;
         }
-
-        let load = self.load_summary(msg, ctx).await?;
-        let has_summary = matches!(load, SummaryLoad::Parsed { .. });
-        if let (Some(false), false, Some(db)) = (stored_before, has_summary, &self.db) {
+        let fetched = self.prepare.fetch(msg, ctx).await?;
+        if stored_before == Some(false) && !fetched.has_summary() {
             // stored as error before, and still without a summary: nothing new
-            return self.part_again(db, msg, part).await;
+            return self.part_again(&self.db, msg, part).await;
         }
-        let mut warnings: Vec<String> = msg.decode_warnings.clone();
-        let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
-        for (role, uri) in [
-            ("logs", &msg.artifacts.logs),
-            ("report_html", &msg.artifacts.report_html),
-            ("metrics", &msg.artifacts.metrics),
-        ] {
-            let Some(uri) = uri.as_deref() else { continue };
-            match self.fetch_local(uri, ctx, &Tenant::of(msg)).await {
-                Ok((source, local)) => locals.push((role, redact_uri(uri), source, local)),
-                Err(e) if e.is_transient() => {
-                    return Err(IngestError::Fetch {
-                        run_id,
-                        artifact: role,
-                        source: e,
-                    });
-                }
-                Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
-            }
-        }
-        let metrics_file = locals
-            .iter()
-            .find(|l| l.0 == "metrics")
-            .map(|l| l.3.path.clone());
-        let samples = match &load {
-            SummaryLoad::Parsed { summary, .. } => {
-                self.read_samples(summary, metrics_file.clone(), &mut warnings)
-                    .await
-            }
-            _ => None,
+        let extracted = self.prepare.extract(msg, &fetched).await?;
+        let current = Current {
+            index: part.index,
+            metrics: fetched.metrics_file().map(Path::to_path_buf),
         };
-        let (mut extraction, summary_reason) = match &load {
-            SummaryLoad::Parsed { summary, .. } => {
-                (extract(summary, msg.exit_code, samples.as_ref()), None)
-            }
-            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
-                extract_without_summary(msg.exit_code, reason),
-                Some(reason.clone()),
-            ),
-        };
-        extraction.columns.warnings.extend(warnings);
-        let unusable = summary_reason
-            .clone()
-            .filter(|_| summary_expected(msg.exit_code))
-            .map(|reason| IngestError::SummaryUnusable { run_id, reason });
-
-        if ctx.dry_run {
-            if let Some(e) = unusable {
-                return Err(e);
-            }
-            return Ok(IngestReport {
-                run_id,
-                outcome: Outcome::DryRun,
-                line: RunLine::from_extraction(&extraction),
-                bytes_uploaded: 0,
-                warnings: extraction.columns.warnings,
-            });
-        }
-        let Some(db) = &self.db else {
-            return Err(IngestError::Config {
-                run_id,
-                message: "no database configured (database.url)".into(),
-            });
-        };
-
-        // --- uploads, under names of this part's own ---
-        let mut uploads = Uploads::default();
-        let mut artifact_paths = BTreeMap::<String, Value>::new();
-        let mut taken: Vec<String> = Vec::new();
-        let mut metrics_s3_url = None;
         let prefix = format!("part-{}-", part.index);
-        for (role, uri, source, local) in &locals {
-            let name = unique_name(&format!("{prefix}{}", source.file_name()), role, &mut taken);
-            let s3 = self
-                .upload(db, msg, &name, Body::File(local), &mut uploads)
-                .await?;
-            if *role == "metrics" {
-                metrics_s3_url = Some(s3.clone());
-            }
-            artifact_paths.insert(
-                (*role).to_string(),
-                json!({"source": uri, "s3": s3, "bytes": local.size}),
-            );
-        }
-        let mut summary_json = None;
-        let mut summary_s3_url = None;
-        let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
-        match load {
-            SummaryLoad::Parsed {
-                size,
-                doc,
-                summary,
-                file_name,
-                bytes,
-            } => {
-                drop(summary);
-                if let Some(doc) = doc {
-                    summary_json = Some(doc);
-                    artifact_paths.insert(
-                        "summary".into(),
-                        json!({"source": source_uri, "inline": true, "bytes": size}),
-                    );
-                } else {
-                    let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
-                    let s3 = self
-                        .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
-                        .await?;
-                    artifact_paths.insert(
-                        "summary".into(),
-                        json!({"source": source_uri, "s3": s3, "bytes": size}),
-                    );
-                    summary_s3_url = Some(s3);
-                }
-            }
-            SummaryLoad::Unreadable {
-                bytes, file_name, ..
-            } => {
-                let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
-                let s3 = self
-                    .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
-                    .await?;
-                artifact_paths.insert(
-                    "summary".into(),
-                    json!({"source": source_uri, "s3": s3, "unreadable": true}),
-                );
-            }
-            SummaryLoad::Missing { .. } => {}
-        }
+        let uploaded = self
+            .upload(msg, fetched.summary, &fetched.artifacts, &prefix)
+            .await?;
+        // `fetched.artifacts` (the local metrics file the merge reads) lives until here.
+        self.store_and_merge(msg, part, extracted, uploaded, current)
+            .await
+    }
 
-        let columns = serde_json::to_value(&extraction.columns).unwrap_or(Value::Null);
-        let error_details = extraction.status_details.clone().or(summary_reason);
+    /// Stores the part (and the merge, when it completes the run) and reports it.
+    async fn store_and_merge(
+        &self,
+        msg: &RunCompleted,
+        part: &Part,
+        extracted: Extracted,
+        uploaded: Uploaded,
+        current: Current,
+    ) -> Result<IngestReport, IngestError> {
+        let run_id = msg.run_id;
+        let unusable = extracted.unusable(msg);
+        let Extracted {
+            extraction,
+            summary_reason,
+        } = extracted;
         let new = NewPart {
             msg,
             part,
             status: extraction.columns.status.as_str(),
-            columns,
-            artifact_paths: Value::Object(artifact_paths.into_iter().collect()),
-            summary_json,
-            summary_s3_url,
-            metrics_s3_url,
-            error_details,
+            columns: serde_json::to_value(&extraction.columns).unwrap_or(Value::Null),
+            artifact_paths: uploaded.artifact_paths(),
+            summary_s3_url: uploaded.s3_of(ArtifactRole::Summary),
+            metrics_s3_url: uploaded.s3_of(ArtifactRole::Metrics),
+            summary_json: uploaded.summary_json,
+            error_details: extraction.status_details.clone().or(summary_reason),
         };
-        let current = Current {
-            index: part.index,
-            metrics: metrics_file,
-        };
-        let result = self.store_part(db, msg, part, new, Some(current)).await;
+        let objects = uploaded.objects;
+        let result = self
+            .store_part(&self.db, msg, part, new, Some(current))
+            .await;
         release_freed_memory();
         let (outcome, merged) = match result {
             Ok(v) => v,
             Err(e) => {
-                if matches!(
-                    e,
-                    StoreError::TenantMismatch { .. } | StoreError::Refused { .. }
-                ) {
-                    self.remove_unreferenced(db, run_id, &uploads).await;
+                if refuses_every_attempt(&e) {
+                    self.remove_unreferenced(run_id, &objects).await;
                 }
-                return Err(store_err(e));
+                return Err(IngestError::store(run_id, e));
             }
         };
-        let bytes_uploaded = uploads.bytes;
-        if let Some(e) = unusable {
-            return Err(e);
-        }
         let (line, mut warnings) = match &merged {
             Some(m) => (
                 RunLine::from_extraction(&m.extraction),
@@ -263,12 +143,20 @@ impl Ingestor {
             None => (RunLine::from_extraction(&extraction), Vec::new()),
         };
         warnings.extend(extraction.columns.warnings);
+        let (outcome, reason) = match unusable {
+            Some(reason) => (
+                Outcome::StoredAsError(ReasonClass::SummaryUnusable),
+                Some(reason),
+            ),
+            None => (outcome, None),
+        };
         Ok(IngestReport {
             run_id,
             outcome,
             line,
-            bytes_uploaded,
+            bytes_uploaded: objects.bytes,
             warnings,
+            reason,
         })
     }
 
@@ -300,6 +188,7 @@ impl Ingestor {
                 line: RunLine::from_extraction(&merged.extraction),
                 bytes_uploaded: 0,
                 warnings: merged.extraction.columns.warnings,
+                reason: None,
             });
         }
         tx.rollback().await.map_err(|e| store_err(e.into()))?;
@@ -367,7 +256,7 @@ impl Ingestor {
         // One part's summary at a time: loaded (its own query, or its S3 copy), folded
         // into the accumulator and dropped before the next is read.
         release_freed_memory();
-        let mut acc = MergeAcc::new(&self.summary_limits);
+        let mut acc = MergeAcc::new(self.prepare.summary_limits());
         let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
             let (summary, reason) = self.stored_summary(db, tx, msg.run_id, p).await?;
@@ -522,7 +411,7 @@ impl Ingestor {
                 let Some(source) = s3_source(uri) else {
                     return Ok((None, Some(format!("summary {uri} is not an s3:// URI"))));
                 };
-                match self.fetcher.fetch_summary(uri, &source).await {
+                match self.prepare.fetcher().fetch_summary(uri, &source).await {
                     Ok(bytes) => match serde_json::from_slice(&bytes) {
                         Ok(v) => v,
                         Err(e) => return Ok((None, Some(format!("summary {uri}: {e}")))),
@@ -546,7 +435,7 @@ impl Ingestor {
         requests: &[SampleRequest],
         parts: usize,
     ) -> Result<HashMap<String, SortedSamples>, String> {
-        let settings = self.fetcher.settings();
+        let settings = self.prepare.fetcher().settings();
         let mut limits = settings.sample_limits();
         // Sorted samples a part could keep in memory stay there until the merge walk:
         // the parts share one buffer, so a merge holds no more than a whole run would.
@@ -558,7 +447,8 @@ impl Ingestor {
                 let uri = p.metrics_s3_url.as_deref().ok_or("sent no raw samples")?;
                 let source = s3_source(uri).ok_or_else(|| format!("{uri} is not an s3:// URI"))?;
                 let local = self
-                    .fetcher
+                    .prepare
+                    .fetcher()
                     .fetch_to_local(uri, &source, settings.max_artifact_bytes)
                     .await
                     .map_err(|e| format!("raw samples unavailable: {e}"))?;
@@ -595,9 +485,7 @@ impl Ingestor {
         &self,
         wait: std::time::Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let Some(db) = &self.db else {
-            return Ok(Vec::new());
-        };
+        let db = &self.db;
         let cutoff: DateTime<Utc> =
             Utc::now() - chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
         let mut done = Vec::new();

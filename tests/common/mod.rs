@@ -79,18 +79,12 @@ pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
         .unwrap()
         .with_roots(vec![fixtures()])
         .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    Ingestor::new(pool.clone(), store, fetcher, s.s3.inline_summary_max_bytes)
 }
 
 pub fn ctx(dir: &Path) -> IngestContext {
     IngestContext {
         base_dir: Some(dir.to_path_buf()),
-        dry_run: false,
     }
 }
 

@@ -84,12 +84,7 @@ pub async fn ingestor(pool: &PgPool, s: &Settings) -> Ingestor {
     let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
         .unwrap()
         .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    Ingestor::new(pool.clone(), store, fetcher, s.s3.inline_summary_max_bytes)
 }
 
 /// The database URL of a `#[sqlx::test]` pool, for a worker in a child process.
