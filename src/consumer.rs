@@ -1,4 +1,4 @@
-//! `consume`: the RabbitMQ driver of `ingest_one`.
+//! `consume`: the RabbitMQ driver of `Ingestor::ingest`.
 //!
 //! Each delivery is handled in its own task (tracked, so shutdown can wait for them), up
 //! to `amqp.concurrency` at once; the broker hands out at most `amqp.prefetch` unacked
@@ -106,6 +106,12 @@ enum Held {
     /// The fault is charged to the message (the dependency answers, or the wait for an
     /// artifact host ran out), with why.
     Spend(Option<String>),
+}
+
+/// A delivery at work: its slot and its share of the in-flight gauge.
+struct Busy {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _in_flight: crate::metrics::InFlight,
 }
 
 /// What to do with a delivery once its outcome is known.
@@ -329,56 +335,65 @@ impl Worker {
             project.id = Empty,
         );
         async {
-            // When the wait for an artifact host ends; set at the first wait for one.
-            let mut host_deadline: Option<Instant> = None;
-            loop {
-                // Wait for a slot, then for PostgreSQL and S3; when the session ends
-                // (shutdown) hand the delivery back rather than start it.
-                let permit = tokio::select! {
-                    biased;
-                    () = session_over.cancelled() => None,
-                    permit = s.slots.clone().acquire_owned() => permit.ok(),
-                };
-                let Some(permit) = permit else {
-                    hand_back(&delivery).await;
-                    return;
-                };
-                if let Some(down) = s.breakers.global_down() {
-                    s.metrics.held(down.label());
-                    tracing::debug!(dependency = %down, "waiting for a dependency before starting");
+            match self.decide(&delivery, attempt, &session_over).await {
+                // The slot is kept until the outcome is durable.
+                Some((action, _busy)) => {
+                    self.settle(&delivery, attempt, action, &publish_ch, &broken)
+                        .await;
                 }
-                if !s.breakers.wait_global(&session_over).await {
-                    hand_back(&delivery).await;
-                    return;
-                }
-                let in_flight = s.metrics.in_flight();
-                let action = match self.process(&delivery).await {
-                    Ok(action) => action,
-                    Err(e) => match e.fault() {
-                        Fault::Dependency(dependency) => {
-                            drop((permit, in_flight));
-                            match self
-                                .hold(&dependency, &e, &mut host_deadline, &session_over)
-                                .await
-                            {
-                                Held::Resume => continue,
-                                Held::Stopped => {
-                                    hand_back(&delivery).await;
-                                    return;
-                                }
-                                Held::Spend(reason) => self.failed(&e, attempt, reason),
-                            }
-                        }
-                        Fault::Transient | Fault::Permanent => self.failed(&e, attempt, None),
-                    },
-                };
-                self.settle(&delivery, attempt, action, &publish_ch, &broken)
-                    .await;
-                return;
+                None => hand_back(&delivery).await,
             }
         }
         .instrument(span)
         .await;
+    }
+
+    /// Ingests the delivery once a slot is free and PostgreSQL and S3 are up, holding
+    /// it through a dependency's outage, and says what to do with it (with the slot, if
+    /// it still holds one). `None`: the session ended first, hand the delivery back.
+    async fn decide(
+        &self,
+        delivery: &Delivery,
+        attempt: u32,
+        session_over: &CancellationToken,
+    ) -> Option<(Action, Option<Busy>)> {
+        let s = &self.inner;
+        // When the wait for an artifact host ends; set at the first wait for one.
+        let mut host_deadline: Option<Instant> = None;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = session_over.cancelled() => None,
+                permit = s.slots.clone().acquire_owned() => permit.ok(),
+            }?;
+            if let Some(down) = s.breakers.global_down() {
+                s.metrics.held(down.label());
+                tracing::debug!(dependency = %down, "waiting for a dependency before starting");
+            }
+            if !s.breakers.wait_global(session_over).await {
+                return None;
+            }
+            let busy = Busy {
+                _slot: permit,
+                _in_flight: s.metrics.in_flight(),
+            };
+            let e = match self.process(delivery).await {
+                Ok(action) => return Some((action, Some(busy))),
+                Err(e) => e,
+            };
+            let Fault::Dependency(dependency) = e.fault() else {
+                return Some((self.failed(&e, attempt, None), Some(busy)));
+            };
+            drop(busy);
+            match self
+                .hold(&dependency, &e, &mut host_deadline, session_over)
+                .await
+            {
+                Held::Resume => {}
+                Held::Stopped => return None,
+                Held::Spend(why) => return Some((self.failed(&e, attempt, why), None)),
+            }
+        }
     }
 
     /// A delivery whose ingest failed on `dependency`: confirmed down, it waits (without
@@ -544,20 +559,7 @@ impl Worker {
                 )
             }
         };
-        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
-        let props = amqp::with_headers(
-            &delivery.properties,
-            &[
-                (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
-                (REASON_HEADER, amqp::text(&reason)),
-                (REASON_CLASS_HEADER, amqp::text(class.as_str())),
-                (
-                    FAILED_AT_HEADER,
-                    amqp::text(&chrono::Utc::now().to_rfc3339()),
-                ),
-            ],
-            &[],
-        );
+        let props = failure_headers(delivery, attempt, class, &reason);
         match amqp::publish_confirmed(publish_ch, &exchange, &routing_key, &delivery.data, props)
             .await
         {
@@ -660,6 +662,30 @@ pub async fn consume(
     ingestor.spawn_part_sweep(interval, shutdown.clone());
     let running = start(settings, ingestor, shutdown).await?;
     running.done.await?
+}
+
+/// The delivery's properties with why it failed: the attempt count, the reason (cut to
+/// [`MAX_REASON_CHARS`]), its class and when.
+fn failure_headers(
+    delivery: &Delivery,
+    attempt: u32,
+    class: ReasonClass,
+    reason: &str,
+) -> lapin::BasicProperties {
+    let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+    amqp::with_headers(
+        &delivery.properties,
+        &[
+            (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
+            (REASON_HEADER, amqp::text(&reason)),
+            (REASON_CLASS_HEADER, amqp::text(class.as_str())),
+            (
+                FAILED_AT_HEADER,
+                amqp::text(&chrono::Utc::now().to_rfc3339()),
+            ),
+        ],
+        &[],
+    )
 }
 
 /// Returns a delivery to the queue unacknowledged, for this or another worker to take.

@@ -1,5 +1,5 @@
 //! `replay`: ingest message files from directories (backfills, fixtures), with the same
-//! `ingest_one` as the consumer. Idempotent and so resumable: a second run over the
+//! `Ingestor::ingest` as the consumer. Idempotent and so resumable: a second run over the
 //! same paths finds every run already present and changes nothing.
 
 use std::fmt::Write as _;

@@ -31,7 +31,9 @@ use super::store::refuses_every_attempt;
 use super::upload::Uploaded;
 use super::{IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine};
 use crate::artifact::{LocalArtifact, Source, open_lines_capped};
-use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, PartWrite, StoredPart, merged_label};
+use crate::db::parts::{
+    MERGED_PARTS_KEY, NewPart, PartState, PartWrite, RunIdentity, StoredPart, merged_label,
+};
 use crate::db::{Db, NewRun, StoreError, Stored};
 use crate::fault::ReasonClass;
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
@@ -135,14 +137,7 @@ impl Ingestor {
                 return Err(IngestError::store(run_id, e));
             }
         };
-        let (line, mut warnings) = match &merged {
-            Some(m) => (
-                RunLine::from_extraction(&m.extraction),
-                m.extraction.columns.warnings.clone(),
-            ),
-            None => (RunLine::from_extraction(&extraction), Vec::new()),
-        };
-        warnings.extend(extraction.columns.warnings);
+        let (line, warnings) = part_view(merged.as_ref(), extraction);
         let (outcome, reason) = match unusable {
             Some(reason) => (
                 Outcome::StoredAsError(ReasonClass::SummaryUnusable),
@@ -513,29 +508,7 @@ impl Ingestor {
                 wait.as_secs(),
                 missing.join(", ")
             );
-            let first = &state.parts[0];
-            let msg = RunCompleted {
-                schema_version: 1,
-                event_id: Uuid::now_v7(),
-                run_id,
-                job_id: id.job_id,
-                test_id: id.test_id.unwrap_or_default(),
-                organization_id: id.organization_id,
-                project_id: id.project_id,
-                location: id.location,
-                trigger: id
-                    .trigger
-                    .and_then(|t| serde_json::from_value::<Trigger>(Value::String(t)).ok()),
-                started_at: first.started_at.unwrap_or_else(Utc::now),
-                completed_at: first.completed_at,
-                exit_code: None,
-                k6_version: None,
-                artifacts: Artifacts::default(),
-                config_snapshot: None,
-                metadata: None,
-                part: None,
-                decode_warnings: Vec::new(),
-            };
+            let msg = sweep_message(run_id, id, &state.parts[0]);
             self.merge_in(db, &mut tx, &msg, &state, None, Some(why))
                 .await?;
             tx.commit().await?;
@@ -566,6 +539,47 @@ impl Ingestor {
             }
         })
     }
+}
+
+/// The message a sweep records an incomplete split run with: the ids of its `runs` row
+/// and the times of its first part.
+fn sweep_message(run_id: Uuid, id: RunIdentity, first: &StoredPart) -> RunCompleted {
+    RunCompleted {
+        schema_version: 1,
+        event_id: Uuid::now_v7(),
+        run_id,
+        job_id: id.job_id,
+        test_id: id.test_id.unwrap_or_default(),
+        organization_id: id.organization_id,
+        project_id: id.project_id,
+        location: id.location,
+        trigger: id
+            .trigger
+            .and_then(|t| serde_json::from_value::<Trigger>(Value::String(t)).ok()),
+        started_at: first.started_at.unwrap_or_else(Utc::now),
+        completed_at: first.completed_at,
+        exit_code: None,
+        k6_version: None,
+        artifacts: Artifacts::default(),
+        config_snapshot: None,
+        metadata: None,
+        part: None,
+        decode_warnings: Vec::new(),
+    }
+}
+
+/// The report's line and warnings: the merged run's line when this part completed it,
+/// and the part's own warnings after the merge's.
+fn part_view(merged: Option<&MergeOutcome>, own: Extraction) -> (RunLine, Vec<String>) {
+    let (line, mut warnings) = match merged {
+        Some(m) => (
+            RunLine::from_extraction(&m.extraction),
+            m.extraction.columns.warnings.clone(),
+        ),
+        None => (RunLine::from_extraction(&own), Vec::new()),
+    };
+    warnings.extend(own.columns.warnings);
+    (line, warnings)
 }
 
 /// `s3://bucket/key` as a fetch source (the worker's own copies, read back for a merge).

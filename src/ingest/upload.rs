@@ -201,23 +201,28 @@ fn plan<'a>(
             record: record(a.role, a.source_uri.clone(), Some(a.local.size)),
         })
         .collect();
-    let source = msg.artifacts.summary.as_deref().map(redact_uri);
-    let mut inline = Vec::new();
-    let mut summary_json = None;
-    match summary {
+    let source = msg
+        .artifacts
+        .summary
+        .as_deref()
+        .map(redact_uri)
+        .unwrap_or_default();
+    let mut name = |file_name: &str| {
+        unique_name(
+            &format!("{prefix}{file_name}"),
+            ArtifactRole::Summary,
+            &mut taken,
+        )
+    };
+    let (put, inline, summary_json) = match summary {
         SummaryLoad::Parsed {
             size,
             doc: Some(doc),
             ..
         } => {
-            summary_json = Some(doc);
-            let mut r = record(
-                ArtifactRole::Summary,
-                source.unwrap_or_default(),
-                Some(size),
-            );
+            let mut r = record(ArtifactRole::Summary, source, Some(size));
             r.inline = true;
-            inline.push(r);
+            (None, vec![r], Some(doc))
         }
         SummaryLoad::Parsed {
             size,
@@ -225,37 +230,25 @@ fn plan<'a>(
             file_name,
             bytes,
             ..
-        } => puts.push(Put {
-            name: unique_name(
-                &format!("{prefix}{file_name}"),
-                ArtifactRole::Summary,
-                &mut taken,
-            ),
-            body: Body::Bytes(bytes),
-            record: record(
-                ArtifactRole::Summary,
-                source.unwrap_or_default(),
-                Some(size),
-            ),
-        }),
+        } => {
+            let r = record(ArtifactRole::Summary, source, Some(size));
+            (Some((name(&file_name), bytes, r)), Vec::new(), None)
+        }
         SummaryLoad::Unreadable {
             bytes, file_name, ..
         } => {
             // Kept where a person can look at it.
-            let mut r = record(ArtifactRole::Summary, source.unwrap_or_default(), None);
+            let mut r = record(ArtifactRole::Summary, source, None);
             r.unreadable = true;
-            puts.push(Put {
-                name: unique_name(
-                    &format!("{prefix}{file_name}"),
-                    ArtifactRole::Summary,
-                    &mut taken,
-                ),
-                body: Body::Bytes(bytes),
-                record: r,
-            });
+            (Some((name(&file_name), bytes, r)), Vec::new(), None)
         }
-        SummaryLoad::Missing { .. } => {}
-    }
+        SummaryLoad::Missing { .. } => (None, Vec::new(), None),
+    };
+    puts.extend(put.map(|(name, bytes, record)| Put {
+        name,
+        body: Body::Bytes(bytes),
+        record,
+    }));
     (puts, inline, summary_json)
 }
 
