@@ -129,6 +129,32 @@ mod tests {
     use crate::s3::UploadError;
 
     #[test]
+    fn reason_classes_serialize_as_their_labels() {
+        use ReasonClass::*;
+        let all = [
+            NotJson,
+            UnknownVersion,
+            InvalidMessage,
+            TooLarge,
+            Fetch,
+            Upload,
+            TenantMismatch,
+            ContentRefused,
+            Database,
+            SummaryUnusable,
+            Config,
+        ];
+        for class in all {
+            assert_eq!(
+                serde_json::to_value(class).unwrap(),
+                serde_json::Value::from(class.as_str())
+            );
+        }
+        assert_eq!(SummaryUnusable.as_str(), "summary_unusable");
+        assert_eq!(ContentRefused, "content_refused");
+    }
+
+    #[test]
     fn each_error_says_whose_fault_it_is() {
         let host = |uri: &str| FetchError::Transport {
             uri: uri.into(),

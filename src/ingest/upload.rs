@@ -278,3 +278,63 @@ fn unique_name(name: &str, role: ArtifactRole, taken: &mut Vec<String>) -> Strin
     taken.push(name.clone());
     name
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn uploaded(records: Vec<ArtifactRecord>) -> Uploaded {
+        Uploaded {
+            records,
+            summary_json: None,
+            objects: Uploads::default(),
+        }
+    }
+
+    #[test]
+    fn artifact_paths_keep_their_published_shape() {
+        let mut logs = record(ArtifactRole::Logs, "file:///r/k6.log".into(), Some(10));
+        logs.s3 = Some("s3://b/k/k6.log".into());
+        let mut inline = record(ArtifactRole::Summary, "summary.json".into(), Some(5));
+        inline.inline = true;
+        let paths = uploaded(vec![inline, logs]).artifact_paths();
+        assert_eq!(
+            serde_json::to_string(&paths).unwrap(),
+            json!({
+                "logs": {"source": "file:///r/k6.log", "s3": "s3://b/k/k6.log", "bytes": 10},
+                "summary": {"source": "summary.json", "inline": true, "bytes": 5},
+            })
+            .to_string()
+        );
+
+        let mut unreadable = record(ArtifactRole::Summary, "s.json".into(), None);
+        unreadable.s3 = Some("s3://b/k/s.json".into());
+        unreadable.unreadable = true;
+        let up = uploaded(vec![unreadable]);
+        assert_eq!(
+            up.artifact_paths(),
+            json!({"summary": {"source": "s.json", "s3": "s3://b/k/s.json", "unreadable": true}})
+        );
+        // An unreadable summary's copy is not the run's summary.
+        assert_eq!(up.s3_of(ArtifactRole::Summary), None);
+    }
+
+    #[test]
+    fn names_stay_unique_among_a_runs_artifacts() {
+        let mut taken = Vec::new();
+        assert_eq!(
+            unique_name("k6.log", ArtifactRole::Logs, &mut taken),
+            "k6.log"
+        );
+        assert_eq!(
+            unique_name("k6.log", ArtifactRole::Metrics, &mut taken),
+            "metrics-k6.log"
+        );
+        assert_eq!(
+            unique_name("", ArtifactRole::ReportHtml, &mut taken),
+            "report_html"
+        );
+    }
+}
