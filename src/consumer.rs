@@ -48,8 +48,7 @@ use crate::amqp::{
 };
 use crate::breaker::{Breakers, Verdict};
 use crate::config::AmqpSettings;
-use crate::fault::ReasonClass;
-use crate::fault::{Dependency, Fault};
+use crate::fault::{Dependency, Fault, ReasonClass};
 use crate::http::Health;
 use crate::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
 use crate::message::RunCompleted;
