@@ -304,18 +304,29 @@ impl DryRun {
             }
         };
         let file_name = source.file_name();
-        let parsed = self
+        let (parsed, bytes) = self
             .parse_summary(bytes)
             .await
             .map_err(|e| IngestError::Config {
                 run_id: msg.run_id,
                 message: format!("summary parser task failed: {e}"),
             })?;
-        Ok(match parsed {
-            (Ok((doc, summary)), bytes) => {
+        Ok(self.loaded(parsed, bytes, file_name, uri))
+    }
+
+    /// A parsed summary keeps only what is needed later: its document when it is
+    /// inlined, else its bytes for S3 (the other is dropped now, not after the uploads
+    /// and the transaction). An unreadable one keeps its bytes for a person to look at.
+    fn loaded(
+        &self,
+        parsed: Result<(Value, Summary), SummaryError>,
+        bytes: Vec<u8>,
+        file_name: String,
+        uri: &str,
+    ) -> SummaryLoad {
+        match parsed {
+            Ok((doc, summary)) => {
                 let size = bytes.len() as u64;
-                // Only one of the two is needed later: drop the other now, not after
-                // the uploads and the transaction.
                 let inline = size <= self.inline_summary_max;
                 SummaryLoad::Parsed {
                     size,
@@ -325,12 +336,12 @@ impl DryRun {
                     bytes: if inline { Vec::new() } else { bytes },
                 }
             }
-            (Err(e), bytes) => SummaryLoad::Unreadable {
+            Err(e) => SummaryLoad::Unreadable {
                 reason: format!("summary {}: {e}", redact_uri(uri)),
                 bytes,
                 file_name,
             },
-        })
+        }
     }
 
     /// The document and the summary, bounded before the tree is built and before the
