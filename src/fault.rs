@@ -1,9 +1,12 @@
 //! Whose fault a failure is: a dependency's (the worker pauses and probes it) or the
 //! message's (the attempt budget pays for it).
 //!
-//! Each error type decides this once, where its variants are made: `FetchError::fault`,
-//! `UploadError::fault`, `StoreError::fault`; `IngestError::fault` only forwards, and the
-//! consumer reads it once per delivery. A `Dependency` verdict is a suspicion the
+//! Each error type decides this once, where its variants are made: `FetchError::fault`
+//! and `StoreError::fault` by one function per type, S3 SDK errors by `s3::sdk_fault`
+//! when an `UploadError` or `FetchError::S3` is built; `IngestError::fault` only
+//! forwards, and the consumer and replay read it once per delivery or file (through
+//! `IngestError::disposition`). [`ReasonClass`] names why a message was retried or
+//! dead-lettered. A `Dependency` verdict is a suspicion the
 //! consumer confirms with the dependency's probe (see `breaker`): if the probe answers,
 //! the fault persists while the dependency is up, so it belongs to the message after all.
 //! Erring towards `Dependency` therefore costs one probe; erring towards `Transient`
