@@ -323,3 +323,46 @@ impl Ingestor {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: Outcome, reason: Option<&str>) -> IngestReport {
+        IngestReport {
+            run_id: Uuid::nil(),
+            outcome,
+            line: RunLine::default(),
+            bytes_uploaded: 0,
+            warnings: Vec::new(),
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_run_stored_as_error_keeps_its_message_with_class_and_reason() {
+        let unusable = report(
+            Outcome::StoredAsError(ReasonClass::SummaryUnusable),
+            Some("summary unavailable: artifact s.json not found"),
+        )
+        .into_result()
+        .unwrap_err();
+        assert_eq!(unusable.class(), ReasonClass::SummaryUnusable);
+        assert_eq!(unusable.disposition(), Disposition::DeadLetter);
+        assert_eq!(
+            unusable.to_string(),
+            "run 00000000-0000-0000-0000-000000000000 recorded as error: \
+             summary unavailable: artifact s.json not found"
+        );
+        let refused = report(
+            Outcome::StoredAsError(ReasonClass::ContentRefused),
+            Some("the database refused the run's runs rows: x"),
+        )
+        .into_result()
+        .unwrap_err();
+        assert_eq!(refused.class(), ReasonClass::ContentRefused);
+        assert!(matches!(refused, IngestError::ContentRefused { .. }));
+        let ingested = report(Outcome::Ingested, None).into_result().unwrap();
+        assert_eq!(ingested.outcome, Outcome::Ingested);
+    }
+}
