@@ -43,6 +43,9 @@ use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
 use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
 
+/// The file name of a merged summary too large to inline, in the run's S3 folder.
+const MERGED_SUMMARY_NAME: &str = "merged-summary.json";
+
 /// The arriving part's raw samples, still in a local file. Its summary is not kept: the
 /// merge reads it back from the row just stored like every other part's, so no part's
 /// parsed summary is held while another is folded.
@@ -360,12 +363,15 @@ impl Ingestor {
             })
             .collect();
         let has_summary = merged.summary.is_some();
-        // The merged summary is dropped as soon as its document is built: the write
-        // needs only the document and the extraction.
-        let summary_json = merged
-            .summary
-            .and_then(|s| serde_json::to_value(&s).ok())
-            .map(|s| json!({"merged_from_parts": merged_label(have, count), "summary": s}));
+        // The merged summary is dropped as soon as its document is written out: the
+        // write needs only the document's text (or its S3 URL) and the extraction.
+        let (summary_text, summary_s3_url) = match merged.summary {
+            Some(s) => {
+                self.merged_summary_document(msg, &merged_label(have, count), s)
+                    .await?
+            }
+            None => (None, None),
+        };
         release_freed_memory();
         let duration_ms = extraction
             .columns
@@ -378,11 +384,59 @@ impl Ingestor {
             duration_ms,
             artifact_paths: json!({ "parts": parts_paths }),
             logs_s3_url: None,
-            summary_json,
-            summary_s3_url: None,
+            summary_json: None,
+            summary_s3_url,
         };
-        let stored = db.write_merged(tx, &new).await?;
+        let stored = db.write_merged(tx, &new, summary_text.as_deref()).await?;
         Ok(MergeOutcome { extraction, stored })
+    }
+
+    /// The merged summary's document, `{"merged_from_parts": "4 of 4", "summary": ...}`,
+    /// serialized straight to text (no JSON tree of it is built). Inlined up to
+    /// `s3.inline_summary_max_bytes` like a whole run's summary; a larger one is uploaded
+    /// under the run's own key `merged-summary.json` (a merge done again overwrites it)
+    /// and referred to by its URL. Returns (inline text, S3 URL).
+    async fn merged_summary_document(
+        &self,
+        msg: &RunCompleted,
+        label: &str,
+        summary: Summary,
+    ) -> Result<(Option<String>, Option<String>), StoreError> {
+        #[derive(serde::Serialize)]
+        struct Document<'a> {
+            merged_from_parts: &'a str,
+            summary: &'a Summary,
+        }
+        let text = serde_json::to_string(&Document {
+            merged_from_parts: label,
+            summary: &summary,
+        })
+        .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merged summary: {e}"))))?;
+        drop(summary);
+        let Some(store) = self
+            .store
+            .as_ref()
+            .filter(|_| text.len() as u64 > self.inline_summary_max)
+        else {
+            return Ok((Some(text), None));
+        };
+        let key = store.key_for(
+            msg.organization_id,
+            msg.project_id,
+            msg.run_id,
+            MERGED_SUMMARY_NAME,
+        );
+        match store
+            .upload_bytes(text.into_bytes(), &key, "application/json")
+            .await
+        {
+            Ok(_) => Ok((None, Some(store.uri(&key)))),
+            // Retried like a failed write: the part's transaction is rolled back and the
+            // message redelivered (or the sweep runs again).
+            Err(e) => Err(StoreError::Db(sqlx::Error::Io(std::io::Error::other(
+                format!("merged summary not uploaded: {e}"),
+            )))),
+        }
     }
 
     /// A stored part's summary: inline (read by a query of its own, so one part's
