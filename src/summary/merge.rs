@@ -22,7 +22,7 @@ use std::io;
 use super::limits::SummaryLimits;
 use super::model::{Check, Contains, Metric, MetricType, Summary, SummaryFormat, Threshold};
 use super::samples::{SampleSets, SampleStats};
-use super::selector::percentile_of;
+use super::selector::{parse_metric_key, percentile_of};
 use super::sink::SortedSamples;
 use super::threshold::parse_threshold;
 use super::wanted_samples;
@@ -111,47 +111,111 @@ pub fn merge_parts(mut parts: Vec<PartInput>) -> io::Result<Merged> {
 
 /// One metric as merged so far: what the first part with it said about its kind, and
 /// per stat the running sum, minimum and maximum of the parts' values.
+///
+/// Kept small, as the accumulator holds one per metric of the union (up to
+/// `ingest.max_metrics`): the name is the map's key, base name and tags are derived from
+/// it again at the end (every format derives them so), stat names are ids into
+/// [`MergeAcc::stat_names`], and the stats are a short vector rather than maps.
 #[derive(Debug)]
 struct MetricAcc {
-    base_name: String,
-    tags: BTreeMap<String, String>,
+    /// Base name and tags when the first part gave others than its name says.
+    key: Option<Box<(String, BTreeMap<String, String>)>>,
     metric_type: Option<MetricType>,
     contains: Option<Contains>,
     /// Parts that have this metric.
-    parts: usize,
-    stat_keys: BTreeSet<String>,
-    /// Per stat: (sum, min, max) of the non-null values and how many parts gave one.
-    stats: BTreeMap<String, StatAcc>,
+    parts: u32,
+    /// Every stat a part gave, `null` ones included, by stat id.
+    stats: Vec<StatAcc>,
     /// Σ avg × count over the parts that gave both, and how many did.
-    weighted_avg: (Option<f64>, usize),
+    weighted_avg: (Option<f64>, u32),
     /// Expressions in first-seen order, each with whether it held on every part.
     thresholds: Vec<(String, bool)>,
 }
 
+/// (sum, min, max) of one stat's non-null values and how many parts gave one; `n == 0`
+/// for a stat the parts gave only as `null`.
 #[derive(Debug)]
 struct StatAcc {
+    id: u32,
+    n: u32,
     sum: f64,
     min: f64,
     max: f64,
-    n: usize,
 }
 
 impl MetricAcc {
+    fn stat(&self, id: Option<u32>) -> Option<&StatAcc> {
+        let id = id?;
+        self.stats.iter().find(|s| s.id == id && s.n > 0)
+    }
+
+    /// The base name and tags of the metric `name`.
+    fn key_of(&self, name: &str) -> (String, BTreeMap<String, String>) {
+        match &self.key {
+            Some(k) => (k.0.clone(), k.1.clone()),
+            None => parse_metric_key(name),
+        }
+    }
+}
+
+/// Looks up a metric's stats by stat name for the merged values.
+struct StatView<'a> {
+    metric: &'a MetricAcc,
+    names: &'a StatNames,
+}
+
+impl StatView<'_> {
     /// The sum of `k` over the parts with this metric; `None` when one of them has no
     /// value for it (as summing `Option`s gives).
     fn sum(&self, k: &str) -> Option<f64> {
-        self.stats
-            .get(k)
-            .filter(|s| s.n == self.parts)
+        self.metric
+            .stat(self.names.id(k))
+            .filter(|s| s.n == self.metric.parts)
             .map(|s| s.sum)
     }
 
     fn min(&self, k: &str) -> Option<f64> {
-        self.stats.get(k).map(|s| s.min)
+        self.metric.stat(self.names.id(k)).map(|s| s.min)
     }
 
     fn max(&self, k: &str) -> Option<f64> {
-        self.stats.get(k).map(|s| s.max)
+        self.metric.stat(self.names.id(k)).map(|s| s.max)
+    }
+
+    /// The stat names the parts gave for this metric, in name order.
+    fn keys(&self) -> BTreeSet<&str> {
+        self.metric
+            .stats
+            .iter()
+            .map(|s| self.names.name(s.id))
+            .collect()
+    }
+}
+
+/// The stat names of every metric (`count`, `p(95)`...), each kept once.
+#[derive(Debug, Default)]
+struct StatNames {
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
+}
+
+impl StatNames {
+    fn id(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.id(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
     }
 }
 
@@ -179,7 +243,8 @@ pub struct MergeAcc {
     format: Option<SummaryFormat>,
     trend_stats: Option<Vec<String>>,
     duration_ms: Option<f64>,
-    metrics: BTreeMap<String, MetricAcc>,
+    metrics: BTreeMap<Box<str>, MetricAcc>,
+    stat_names: StatNames,
     thresholds: usize,
     /// The trend keys of every part (first base name and tags seen), for sample reads.
     trend_keys: BTreeMap<String, (String, BTreeMap<String, String>)>,
@@ -206,6 +271,7 @@ impl MergeAcc {
             trend_stats: None,
             duration_ms: None,
             metrics: BTreeMap::new(),
+            stat_names: StatNames::default(),
             thresholds: 0,
             trend_keys: BTreeMap::new(),
             checks: Vec::new(),
@@ -297,6 +363,7 @@ impl MergeAcc {
             self.refused = Some(format!("merge refused: {why}"));
             // Nothing folded is used any more: give the memory back now.
             self.metrics = BTreeMap::new();
+            self.stat_names = StatNames::default();
             self.trend_keys = BTreeMap::new();
             self.checks = Vec::new();
             self.check_at = HashMap::new();
@@ -311,45 +378,51 @@ impl MergeAcc {
                 .entry(m.name.clone())
                 .or_insert_with(|| (m.base_name.clone(), m.tags.clone()));
         }
-        let acc = self
-            .metrics
-            .entry(m.name.clone())
-            .or_insert_with(|| MetricAcc {
-                base_name: m.base_name.clone(),
-                tags: m.tags.clone(),
+        if !self.metrics.contains_key(m.name.as_str()) {
+            let derived = parse_metric_key(&m.name);
+            let key = (derived.0 != m.base_name || derived.1 != m.tags)
+                .then(|| Box::new((m.base_name.clone(), m.tags.clone())));
+            let acc = MetricAcc {
+                key,
                 metric_type: m.metric_type,
                 contains: m.contains,
                 parts: 0,
-                stat_keys: BTreeSet::new(),
-                stats: BTreeMap::new(),
+                stats: Vec::new(),
                 weighted_avg: (None, 0),
                 thresholds: Vec::new(),
-            });
+            };
+            self.metrics.insert(m.name.as_str().into(), acc);
+        }
+        let acc = self
+            .metrics
+            .get_mut(m.name.as_str())
+            .expect("inserted above");
         acc.parts += 1;
+        let grown = acc.stats.len();
         for (k, v) in &m.values {
-            if !acc.stat_keys.contains(k) {
-                acc.stat_keys.insert(k.clone());
-            }
-            let Some(v) = *v else { continue };
-            match acc.stats.get_mut(k) {
-                Some(s) => {
-                    s.sum += v;
-                    s.min = s.min.min(v);
-                    s.max = s.max.max(v);
-                    s.n += 1;
-                }
+            let id = self.stat_names.intern(k);
+            let at = match acc.stats.iter().position(|s| s.id == id) {
+                Some(at) => at,
                 None => {
-                    acc.stats.insert(
-                        k.clone(),
-                        StatAcc {
-                            sum: v,
-                            min: v,
-                            max: v,
-                            n: 1,
-                        },
-                    );
+                    acc.stats.push(StatAcc {
+                        id,
+                        n: 0,
+                        sum: 0.0,
+                        min: f64::INFINITY,
+                        max: f64::NEG_INFINITY,
+                    });
+                    acc.stats.len() - 1
                 }
-            }
+            };
+            let Some(v) = *v else { continue };
+            let s = &mut acc.stats[at];
+            s.sum = if s.n == 0 { v } else { s.sum + v };
+            s.min = if s.n == 0 { v } else { s.min.min(v) };
+            s.max = if s.n == 0 { v } else { s.max.max(v) };
+            s.n += 1;
+        }
+        if acc.stats.len() != grown {
+            acc.stats.shrink_to_fit();
         }
         if let (Some(a), Some(c)) = (m.value("avg"), m.value("count")) {
             acc.weighted_avg = (
@@ -457,14 +530,22 @@ impl MergeAcc {
 
         // --- metrics ---
         let mut metrics = Vec::with_capacity(self.metrics.len());
+        let stat_names = self.stat_names;
         for (name, ms) in self.metrics {
+            let name = String::from(name);
+            let (base_name, tags) = ms.key_of(&name);
+            let view = StatView {
+                metric: &ms,
+                names: &stat_names,
+            };
+            let stat_keys: Vec<String> = view.keys().into_iter().map(String::from).collect();
             let mut values: BTreeMap<String, Option<f64>> = BTreeMap::new();
-            let sum = |k: &str| ms.sum(k);
-            let min = |k: &str| ms.min(k);
-            let max = |k: &str| ms.max(k);
+            let sum = |k: &str| view.sum(k);
+            let min = |k: &str| view.min(k);
+            let max = |k: &str| view.max(k);
             match ms.metric_type {
                 Some(MetricType::Counter) => {
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             "count" => sum("count"),
                             "rate" => sum("count").and_then(|c| {
@@ -476,7 +557,7 @@ impl MergeAcc {
                     }
                 }
                 Some(MetricType::Rate) => {
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             "passes" | "fails" | "matches" | "total" => sum(k),
                             "rate" | "value" => {
@@ -493,8 +574,8 @@ impl MergeAcc {
                     }
                 }
                 Some(MetricType::Gauge) => {
-                    let additive = matches!(ms.base_name.as_str(), "vus" | "vus_max");
-                    for k in &ms.stat_keys {
+                    let additive = matches!(base_name.as_str(), "vus" | "vus_max");
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             _ if additive => sum(k),
                             "min" => min("min"),
@@ -512,7 +593,7 @@ impl MergeAcc {
                 }
                 Some(MetricType::Trend) => match merged_sorted.get(&name) {
                     Some(sorted) => {
-                        let keys: Vec<&str> = ms.stat_keys.iter().map(String::as_str).collect();
+                        let keys: Vec<&str> = stat_keys.iter().map(String::as_str).collect();
                         let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
                         let pct = sorted.percentiles(&ps)?;
                         for ((k, p), v) in keys.iter().zip(&ps).zip(pct) {
@@ -532,7 +613,7 @@ impl MergeAcc {
                         );
                     }
                     None => {
-                        for k in &ms.stat_keys {
+                        for k in &stat_keys {
                             let v = match k.as_str() {
                                 "min" => min("min"),
                                 "max" => max("max"),
@@ -559,7 +640,7 @@ impl MergeAcc {
                 },
                 None => {
                     warnings.push(format!("{name}: metric type unknown, not merged"));
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         values.insert(k.clone(), None);
                     }
                 }
@@ -590,8 +671,8 @@ impl MergeAcc {
                 .collect();
             metrics.push(Metric {
                 name,
-                base_name: ms.base_name,
-                tags: ms.tags,
+                base_name,
+                tags,
                 metric_type: ms.metric_type,
                 contains: ms.contains,
                 values,
