@@ -46,6 +46,27 @@ use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_su
 /// The file name of a merged summary too large to inline, in the run's S3 folder.
 const MERGED_SUMMARY_NAME: &str = "merged-summary.json";
 
+/// What `summary_json` (or the merged summary's S3 object) holds for a merged run.
+#[derive(serde::Serialize)]
+struct MergedDocument<'a> {
+    merged_from_parts: &'a str,
+    summary: &'a Summary,
+}
+
+/// Counts the bytes written to it: a document's size, without the document.
+struct ByteCount(u64);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The arriving part's raw samples, still in a local file. Its summary is not kept: the
 /// merge reads it back from the row just stored like every other part's, so no part's
 /// parsed summary is held while another is folded.
@@ -363,15 +384,15 @@ impl Ingestor {
             })
             .collect();
         let has_summary = merged.summary.is_some();
-        // The merged summary is dropped as soon as its document is written out: the
-        // write needs only the document's text (or its S3 URL) and the extraction.
-        let (summary_text, summary_s3_url) = match merged.summary {
+        let (summary_text, summary_s3_url) = match &merged.summary {
             Some(s) => {
                 self.merged_summary_document(msg, &merged_label(have, count), s)
                     .await?
             }
             None => (None, None),
         };
+        // The write needs only the document (or its URL) and the extraction.
+        drop(merged.summary);
         release_freed_memory();
         let duration_ms = extraction
             .columns
@@ -392,51 +413,54 @@ impl Ingestor {
     }
 
     /// The merged summary's document, `{"merged_from_parts": "4 of 4", "summary": ...}`,
-    /// serialized straight to text (no JSON tree of it is built). Inlined up to
-    /// `s3.inline_summary_max_bytes` like a whole run's summary; a larger one is uploaded
-    /// under the run's own key `merged-summary.json` (a merge done again overwrites it)
-    /// and referred to by its URL. Returns (inline text, S3 URL).
+    /// serialized straight from the summary (no JSON tree of it is built). Inlined up
+    /// to `s3.inline_summary_max_bytes` like a whole run's summary; a larger one is
+    /// written to a temporary file, never held whole in memory, and uploaded under the
+    /// run's own key `merged-summary.json` (a merge done again overwrites it). Returns
+    /// (inline text, S3 URL).
     async fn merged_summary_document(
         &self,
         msg: &RunCompleted,
         label: &str,
-        summary: Summary,
+        summary: &Summary,
     ) -> Result<(Option<String>, Option<String>), StoreError> {
-        #[derive(serde::Serialize)]
-        struct Document<'a> {
-            merged_from_parts: &'a str,
-            summary: &'a Summary,
-        }
-        let text = serde_json::to_string(&Document {
+        let doc = MergedDocument {
             merged_from_parts: label,
-            summary: &summary,
-        })
-        .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merged summary: {e}"))))?;
-        drop(summary);
+            summary,
+        };
+        let failed = |e: String| {
+            // Retried like a failed write: the part's transaction is rolled back and the
+            // message redelivered (or the sweep runs again).
+            StoreError::Db(sqlx::Error::Io(std::io::Error::other(format!(
+                "merged summary not stored: {e}"
+            ))))
+        };
+        let mut size = ByteCount(0);
+        serde_json::to_writer(&mut size, &doc).map_err(|e| failed(e.to_string()))?;
         let Some(store) = self
             .store
             .as_ref()
-            .filter(|_| text.len() as u64 > self.inline_summary_max)
+            .filter(|_| size.0 > self.inline_summary_max)
         else {
+            let text = serde_json::to_string(&doc).map_err(|e| failed(e.to_string()))?;
             return Ok((Some(text), None));
         };
+        let file = tempfile::NamedTempFile::new().map_err(|e| failed(e.to_string()))?;
+        let mut out = std::io::BufWriter::new(file.as_file());
+        serde_json::to_writer(&mut out, &doc).map_err(|e| failed(e.to_string()))?;
+        std::io::Write::flush(&mut out).map_err(|e| failed(e.to_string()))?;
+        drop(out);
         let key = store.key_for(
             msg.organization_id,
             msg.project_id,
             msg.run_id,
             MERGED_SUMMARY_NAME,
         );
-        match store
-            .upload_bytes(text.into_bytes(), &key, "application/json")
+        store
+            .upload_file(file.path(), &key, "application/json")
             .await
-        {
-            Ok(_) => Ok((None, Some(store.uri(&key)))),
-            // Retried like a failed write: the part's transaction is rolled back and the
-            // message redelivered (or the sweep runs again).
-            Err(e) => Err(StoreError::Db(sqlx::Error::Io(std::io::Error::other(
-                format!("merged summary not uploaded: {e}"),
-            )))),
-        }
+            .map_err(|e| failed(e.to_string()))?;
+        Ok((None, Some(store.uri(&key))))
     }
 
     /// A stored part's summary: inline (read by a query of its own, so one part's
