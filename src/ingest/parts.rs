@@ -38,7 +38,7 @@ use crate::db::{Db, NewRun, StoreError, Stored};
 use crate::fault::ReasonClass;
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
 use crate::summary::merge::MergeAcc;
-use crate::summary::parse::parse_summary_value;
+use crate::summary::parse::parse_summary_owned;
 use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
 use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
@@ -494,7 +494,7 @@ impl Ingestor {
             }
             (None, None) => return Ok((None, None)),
         };
-        Ok(match parse_summary_value(&doc) {
+        Ok(match parse_summary_owned(doc) {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e) => (None, Some(format!("summary: {e}"))),
         })

@@ -41,6 +41,20 @@ pub fn parse_summary_value(doc: &Value) -> Result<Summary, SummaryError> {
     }
 }
 
+/// [`parse_summary_value`] consuming the document: a handleSummary document's metrics
+/// (nearly all of a large one) are converted one at a time, each one's JSON tree freed
+/// as soon as it is converted, so the document and the summary are never both whole in
+/// memory. Used where several large summaries are parsed one after another (a split
+/// run's merge). The result is the same as [`parse_summary_value`]'s.
+pub fn parse_summary_owned(doc: Value) -> Result<Summary, SummaryError> {
+    match doc {
+        Value::Object(obj) if detect(&obj)? == SummaryFormat::HandleSummary => {
+            parse_handle_summary_owned(obj)
+        }
+        doc => parse_summary_value(&doc),
+    }
+}
+
 /// Decides the format from the document's shape alone.
 pub fn detect(obj: &Map<String, Value>) -> Result<SummaryFormat, SummaryError> {
     if let Some(version) = obj.get("version") {
@@ -181,6 +195,32 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
         .into_iter()
         .map(|(name, m)| handle_summary_metric(name, m, &mut warnings))
         .collect();
+    Ok(handle_summary_rest(obj, metrics, warnings))
+}
+
+/// Like [`parse_handle_summary`] on a document it owns: each metric's JSON is freed as
+/// soon as it is converted, so the tree and the summary are not both whole in memory.
+fn parse_handle_summary_owned(mut obj: Map<String, Value>) -> Result<Summary, SummaryError> {
+    let mut warnings = Vec::new();
+    let mut metrics = Vec::new();
+    if let Some(Value::Object(objs)) = obj.remove("metrics") {
+        metrics.reserve(objs.len());
+        for (name, m) in objs {
+            match m.as_object() {
+                Some(m) => metrics.push(handle_summary_metric(&name, m, &mut warnings)),
+                None => warnings.push(format!("{name}: metric is {}, skipped", kind(&m))),
+            }
+        }
+    }
+    Ok(handle_summary_rest(&obj, metrics, warnings))
+}
+
+/// Everything of a handleSummary document but its metrics.
+fn handle_summary_rest(
+    obj: &Map<String, Value>,
+    metrics: Vec<Metric>,
+    mut warnings: Vec<String>,
+) -> Summary {
     let duration = at(obj, &["state", "testRunDurationMs"]).and_then(number);
     let trend_stats = at(obj, &["options", "summaryTrendStats"])
         .and_then(Value::as_array)
@@ -191,14 +231,14 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
                 .collect()
         });
     let checks = group_checks(obj, &mut warnings);
-    Ok(finish(
+    finish(
         metrics,
         SummaryFormat::HandleSummary,
         duration,
         trend_stats,
         checks,
         warnings,
-    ))
+    )
 }
 
 /// The `metrics` object's entries that are objects; any other is skipped with a warning.
@@ -715,5 +755,50 @@ mod tests {
         let m = s.metric("c").unwrap();
         assert_eq!(m.value("count"), Some(1e20));
         assert_eq!(m.values.get("rate"), Some(&None));
+    }
+
+    /// Every JSON summary file of the fixtures (whole runs and split parts, every k6
+    /// version and format).
+    fn fixture_summaries() -> Vec<std::path::PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|x| x == "json")
+                    && path.file_name().is_some_and(|n| n != "message.json")
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn parsing_a_document_it_owns_gives_the_same_summary() {
+        let mut handle_summaries = 0;
+        for path in fixture_summaries() {
+            let Ok(doc) = serde_json::from_slice::<Value>(&std::fs::read(&path).unwrap()) else {
+                continue;
+            };
+            let borrowed = parse_summary_value(&doc);
+            let owned = parse_summary_owned(doc);
+            if let Ok(s) = &borrowed {
+                handle_summaries += usize::from(s.format == SummaryFormat::HandleSummary);
+            }
+            assert_eq!(
+                format!("{owned:?}"),
+                format!("{borrowed:?}"),
+                "{}",
+                path.display()
+            );
+        }
+        assert!(handle_summaries > 10, "{handle_summaries}");
     }
 }
