@@ -133,7 +133,7 @@ impl Ingestor {
         let run_id = msg.run_id;
         let unusable = extracted.unusable(msg);
         let Extracted {
-            extraction,
+            mut extraction,
             summary_reason,
         } = extracted;
         let new = NewPart {
@@ -147,6 +147,11 @@ impl Ingestor {
             summary_json: uploaded.summary_json,
             error_details: extraction.status_details.clone().or(summary_reason),
         };
+        // A part keeps only its columns, not its detail rows: free them before the
+        // merge this transaction may run.
+        extraction.metrics = Vec::new();
+        extraction.thresholds = Vec::new();
+        extraction.checks = Vec::new();
         let objects = uploaded.objects;
         let result = self
             .store_part(&self.db, msg, part, new, Some(current))
