@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use k6_ingest::s3::ArtifactStore;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -285,27 +286,8 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
     let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
     let bucket = store.bucket().to_string();
 
-    // Baseline: the 4-part fixture as k6 wrote it, under a run id of its own.
-    let tmp = tempfile::tempdir().unwrap();
-    let base_run = Uuid::now_v7();
-    for i in 0..4 {
-        let src = split_case().join(format!("part-{i}"));
-        write_part(
-            &src,
-            &tmp.path().join(format!("part-{i}")),
-            base_run,
-            i,
-            4,
-            None,
-        );
-    }
-    let (code, baseline) = replay(tmp.path(), &db_url, &bucket);
-    assert_eq!(code, 0);
-    let row = merged_row(&pool, base_run).await;
-    assert_eq!(row.merged_parts.as_deref(), Some("4 of 4"));
-    assert_ne!(row.status, "error");
+    let baseline = baseline_peak(&pool, &store, &db_url).await;
     eprintln!("peak RSS baseline (4-part fixture, merged): {baseline} KiB");
-    drop(tmp);
 
     let tmp = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
@@ -320,21 +302,62 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
         peak - baseline
     );
     assert_eq!(code, 0);
+    assert_merged_exactly(&pool, &store, run, &pad).await;
 
-    let row = merged_row(&pool, run).await;
-    assert_ne!(
-        row.status,
-        "error",
-        "{:?}",
-        (&row.status, &row.merged_parts)
+    assert!(
+        peak - baseline <= RUN_BUDGET_KIB,
+        "peak RSS {peak} KiB, baseline {baseline} KiB: more than 64 MiB above"
     );
+}
+
+/// Replays the 4-part fixture as k6 wrote it, under a run id of its own; returns the
+/// peak RSS. Its merged summary is small: inlined in `summary_json`.
+async fn baseline_peak(pool: &PgPool, store: &ArtifactStore, db_url: &str) -> i64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Uuid::now_v7();
+    for i in 0..4 {
+        let src = split_case().join(format!("part-{i}"));
+        write_part(&src, &tmp.path().join(format!("part-{i}")), run, i, 4, None);
+    }
+    let (code, peak) = replay(tmp.path(), db_url, store.bucket());
+    assert_eq!(code, 0);
+    let row = merged_row(pool, run).await;
+    assert_eq!(row.merged_parts.as_deref(), Some("4 of 4"));
+    assert_ne!(row.status, "error");
+    assert_eq!(row.summary_s3_url, None);
+    let doc = row.summary_json.expect("a small merged summary is inlined");
+    assert_eq!(doc["merged_from_parts"], "4 of 4");
+    let requests = doc["summary"]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "http_reqs")
+        .and_then(|m| m["values"]["count"].as_f64());
+    assert_eq!(requests, Some(fixture_sum("http_reqs", "count") / 16.0));
+    peak
+}
+
+/// The merged run of the 64 near-cap parts is stored with exact sums, in its rows and
+/// in its summary document (in S3: far above `s3.inline_summary_max_bytes`).
+async fn assert_merged_exactly(pool: &PgPool, store: &ArtifactStore, run: Uuid, pad: &str) {
+    let row = merged_row(pool, run).await;
+    assert_ne!(row.status, "error", "{:?}", row.merged_parts);
     assert_eq!(row.merged_parts.as_deref(), Some("64 of 64"));
     assert_eq!(row.metric_rows, (COPIES + 22) as i64);
     assert_eq!(
         row.total_requests,
         Some(fixture_sum("http_reqs", "count") as i64)
     );
-    let doc = merged_summary(&store, &row).await;
+    assert_eq!(row.summary_json, None, "too large to inline");
+    let url = row.summary_s3_url.as_deref().expect("stored in S3");
+    let key = url
+        .strip_prefix(&format!("s3://{}/", store.bucket()))
+        .unwrap_or_else(|| panic!("{url} is not in the run's bucket"));
+    assert!(
+        key.ends_with(&format!("{run}/merged-summary.json")),
+        "{key}"
+    );
+    let doc: Value = serde_json::from_slice(&get_object(store, key).await).unwrap();
     assert_eq!(doc["merged_from_parts"], "64 of 64");
     let metrics = doc["summary"]["metrics"].as_array().unwrap();
     assert_eq!(metrics.len(), COPIES + 22);
@@ -347,7 +370,7 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
     for i in [0, 4_242, COPIES - 2] {
         let want: u64 = (0..PARTS).map(|p| copy_count(p, i)).sum();
         let name = format!("split_copies{{copy:{pad}{i}}}");
-        let (value, _, _) = history(&pool, run, &name).await;
+        let (value, _, _) = history(pool, run, &name).await;
         assert_eq!(value, Some(want as i64 * 1000), "{name}");
         assert_eq!(in_doc(&name, "count"), Some(want as f64), "{name}");
     }
@@ -355,36 +378,10 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
         let passes: u64 = (0..PARTS).map(|p| copy_passes(p, i)).sum();
         let fails: u64 = (0..PARTS).map(|p| copy_fails(p, i)).sum();
         let name = format!("split_copy_rate{{copy:{pad}{i}}}");
-        let got = history(&pool, run, &name).await;
-        assert_eq!(
-            got,
-            (None, Some(passes as i64), Some(fails as i64)),
-            "{name}"
-        );
-        assert_eq!(
-            in_doc(&name, "rate"),
-            Some(passes as f64 / (passes + fails) as f64),
-            "{name}"
-        );
+        let got = history(pool, run, &name).await;
+        let want = (None, Some(passes as i64), Some(fails as i64));
+        assert_eq!(got, want, "{name}");
+        let rate = passes as f64 / (passes + fails) as f64;
+        assert_eq!(in_doc(&name, "rate"), Some(rate), "{name}");
     }
-
-    assert!(
-        peak - baseline <= RUN_BUDGET_KIB,
-        "peak RSS {peak} KiB, baseline {baseline} KiB: more than 64 MiB above"
-    );
-}
-
-/// The merged run's summary document: inline when small enough, else its S3 object.
-async fn merged_summary(store: &k6_ingest::s3::ArtifactStore, row: &MergedRow) -> Value {
-    if let Some(doc) = &row.summary_json {
-        return doc.clone();
-    }
-    let url = row
-        .summary_s3_url
-        .as_deref()
-        .expect("summary_json or summary_s3_url");
-    let key = url
-        .strip_prefix(&format!("s3://{}/", store.bucket()))
-        .unwrap_or_else(|| panic!("{url} is not in the run's bucket"));
-    serde_json::from_slice(&get_object(store, key).await).unwrap()
 }
