@@ -442,14 +442,11 @@ impl Ingestor {
         };
         let mut size = ByteCount(0);
         serde_json::to_writer(&mut size, &doc).map_err(|e| failed(e.to_string()))?;
-        let Some(store) = self
-            .store
-            .as_ref()
-            .filter(|_| size.0 > self.inline_summary_max)
-        else {
+        let store = &self.store;
+        if size.0 <= self.prepare.inline_summary_max() {
             let text = serde_json::to_string(&doc).map_err(|e| failed(e.to_string()))?;
             return Ok((Some(text), None));
-        };
+        }
         let file = tempfile::NamedTempFile::new().map_err(|e| failed(e.to_string()))?;
         let mut out = std::io::BufWriter::new(file.as_file());
         serde_json::to_writer(&mut out, &doc).map_err(|e| failed(e.to_string()))?;

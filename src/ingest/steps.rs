@@ -154,6 +154,11 @@ impl DryRun {
         &self.fetcher
     }
 
+    /// `s3.inline_summary_max_bytes`: a larger summary goes to S3, not into the row.
+    pub(super) fn inline_summary_max(&self) -> u64 {
+        self.inline_summary_max
+    }
+
     pub(super) fn summary_limits(&self) -> &SummaryLimits {
         &self.summary_limits
     }
