@@ -12,7 +12,7 @@ use crate::artifact::{
 };
 use crate::message::{RunCompleted, replace_nul};
 use crate::summary::limits::{SummaryLimits, check_document, check_rows};
-use crate::summary::parse::parse_summary_value;
+use crate::summary::parse::{parse_summary_owned, parse_summary_value};
 use crate::summary::samples::{SampleSets, collect_samples_with};
 use crate::summary::{
     Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples,
@@ -324,7 +324,7 @@ impl DryRun {
     /// and the transaction). An unreadable one keeps its bytes for a person to look at.
     fn loaded(
         &self,
-        parsed: Result<(Value, Summary), SummaryError>,
+        parsed: Result<(Option<Value>, Summary), SummaryError>,
         bytes: Vec<u8>,
         file_name: String,
         uri: &str,
@@ -332,10 +332,10 @@ impl DryRun {
         match parsed {
             Ok((doc, summary)) => {
                 let size = bytes.len() as u64;
-                let inline = size <= self.inline_summary_max;
+                let inline = doc.is_some();
                 SummaryLoad::Parsed {
                     size,
-                    doc: inline.then_some(doc),
+                    doc,
                     summary: Arc::new(summary),
                     file_name,
                     bytes: if inline { Vec::new() } else { bytes },
@@ -354,8 +354,12 @@ impl DryRun {
     async fn parse_summary(
         &self,
         bytes: Vec<u8>,
-    ) -> Result<(Result<(Value, Summary), SummaryError>, Vec<u8>), tokio::task::JoinError> {
+    ) -> Result<(Result<(Option<Value>, Summary), SummaryError>, Vec<u8>), tokio::task::JoinError>
+    {
         let limits = self.summary_limits;
+        // The tree is kept only when it is inlined; otherwise each metric's part of it is
+        // freed as soon as it is converted, so tree and summary are never both whole.
+        let inline = bytes.len() as u64 <= self.inline_summary_max;
         tokio::task::spawn_blocking(move || {
             let result = check_document(&bytes, &limits)
                 .and_then(|()| {
@@ -364,7 +368,12 @@ impl DryRun {
                 })
                 .and_then(|mut doc| {
                     let replaced = replace_nul(&mut doc);
-                    let mut summary = parse_summary_value(&doc)?;
+                    let (doc, mut summary) = if inline {
+                        let summary = parse_summary_value(&doc)?;
+                        (Some(doc), summary)
+                    } else {
+                        (None, parse_summary_owned(doc)?)
+                    };
                     summary.warnings.extend(replaced.warnings("summary"));
                     check_rows(&summary, &limits)?;
                     Ok((doc, summary))
