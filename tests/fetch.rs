@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use harness::*;
 use k6_ingest::artifact::{FetchError, Fetcher, LocalArtifact, Tenant};
 use k6_ingest::config::{FetchSettings, Settings};
-use k6_ingest::ingest::{Disposition, IngestError, Outcome};
+use k6_ingest::ingest::{ArtifactRole, Disposition, IngestError, Outcome};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -433,7 +433,7 @@ async fn a_gzip_bomb_summary_is_too_large_and_never_inflated_whole() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == 4 * MIB),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
     if let Some(peak) = peak_rss_bytes() {
         assert!(
             peak < inflated / 2,
@@ -466,13 +466,13 @@ async fn server_errors_and_too_many_requests_are_transient() {
             matches!(&err, FetchError::Status { status, uri: u } if status == expected && *u == uri),
             "{err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
         let err = fetch_summary(&fetcher, &uri).await.unwrap_err();
         assert!(
             matches!(&err, FetchError::Status { status, .. } if status == expected),
             "{err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
     }
 }
 
@@ -495,7 +495,7 @@ async fn not_found_and_forbidden_are_permanent() {
             matches!(&err, FetchError::NotFound { uri: u } if *u == uri),
             "{err:?}"
         );
-        assert!(!err.is_transient(), "{err}");
+        assert!(!err.fault().is_retryable(), "{err}");
     }
     let err = fetch_summary(&fetcher, &host.url("/forbidden"))
         .await
@@ -504,7 +504,7 @@ async fn not_found_and_forbidden_are_permanent() {
         matches!(err, FetchError::Status { status: 403, .. }),
         "{err:?}"
     );
-    assert!(!err.is_transient(), "{err}");
+    assert!(!err.fault().is_retryable(), "{err}");
     assert_eq!(host.requests(), ["/missing", "/gone", "/forbidden"]);
 }
 
@@ -529,7 +529,7 @@ async fn a_host_slower_than_the_timeout_is_a_transient_timeout() {
             matches!(err, FetchError::Timeout { secs: 1, .. }),
             "{path}: {err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "{path}: gave up only after {:?}",
@@ -592,7 +592,7 @@ async fn an_announced_length_over_the_limit_is_refused_before_downloading() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == fetch.max_artifact_bytes),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
     host.client_hung_up().await;
 
     let err = fetch_summary(&fetcher, &host.url("/runs/1/summary.json"))
@@ -602,7 +602,7 @@ async fn an_announced_length_over_the_limit_is_refused_before_downloading() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == fetch.max_summary_bytes),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
 }
 
 fn assert_too_large(err: &FetchError, limit: u64) {
@@ -655,7 +655,7 @@ async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
         .await
         .unwrap_err();
     assert_too_large(&err, limit);
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
     host.client_hung_up().await;
     let streamed = host.state.streamed.load(Ordering::Relaxed);
@@ -692,7 +692,7 @@ async fn a_host_outside_the_allow_list_is_refused_without_a_request() {
             matches!(&err, FetchError::Refused { uri: u, reason } if *u == uri && reason.contains("allowed_hosts")),
             "{err:?}"
         );
-        assert!(!err.is_transient());
+        assert!(!err.fault().is_retryable());
     }
     assert_eq!(other.requests(), Vec::<String>::new());
     assert_eq!(allowed.requests(), Vec::<String>::new());
@@ -722,7 +722,7 @@ async fn a_redirect_is_a_permanent_status_and_is_not_followed() {
             matches!(err, FetchError::Status { status: 302, .. }),
             "{err:?}"
         );
-        assert!(!err.is_transient());
+        assert!(!err.fault().is_retryable());
     }
     assert_eq!(host.requests().len(), 2);
     assert_eq!(other.requests(), Vec::<String>::new());
@@ -789,8 +789,8 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
     // The summary's host is down; then the summary arrives, but the logs' host is down:
     // nothing is stored either time.
     for (artifact, summary, logs) in [
-        ("summary", "/down/summary.json", None),
-        ("logs", "/up/summary.json", Some("/down/k6.log")),
+        (ArtifactRole::Summary, "/down/summary.json", None),
+        (ArtifactRole::Logs, "/up/summary.json", Some("/down/k6.log")),
     ] {
         msg.artifacts.summary = Some(host.url(summary));
         if let Some(logs) = logs {

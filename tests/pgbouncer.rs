@@ -135,7 +135,8 @@ async fn every_fixture_and_a_concurrent_burst_are_stored_through_pgbouncer(pool:
                 let r = ing.ingest_one(&msg, &ctx(&dir)).await;
                 (
                     msg.run_id,
-                    r.map(|r| r.outcome).map_err(|e| (e.class(), e.to_string())),
+                    r.map(|r| r.outcome)
+                        .map_err(|e| (e.class().as_str(), e.to_string())),
                 )
             });
         }

@@ -561,7 +561,7 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
     assert!(
-        matches!(&err, IngestError::Upload { source, .. } if !source.transient
+        matches!(&err, IngestError::Upload { source, .. } if !source.fault().is_retryable()
             && source.message.contains("KeyTooLong")),
         "{err}"
     );

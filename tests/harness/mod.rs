@@ -237,19 +237,13 @@ fn assemble(
         .unwrap()
         .with_roots(roots)
         .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    Ingestor::new(pool.clone(), store, fetcher, s.s3.inline_summary_max_bytes)
 }
 
 /// How a replay ingests a run whose message lies in `dir`.
 pub fn ctx(dir: &Path) -> IngestContext {
     IngestContext {
         base_dir: Some(dir.to_path_buf()),
-        dry_run: false,
     }
 }
 
