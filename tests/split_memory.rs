@@ -9,10 +9,9 @@
 
 mod harness;
 
+use k6_ingest::config::Settings;
 use std::fmt::Write as _;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use harness::*;
 use k6_ingest::s3::ArtifactStore;
@@ -32,53 +31,9 @@ fn split_case() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/k6-split/v1.1.0/split4-merged-pass")
 }
 
-/// This process's resident set now, in KiB, after handing freed memory back to the kernel.
-fn own_rss_kib() -> i64 {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-/// Replays `dir` with the real binary; returns its exit code and peak RSS in KiB.
-///
-/// As in `tests/memory_budget.rs`: the child is forked, not vforked (a `pre_exec` hook
-/// makes `Command` fork), so its peak counts only the test's resident set at the fork,
-/// which must lie below the figure.
-fn replay(dir: &Path, db_url: &str, bucket: &str) -> (i32, i64) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    cmd.args(["replay", dir.to_str().unwrap(), "--concurrency", "1"])
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", bucket)
-        .env("K6_INGEST__S3__PREFIX", "")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null());
-    // SAFETY: the hook does nothing (so it is async-signal-safe); it only makes the
-    // standard library fork instead of vfork.
-    unsafe {
-        cmd.pre_exec(|| Ok(()));
-    }
-    let own = own_rss_kib();
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet reaped; pointers are to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    std::mem::forget(child); // already reaped
-    assert!(libc::WIFEXITED(status), "replay did not exit: {status}");
-    assert!(
-        own < usage.ru_maxrss,
-        "the test held {own} KiB when it forked: the child's peak {} KiB may be the test's",
-        usage.ru_maxrss
-    );
-    (libc::WEXITSTATUS(status), usage.ru_maxrss)
+/// Replays `dir` with the real binary; returns its exit code and its own peak RSS in KiB.
+fn replay(dir: &Path, db_url: &str, s: &Settings) -> (i32, i64) {
+    forked_exit_and_peak_rss(&mut replay_command(dir, db_url, s))
 }
 
 /// Writes part `index` of `count` of run `run_id` into `dst`: the files of fixture part
@@ -278,15 +233,9 @@ async fn history(
 async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) {
     let s = settings();
     let store = store(&s).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
-    let bucket = store.bucket().to_string();
+    let db_url = database_url(&pool);
 
-    let baseline = baseline_peak(&pool, &store, &db_url).await;
+    let baseline = baseline_peak(&pool, &s, &db_url).await;
     eprintln!("peak RSS baseline (4-part fixture, merged): {baseline} KiB");
 
     let tmp = tempfile::tempdir().unwrap();
@@ -294,7 +243,7 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
     let (run, pad) = write_near_cap_run(tmp.path());
     eprintln!("64 near-cap parts written in {:?}", started.elapsed());
     let started = std::time::Instant::now();
-    let (code, peak) = replay(tmp.path(), &db_url, &bucket);
+    let (code, peak) = replay(tmp.path(), &db_url, &s);
     eprintln!("64 near-cap parts replayed in {:?}", started.elapsed());
     eprintln!(
         "peak RSS 64 near-cap parts ({COPIES} + 22 metrics, ~{TARGET_BYTES} bytes each), merged: \
@@ -312,14 +261,14 @@ async fn merging_64_near_cap_parts_stays_within_the_memory_budget(pool: PgPool) 
 
 /// Replays the 4-part fixture as k6 wrote it, under a run id of its own; returns the
 /// peak RSS. Its merged summary is small: inlined in `summary_json`.
-async fn baseline_peak(pool: &PgPool, store: &ArtifactStore, db_url: &str) -> i64 {
+async fn baseline_peak(pool: &PgPool, s: &Settings, db_url: &str) -> i64 {
     let tmp = tempfile::tempdir().unwrap();
     let run = Uuid::now_v7();
     for i in 0..4 {
         let src = split_case().join(format!("part-{i}"));
         write_part(&src, &tmp.path().join(format!("part-{i}")), run, i, 4, None);
     }
-    let (code, peak) = replay(tmp.path(), db_url, store.bucket());
+    let (code, peak) = replay(tmp.path(), db_url, s);
     assert_eq!(code, 0);
     let row = merged_row(pool, run).await;
     assert_eq!(row.merged_parts.as_deref(), Some("4 of 4"));

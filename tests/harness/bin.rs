@@ -73,3 +73,38 @@ pub fn assert_success(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// This process's resident set now, in KiB, after handing freed memory back to the kernel.
+pub fn own_rss_kib() -> i64 {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Like [`exit_and_peak_rss`], for a figure that must be the child's own.
+///
+/// The kernel's peak of a child counts the memory it started with: a child made by
+/// `vfork` (what `Command` uses by default) inherits the test process's own lifetime
+/// peak, a forked one only the test's resident set at the fork. So the child is forked
+/// (a `pre_exec` hook makes `Command` fork), freed memory is returned first, and the
+/// test's own resident set must lie below the figure, which is then the binary's own.
+pub fn forked_exit_and_peak_rss(cmd: &mut Command) -> (i32, i64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook does nothing (so it is async-signal-safe); it only makes the
+    // standard library fork instead of vfork.
+    unsafe {
+        cmd.pre_exec(|| Ok(()));
+    }
+    let own = own_rss_kib();
+    let (code, peak_kib) = exit_and_peak_rss(cmd);
+    assert!(
+        own < peak_kib,
+        "the test held {own} KiB when it forked: the child's peak {peak_kib} KiB may be the test's"
+    );
+    (code, peak_kib)
+}
