@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use harness::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
-use k6_ingest::summary::{Extraction, extract, parse_summary, wanted_samples};
+use k6_ingest::summary::{Extraction, ValueSource, extract, parse_summary, wanted_samples};
 use proptest::prelude::*;
 
 #[test]
@@ -319,7 +319,7 @@ fn percentiles_from_samples_equal_k6s_own() {
             e.columns
                 .value_sources
                 .get("p99_response_time_ms")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("samples")
         );
         let row = e

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use harness::*;
 use k6_ingest::summary::threshold::evaluate_on_metric;
-use k6_ingest::summary::{Extraction, SummaryFormat, parse_summary};
+use k6_ingest::summary::{Extraction, SummaryFormat, ValueSource, parse_summary};
 use serde_json::Value;
 
 fn columns(e: &Extraction) -> serde_json::Map<String, Value> {
@@ -291,7 +291,7 @@ fn machine_readable_runs_give_the_default_runs_columns() {
         assert_eq!(
             mc.value_sources
                 .get("p99_response_time_ms")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("samples"),
             "{ctx}"
         );
@@ -318,7 +318,9 @@ fn machine_readable_runs_give_the_default_runs_columns() {
             "{ctx}"
         );
         assert_eq!(
-            mc.value_sources.get("request_rate").map(String::as_str),
+            mc.value_sources
+                .get("request_rate")
+                .map(ValueSource::as_str),
             Some("derived"),
             "{ctx}"
         );
@@ -336,7 +338,7 @@ fn machine_readable_runs_give_the_default_runs_columns() {
                 .unwrap()
                 .sources
                 .get("rate")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("derived"),
             "{ctx}"
         );

@@ -41,7 +41,9 @@ use crate::summary::merge::MergeAcc;
 use crate::summary::parse::parse_summary_owned;
 use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
-use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
+use crate::summary::{
+    Extraction, RunStatus, Summary, ValueSource, extract, extract_without_summary,
+};
 
 /// The file name of a merged summary too large to inline, in the run's S3 folder.
 const MERGED_SUMMARY_NAME: &str = "merged-summary.json";
@@ -346,10 +348,10 @@ impl Ingestor {
         }
         extraction.columns.warnings.extend(merged.warnings);
         extraction.columns.value_sources.extend(merged.sources);
-        extraction
-            .columns
-            .value_sources
-            .insert(MERGED_PARTS_KEY.into(), merged_label(have, count));
+        extraction.columns.value_sources.insert(
+            MERGED_PARTS_KEY.into(),
+            ValueSource::Merge(merged_label(have, count)),
+        );
 
         let started_at = state
             .parts

@@ -43,8 +43,47 @@ pub struct PerformanceColumns {
     pub exit_code: Option<i32>,
     pub summary_format: Option<&'static str>,
     /// Where derived values came from when not straight from the summary.
-    pub value_sources: BTreeMap<String, String>,
+    pub value_sources: BTreeMap<String, ValueSource>,
     pub warnings: Vec<String>,
+}
+
+/// Where a value came from when it was not read straight from the summary: the values
+/// of `k6_performance_runs.value_sources` and of a metric row's `sources`, stored as
+/// their labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// Computed by parsing from what the format carries (a counter's rate from its count
+    /// and the test's duration).
+    Derived,
+    /// From the run's raw samples, which reproduce every stat the summary reported.
+    Samples,
+    /// The checks' totals summed over the check tree, for lack of a `checks` metric.
+    CheckTree,
+    /// How the merge of a split run arrived at the value, in words.
+    Merge(String),
+}
+
+impl ValueSource {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Derived => "derived",
+            Self::Samples => "samples",
+            Self::CheckTree => "check_tree",
+            Self::Merge(how) => how,
+        }
+    }
+}
+
+impl Serialize for ValueSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ValueSource {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -70,7 +109,7 @@ pub struct MetricRow {
     pub p99_value: Option<i64>,
     pub percentiles: BTreeMap<String, i64>,
     pub raw_values: BTreeMap<String, Option<f64>>,
-    pub sources: BTreeMap<String, String>,
+    pub sources: BTreeMap<String, ValueSource>,
     pub warnings: Vec<String>,
 }
 
@@ -319,7 +358,7 @@ struct Extractor<'a> {
     summary: &'a Summary,
     samples: Option<&'a SampleSets>,
     warnings: Vec<String>,
-    sources: BTreeMap<String, String>,
+    sources: BTreeMap<String, ValueSource>,
 }
 
 impl Extractor<'_> {
@@ -345,7 +384,7 @@ impl Extractor<'_> {
             &mut self.warnings,
         );
         if self.summary.is_derived(metric, "rate") && rate.is_some() {
-            self.sources.insert(column.into(), "derived".into());
+            self.sources.insert(column.into(), ValueSource::Derived);
         }
         rate
     }
@@ -388,7 +427,7 @@ impl Extractor<'_> {
                 (Some(v), _, _) => Some(v),
                 (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
                     self.sources
-                        .insert(column.to_string(), "samples".to_string());
+                        .insert(column.to_string(), ValueSource::Samples);
                     s.percentile(p)
                 }
                 _ => None,
@@ -481,7 +520,7 @@ impl Extractor<'_> {
             return (None, None);
         }
         self.sources
-            .insert("checks_total".into(), "check_tree".into());
+            .insert("checks_total".into(), ValueSource::CheckTree);
         (
             rows.iter().map(|c| c.passes).sum::<Option<i64>>(),
             rows.iter().map(|c| c.fails).sum::<Option<i64>>(),
@@ -637,7 +676,7 @@ fn metric_row(
         Some(MetricType::Trend) | None => b.trend_stats(&mut row, samples),
     }
     for stat in derived.into_iter().flatten() {
-        b.sources.insert(stat.clone(), "derived".to_string());
+        b.sources.insert(stat.clone(), ValueSource::Derived);
     }
     dedup_keep_order(&mut b.warnings);
     row.sources = b.sources;
@@ -650,7 +689,7 @@ struct RowBuilder<'a> {
     m: &'a Metric,
     factor: f64,
     warnings: Vec<String>,
-    sources: BTreeMap<String, String>,
+    sources: BTreeMap<String, ValueSource>,
 }
 
 impl RowBuilder<'_> {
@@ -696,7 +735,7 @@ impl RowBuilder<'_> {
             let v = match (m.value(key), trusted) {
                 (Some(v), _) => Some(v),
                 (None, Some(s)) if !m.values.contains_key(key) => {
-                    self.sources.insert(key.to_string(), "samples".to_string());
+                    self.sources.insert(key.to_string(), ValueSource::Samples);
                     s.percentile(p)
                 }
                 _ => None,

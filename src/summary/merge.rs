@@ -26,7 +26,7 @@ use super::samples::{SampleSets, SampleStats};
 use super::selector::{parse_metric_key, percentile_of};
 use super::sink::SortedSamples;
 use super::threshold::parse_threshold;
-use super::wanted_samples;
+use super::{ValueSource, wanted_samples};
 
 /// One part as the merge sees it.
 #[derive(Debug, Default)]
@@ -56,7 +56,7 @@ pub struct Merged {
     pub error: Option<String>,
     pub warnings: Vec<String>,
     /// Where merged values came from, for `value_sources`.
-    pub sources: BTreeMap<String, String>,
+    pub sources: BTreeMap<String, ValueSource>,
 }
 
 /// How bad a non-zero exit code of a part is for the whole run: error over timeout over
@@ -698,7 +698,9 @@ impl MergeAcc {
                     if !additive && ms.parts > 1 {
                         sources.insert(
                             format!("{name}.value"),
-                            "merged: the largest of the parts' last values".into(),
+                            ValueSource::Merge(
+                                "merged: the largest of the parts' last values".into(),
+                            ),
                         );
                     }
                 }
@@ -720,7 +722,9 @@ impl MergeAcc {
                         }
                         sources.insert(
                             name.clone(),
-                            format!("merged: the union of {n} parts' raw samples"),
+                            ValueSource::Merge(format!(
+                                "merged: the union of {n} parts' raw samples"
+                            )),
                         );
                     }
                     None => {
@@ -746,7 +750,10 @@ impl MergeAcc {
                         warnings.push(format!(
                             "{name}: merged percentiles not computed ({why}); never an average of percentiles"
                         ));
-                        sources.insert(name.clone(), format!("merged: percentiles NULL, {why}"));
+                        sources.insert(
+                            name.clone(),
+                            ValueSource::Merge(format!("merged: percentiles NULL, {why}")),
+                        );
                     }
                 },
                 None => {
