@@ -4,43 +4,19 @@ use std::path::PathBuf;
 
 use crate::artifact::Fetcher;
 use crate::config::Settings;
-use crate::ingest::Ingestor;
+use crate::ingest::{DryRun, Ingestor};
 use crate::s3::{ArtifactStore, build_client};
 
-/// What a command needs; each missing setting fails here, naming the setting.
-#[derive(Debug, Clone, Copy)]
-pub struct Needs {
-    pub database: bool,
-    pub s3: bool,
-}
-
+/// The ingestor of `consume` and `replay`: PostgreSQL and the S3 bucket are required,
+/// and a missing setting fails here, naming it.
 pub async fn build_ingestor(
     settings: &Settings,
-    needs: Needs,
     extra_roots: Vec<PathBuf>,
 ) -> anyhow::Result<Ingestor> {
-    let pool = if needs.database || settings.database.url.is_some() {
-        Some(crate::db::connect(&settings.database).await?)
-    } else {
-        None
-    };
-    let s3_configured = settings.s3.bucket.as_deref().is_some_and(|b| !b.is_empty());
-    let client = if needs.s3 || s3_configured {
-        Some(build_client(&settings.s3).await)
-    } else {
-        None
-    };
-    let store = match (&client, needs.s3 || s3_configured) {
-        (Some(c), true) => Some(ArtifactStore::new(
-            c.clone(),
-            &settings.s3,
-            settings.s3.bucket()?,
-        )),
-        _ => None,
-    };
-    let fetcher = Fetcher::new(&settings.fetch, client)?
-        .with_roots(extra_roots)
-        .with_s3_sources(settings.s3.sources()?);
+    let pool = crate::db::connect(&settings.database).await?;
+    let client = build_client(&settings.s3).await;
+    let store = ArtifactStore::new(client.clone(), &settings.s3, settings.s3.bucket()?);
+    let fetcher = fetcher(settings, Some(client), extra_roots)?;
     Ok(
         Ingestor::new(pool, store, fetcher, settings.s3.inline_summary_max_bytes)
             .with_prepared_statements(settings.database.prepared_statements)
@@ -49,6 +25,33 @@ pub async fn build_ingestor(
                 settings.ingest.part_wait_secs,
             )),
     )
+}
+
+/// `replay --dry-run`: fetch and extract only, so neither PostgreSQL nor a bucket is
+/// needed; an S3 client is built only when S3 is configured (for `s3://` artifacts).
+pub async fn build_dry_run(
+    settings: &Settings,
+    extra_roots: Vec<PathBuf>,
+) -> anyhow::Result<DryRun> {
+    let s3_configured = settings.s3.bucket.as_deref().is_some_and(|b| !b.is_empty());
+    let client = if s3_configured {
+        Some(build_client(&settings.s3).await)
+    } else {
+        None
+    };
+    let fetcher = fetcher(settings, client, extra_roots)?;
+    Ok(DryRun::new(fetcher, settings.s3.inline_summary_max_bytes)
+        .with_summary_limits(settings.summary_limits()))
+}
+
+fn fetcher(
+    settings: &Settings,
+    client: Option<aws_sdk_s3::Client>,
+    extra_roots: Vec<PathBuf>,
+) -> anyhow::Result<Fetcher> {
+    Ok(Fetcher::new(&settings.fetch, client)?
+        .with_roots(extra_roots)
+        .with_s3_sources(settings.s3.sources()?))
 }
 
 /// A token cancelled on SIGTERM (Kubernetes) or Ctrl-C, for the long-running commands.

@@ -21,7 +21,7 @@ use crate::config::FetchSettings;
 use crate::fault::{Dependency, Fault};
 pub use source::{REDACTED, S3Scope, S3Sources, Tenant, redact_uri};
 
-/// Why an artifact could not be fetched. `is_transient` decides retry or dead-letter.
+/// Why an artifact could not be fetched; [`FetchError::fault`] decides retry or dead-letter.
 ///
 /// Every `uri` field holds the URI as [`redact_uri`] shows it, never the raw one: these
 /// errors end up in logs, dead-letter reasons and `runs.error_details`.
@@ -51,16 +51,12 @@ pub enum FetchError {
     S3 {
         uri: String,
         message: String,
-        transient: bool,
+        /// Set where the error is made ([`crate::s3::sdk_fault`]).
+        fault: Fault,
     },
 }
 
 impl FetchError {
-    /// Worth retrying later: the same request may succeed once a service recovers.
-    pub fn is_transient(&self) -> bool {
-        self.fault().is_retryable()
-    }
-
     /// Whose fault this is. A host that answered with a status is up, so a 5xx, 429 or
     /// 408 is the message's transient fault; a timeout or a broken connection to an
     /// HTTP(S) host says the host may be down; an S3 fault that may pass is the worker's
@@ -74,11 +70,8 @@ impl FetchError {
                 Dependency::host_of(uri).map_or(Fault::Transient, Fault::Dependency)
             }
             Self::Io { .. } => Fault::Transient,
-            Self::S3 {
-                transient: true, ..
-            } => Fault::Dependency(Dependency::ArtifactStore),
-            Self::S3 { .. }
-            | Self::Status { .. }
+            Self::S3 { fault, .. } => fault.clone(),
+            Self::Status { .. }
             | Self::Refused { .. }
             | Self::NotFound { .. }
             | Self::TooLarge { .. }
@@ -483,14 +476,13 @@ impl Fetcher {
             .send()
             .await
             .map_err(|e| {
-                let (transient, not_found) = crate::s3::classify_sdk_error(&e);
-                if not_found {
+                if crate::s3::sdk_not_found(&e) {
                     FetchError::NotFound { uri: uri.into() }
                 } else {
                     FetchError::S3 {
                         uri: uri.into(),
                         message: crate::s3::describe_sdk_error(&e),
-                        transient,
+                        fault: crate::s3::sdk_fault(&e),
                     }
                 }
             })?;
@@ -506,7 +498,7 @@ impl Fetcher {
         while let Some(chunk) = body.try_next().await.map_err(|e| FetchError::S3 {
             uri: uri.into(),
             message: e.to_string(),
-            transient: true,
+            fault: Fault::Dependency(Dependency::ArtifactStore),
         })? {
             size += chunk.len() as u64;
             if size > limit {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::app::{Needs, build_ingestor};
+use crate::app::{build_dry_run, build_ingestor};
 use crate::config::Settings;
 use crate::summary::samples::collect_samples_with;
 use crate::summary::{extract, parse_summary, wanted_samples};
@@ -236,37 +236,29 @@ pub async fn run(cli: Cli, settings: Settings) -> anyhow::Result<i32> {
                         .with_context(|| format!("Failed to open {}", p.display()))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let needs = Needs {
-                database: !dry_run,
-                s3: !dry_run,
-            };
-            let ingestor = build_ingestor(&settings, needs, roots).await?;
             let concurrency = concurrency.unwrap_or(settings.ingest.concurrency);
-            let rows = crate::replay::replay(
-                &ingestor,
-                &paths,
-                dry_run,
-                concurrency,
-                settings.amqp.max_message_bytes,
-            )
-            .await?;
-            print!("{}", crate::replay::render_table(&rows));
-            if !dry_run {
-                // Split runs whose parts are still missing after ingest.part_wait_secs.
-                for run in ingestor
-                    .sweep_incomplete_parts(ingestor.part_wait())
-                    .await?
-                {
-                    println!(
-                        "run {run}: parts missing; recorded as error with the parts that arrived"
-                    );
-                }
+            let max_message_bytes = settings.amqp.max_message_bytes;
+            if dry_run {
+                let dry = build_dry_run(&settings, roots).await?;
+                let rows =
+                    crate::replay::replay(&dry, &paths, true, concurrency, max_message_bytes)
+                        .await?;
+                print!("{}", crate::replay::render_table(&rows));
+                return Ok(i32::from(rows.iter().any(crate::replay::ReplayRow::failed)));
             }
-            Ok(if rows.iter().any(crate::replay::ReplayRow::failed) {
-                1
-            } else {
-                0
-            })
+            let ingestor = build_ingestor(&settings, roots).await?;
+            let rows =
+                crate::replay::replay(&ingestor, &paths, false, concurrency, max_message_bytes)
+                    .await?;
+            print!("{}", crate::replay::render_table(&rows));
+            // Split runs whose parts are still missing after ingest.part_wait_secs.
+            for run in ingestor
+                .sweep_incomplete_parts(ingestor.part_wait())
+                .await?
+            {
+                println!("run {run}: parts missing; recorded as error with the parts that arrived");
+            }
+            Ok(i32::from(rows.iter().any(crate::replay::ReplayRow::failed)))
         }
     }
 }

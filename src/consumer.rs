@@ -1,4 +1,4 @@
-//! `consume`: the RabbitMQ driver of `ingest_one`.
+//! `consume`: the RabbitMQ driver of `Ingestor::ingest`.
 //!
 //! Each delivery is handled in its own task (tracked, so shutdown can wait for them), up
 //! to `amqp.concurrency` at once; the broker hands out at most `amqp.prefetch` unacked
@@ -48,7 +48,7 @@ use crate::amqp::{
 };
 use crate::breaker::{Breakers, Verdict};
 use crate::config::AmqpSettings;
-use crate::fault::{Dependency, Fault};
+use crate::fault::{Dependency, Fault, ReasonClass};
 use crate::http::Health;
 use crate::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
 use crate::message::RunCompleted;
@@ -107,11 +107,17 @@ enum Held {
     Spend(Option<String>),
 }
 
+/// A delivery at work: its slot and its share of the in-flight gauge.
+struct Busy {
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    _in_flight: crate::metrics::InFlight,
+}
+
 /// What to do with a delivery once its outcome is known.
 enum Action {
     Ack,
-    Retry { class: &'static str, reason: String },
-    DeadLetter { class: &'static str, reason: String },
+    Retry { class: ReasonClass, reason: String },
+    DeadLetter { class: ReasonClass, reason: String },
 }
 
 impl Worker {
@@ -328,56 +334,65 @@ impl Worker {
             project.id = Empty,
         );
         async {
-            // When the wait for an artifact host ends; set at the first wait for one.
-            let mut host_deadline: Option<Instant> = None;
-            loop {
-                // Wait for a slot, then for PostgreSQL and S3; when the session ends
-                // (shutdown) hand the delivery back rather than start it.
-                let permit = tokio::select! {
-                    biased;
-                    () = session_over.cancelled() => None,
-                    permit = s.slots.clone().acquire_owned() => permit.ok(),
-                };
-                let Some(permit) = permit else {
-                    hand_back(&delivery).await;
-                    return;
-                };
-                if let Some(down) = s.breakers.global_down() {
-                    s.metrics.held(down.label());
-                    tracing::debug!(dependency = %down, "waiting for a dependency before starting");
+            match self.decide(&delivery, attempt, &session_over).await {
+                // The slot is kept until the outcome is durable.
+                Some((action, _busy)) => {
+                    self.settle(&delivery, attempt, action, &publish_ch, &broken)
+                        .await;
                 }
-                if !s.breakers.wait_global(&session_over).await {
-                    hand_back(&delivery).await;
-                    return;
-                }
-                let in_flight = s.metrics.in_flight();
-                let action = match self.process(&delivery).await {
-                    Ok(action) => action,
-                    Err(e) => match e.fault() {
-                        Fault::Dependency(dependency) => {
-                            drop((permit, in_flight));
-                            match self
-                                .hold(&dependency, &e, &mut host_deadline, &session_over)
-                                .await
-                            {
-                                Held::Resume => continue,
-                                Held::Stopped => {
-                                    hand_back(&delivery).await;
-                                    return;
-                                }
-                                Held::Spend(reason) => self.failed(&e, attempt, reason),
-                            }
-                        }
-                        Fault::Transient | Fault::Permanent => self.failed(&e, attempt, None),
-                    },
-                };
-                self.settle(&delivery, attempt, action, &publish_ch, &broken)
-                    .await;
-                return;
+                None => hand_back(&delivery).await,
             }
         }
         .instrument(span)
         .await;
+    }
+
+    /// Ingests the delivery once a slot is free and PostgreSQL and S3 are up, holding
+    /// it through a dependency's outage, and says what to do with it (with the slot, if
+    /// it still holds one). `None`: the session ended first, hand the delivery back.
+    async fn decide(
+        &self,
+        delivery: &Delivery,
+        attempt: u32,
+        session_over: &CancellationToken,
+    ) -> Option<(Action, Option<Busy>)> {
+        let s = &self.inner;
+        // When the wait for an artifact host ends; set at the first wait for one.
+        let mut host_deadline: Option<Instant> = None;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                () = session_over.cancelled() => None,
+                permit = s.slots.clone().acquire_owned() => permit.ok(),
+            }?;
+            if let Some(down) = s.breakers.global_down() {
+                s.metrics.held(down.label());
+                tracing::debug!(dependency = %down, "waiting for a dependency before starting");
+            }
+            if !s.breakers.wait_global(session_over).await {
+                return None;
+            }
+            let busy = Busy {
+                _slot: permit,
+                _in_flight: s.metrics.in_flight(),
+            };
+            let e = match self.process(delivery).await {
+                Ok(action) => return Some((action, Some(busy))),
+                Err(e) => e,
+            };
+            let Fault::Dependency(dependency) = e.fault() else {
+                return Some((self.failed(&e, attempt, None), Some(busy)));
+            };
+            drop(busy);
+            match self
+                .hold(&dependency, &e, &mut host_deadline, session_over)
+                .await
+            {
+                Held::Resume => {}
+                Held::Stopped => return None,
+                Held::Spend(why) => return Some((self.failed(&e, attempt, why), None)),
+            }
+        }
     }
 
     /// A delivery whose ingest failed on `dependency`: confirmed down, it waits (without
@@ -426,7 +441,7 @@ impl Worker {
         let size = delivery.data.len() as u64;
         if size > s.settings.max_message_bytes {
             return Ok(Action::DeadLetter {
-                class: "too_large",
+                class: ReasonClass::TooLarge,
                 reason: format!(
                     "message is {size} bytes, over the limit of {} (amqp.max_message_bytes)",
                     s.settings.max_message_bytes
@@ -452,36 +467,30 @@ impl Worker {
         span.record("project.id", tracing::field::display(msg.project_id));
 
         let started = Instant::now();
-        let result = s.ingestor.ingest_one(&msg, &IngestContext::default()).await;
+        let result = s.ingestor.ingest(&msg, &IngestContext::default()).await;
         let elapsed = started.elapsed();
         s.metrics.observe_ingest(elapsed.as_secs_f64());
         let duration_ms = elapsed.as_millis() as u64;
-        match result {
-            Ok(report) => {
-                match report.outcome {
-                    Outcome::AlreadyPresent => {
-                        s.metrics.duplicate();
-                        tracing::info!(
-                            duration_ms,
-                            "run already stored; acknowledged without writing"
-                        );
-                    }
-                    _ => {
-                        s.metrics.ingested(report.bytes_uploaded);
-                        tracing::info!(
-                            outcome = report.outcome.as_str(),
-                            status = report.line.status.as_deref().unwrap_or("-"),
-                            bytes_uploaded = report.bytes_uploaded,
-                            warnings = report.warnings.len(),
-                            duration_ms,
-                            "run ingested"
-                        );
-                    }
-                }
-                Ok(Action::Ack)
-            }
-            Err(e) => Err(e),
+        // A run stored as error keeps its message: it is dead-lettered like a failure.
+        let report = result?.into_result()?;
+        if report.outcome == Outcome::AlreadyPresent {
+            s.metrics.duplicate();
+            tracing::info!(
+                duration_ms,
+                "run already stored; acknowledged without writing"
+            );
+        } else {
+            s.metrics.ingested(report.bytes_uploaded);
+            tracing::info!(
+                outcome = report.outcome.as_str(),
+                status = report.line.status.as_deref().unwrap_or("-"),
+                bytes_uploaded = report.bytes_uploaded,
+                warnings = report.warnings.len(),
+                duration_ms,
+                "run ingested"
+            );
         }
+        Ok(Action::Ack)
     }
 
     /// What a failure that spends an attempt does: retry while attempts remain, then
@@ -494,7 +503,6 @@ impl Worker {
             None => e.to_string(),
         };
         match e.disposition() {
-            Disposition::Ack => Action::Ack,
             Disposition::Retry if attempt < s.settings.max_attempts => Action::Retry {
                 class: e.class(),
                 reason,
@@ -530,7 +538,7 @@ impl Worker {
             }
             Action::Retry { class, reason } => {
                 let delay = s.topology.retry_delay(attempt);
-                tracing::warn!(reason.class = class, error = %reason, retry_in_ms = delay.as_millis() as u64, "transient failure; retrying later");
+                tracing::warn!(reason.class = class.as_str(), error = %reason, retry_in_ms = delay.as_millis() as u64, "transient failure; retrying later");
                 (
                     class,
                     reason,
@@ -540,7 +548,7 @@ impl Worker {
                 )
             }
             Action::DeadLetter { class, reason } => {
-                tracing::error!(reason.class = class, error = %reason, "message dead-lettered");
+                tracing::error!(reason.class = class.as_str(), error = %reason, "message dead-lettered");
                 (
                     class,
                     reason,
@@ -550,28 +558,15 @@ impl Worker {
                 )
             }
         };
-        let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
-        let props = amqp::with_headers(
-            &delivery.properties,
-            &[
-                (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
-                (REASON_HEADER, amqp::text(&reason)),
-                (REASON_CLASS_HEADER, amqp::text(class)),
-                (
-                    FAILED_AT_HEADER,
-                    amqp::text(&chrono::Utc::now().to_rfc3339()),
-                ),
-            ],
-            &[],
-        );
+        let props = failure_headers(delivery, attempt, class, &reason);
         match amqp::publish_confirmed(publish_ch, &exchange, &routing_key, &delivery.data, props)
             .await
         {
             Ok(()) => {
                 if retry {
-                    s.metrics.retried(class);
+                    s.metrics.retried(class.as_str());
                 } else {
-                    s.metrics.dead_lettered(class);
+                    s.metrics.dead_lettered(class.as_str());
                 }
                 if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(error = %e, "ack after republish failed; the broker will redeliver (a duplicate, never a loss)");
@@ -601,11 +596,7 @@ pub async fn start(
     ingestor: Ingestor,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
-    use anyhow::Context as _;
-    let pool = ingestor
-        .pool()
-        .cloned()
-        .context("consume needs database.url")?;
+    let pool = ingestor.pool().clone();
     let metrics = Metrics::new();
     let health = Health::default();
     // The HTTP server and the probes outlive the drain, so /readyz can say "stopping"
@@ -614,9 +605,10 @@ pub async fn start(
     let breakers = Breakers::new(
         &settings.breaker,
         Some(pool),
-        ingestor
-            .store()
-            .map(|st| (st.client().clone(), st.bucket().to_string())),
+        Some((
+            ingestor.artifact_store().client().clone(),
+            ingestor.artifact_store().bucket().to_string(),
+        )),
         metrics.clone(),
         health.clone(),
         http_stop.clone(),
@@ -664,15 +656,35 @@ pub async fn consume(
     settings: &crate::config::Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let needs = crate::app::Needs {
-        database: true,
-        s3: true,
-    };
-    let ingestor = crate::app::build_ingestor(settings, needs, Vec::new()).await?;
+    let ingestor = crate::app::build_ingestor(settings, Vec::new()).await?;
     let interval = std::time::Duration::from_secs(settings.ingest.part_sweep_interval_secs.max(1));
     ingestor.spawn_part_sweep(interval, shutdown.clone());
     let running = start(settings, ingestor, shutdown).await?;
     running.done.await?
+}
+
+/// The delivery's properties with why it failed: the attempt count, the reason (cut to
+/// [`MAX_REASON_CHARS`]), its class and when.
+fn failure_headers(
+    delivery: &Delivery,
+    attempt: u32,
+    class: ReasonClass,
+    reason: &str,
+) -> lapin::BasicProperties {
+    let reason: String = reason.chars().take(MAX_REASON_CHARS).collect();
+    amqp::with_headers(
+        &delivery.properties,
+        &[
+            (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
+            (REASON_HEADER, amqp::text(&reason)),
+            (REASON_CLASS_HEADER, amqp::text(class.as_str())),
+            (
+                FAILED_AT_HEADER,
+                amqp::text(&chrono::Utc::now().to_rfc3339()),
+            ),
+        ],
+        &[],
+    )
 }
 
 /// Returns a delivery to the queue unacknowledged, for this or another worker to take.

@@ -205,14 +205,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Connection trouble, pool exhaustion, serialization failures and deadlocks may pass.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            Self::TenantMismatch { .. } | Self::Refused { .. } => false,
-            Self::Db(e) => is_transient_db(e),
-        }
-    }
-
     /// A write of `step` failed: a refusal of what was sent (SQLSTATE class 22 data
     /// exception, 23 integrity constraint violation, 54 program limit exceeded) becomes
     /// [`StoreError::Refused`]; anything else (connection trouble, a statement the
@@ -296,10 +288,6 @@ pub fn db_fault(e: &sqlx::Error) -> crate::fault::Fault {
         sqlx::Error::PoolClosed => Fault::Transient,
         _ => Fault::Permanent,
     }
-}
-
-pub fn is_transient_db(e: &sqlx::Error) -> bool {
-    !matches!(db_fault(e), crate::fault::Fault::Permanent)
 }
 
 /// What is already stored for a run.

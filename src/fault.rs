@@ -1,9 +1,12 @@
 //! Whose fault a failure is: a dependency's (the worker pauses and probes it) or the
 //! message's (the attempt budget pays for it).
 //!
-//! Each error type decides this once, where its variants are made: `FetchError::fault`,
-//! `UploadError::fault`, `StoreError::fault`; `IngestError::fault` only forwards, and the
-//! consumer reads it once per delivery. A `Dependency` verdict is a suspicion the
+//! Each error type decides this once, where its variants are made: `FetchError::fault`
+//! and `StoreError::fault` by one function per type, S3 SDK errors by `s3::sdk_fault`
+//! when an `UploadError` or `FetchError::S3` is built; `IngestError::fault` only
+//! forwards, and the consumer and replay read it once per delivery or file (through
+//! `IngestError::disposition`). [`ReasonClass`] names why a message was retried or
+//! dead-lettered. A `Dependency` verdict is a suspicion the
 //! consumer confirms with the dependency's probe (see `breaker`): if the probe answers,
 //! the fault persists while the dependency is up, so it belongs to the message after all.
 //! Erring towards `Dependency` therefore costs one probe; erring towards `Transient`
@@ -72,11 +75,87 @@ impl Fault {
     }
 }
 
+/// Why a message was retried or dead-lettered: the `reason` label of the retry and
+/// dead-letter counters and the `x-k6-ingest-reason-class` header. The labels are a
+/// published contract (dashboards and alerts match on them), so they never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonClass {
+    NotJson,
+    UnknownVersion,
+    InvalidMessage,
+    TooLarge,
+    Fetch,
+    Upload,
+    TenantMismatch,
+    ContentRefused,
+    Database,
+    SummaryUnusable,
+    Config,
+}
+
+impl ReasonClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotJson => "not_json",
+            Self::UnknownVersion => "unknown_version",
+            Self::InvalidMessage => "invalid_message",
+            Self::TooLarge => "too_large",
+            Self::Fetch => "fetch",
+            Self::Upload => "upload",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::ContentRefused => "content_refused",
+            Self::Database => "database",
+            Self::SummaryUnusable => "summary_unusable",
+            Self::Config => "config",
+        }
+    }
+}
+
+impl fmt::Display for ReasonClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Lets a label be compared with the string dashboards and headers carry.
+impl PartialEq<&str> for ReasonClass {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::artifact::FetchError;
     use crate::s3::UploadError;
+
+    #[test]
+    fn reason_classes_serialize_as_their_labels() {
+        use ReasonClass::*;
+        let all = [
+            NotJson,
+            UnknownVersion,
+            InvalidMessage,
+            TooLarge,
+            Fetch,
+            Upload,
+            TenantMismatch,
+            ContentRefused,
+            Database,
+            SummaryUnusable,
+            Config,
+        ];
+        for class in all {
+            assert_eq!(
+                serde_json::to_value(class).unwrap(),
+                serde_json::Value::from(class.as_str())
+            );
+        }
+        assert_eq!(SummaryUnusable.as_str(), "summary_unusable");
+        assert_eq!(ContentRefused, "content_refused");
+    }
 
     #[test]
     fn each_error_says_whose_fault_it_is() {
@@ -109,28 +188,19 @@ mod tests {
                 status,
             };
             assert_eq!(e.fault(), fault, "{status}");
-            assert_eq!(e.is_transient(), fault.is_retryable(), "{status}");
         }
-        let s3 = |transient| FetchError::S3 {
+        let s3 = FetchError::S3 {
             uri: "s3://b/k".into(),
             message: "m".into(),
-            transient,
+            fault: Fault::Dependency(Dependency::ArtifactStore),
         };
-        assert_eq!(
-            s3(true).fault(),
-            Fault::Dependency(Dependency::ArtifactStore)
-        );
-        assert_eq!(s3(false).fault(), Fault::Permanent);
-        let upload = |transient| UploadError {
+        assert_eq!(s3.fault(), Fault::Dependency(Dependency::ArtifactStore));
+        let upload = UploadError {
             key: "k".into(),
             message: "m".into(),
-            transient,
+            fault: Fault::Permanent,
         };
-        assert_eq!(
-            upload(true).fault(),
-            Fault::Dependency(Dependency::ArtifactStore)
-        );
-        assert_eq!(upload(false).fault(), Fault::Permanent);
+        assert_eq!(upload.fault(), Fault::Permanent);
         assert_eq!(
             crate::db::db_fault(&sqlx::Error::PoolTimedOut),
             Fault::Dependency(Dependency::Database)

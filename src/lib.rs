@@ -7,7 +7,7 @@
 //! - [`s3`]: streamed uploads under deterministic keys;
 //! - [`db`]: migrations and the one-transaction write;
 //! - [`history`]: monthly partitions, archives of whole months in S3, restores;
-//! - [`ingest`]: `ingest_one`, the step every driver calls;
+//! - [`ingest`]: one run's path as named steps (`Ingestor::ingest`), which every driver calls;
 //! - [`replay`]: the backfill driver over message files;
 //! - [`amqp`]: RabbitMQ connection, topology and confirmed publishing;
 //! - [`consumer`]: the RabbitMQ driver (`consume`): retries, dead letters, shutdown;

@@ -23,12 +23,13 @@ pub enum MessageError {
 }
 
 impl MessageError {
-    /// A short, stable label for metrics and dead-letter headers.
-    pub fn class(&self) -> &'static str {
+    /// The label of metrics and dead-letter headers.
+    pub fn class(&self) -> crate::fault::ReasonClass {
+        use crate::fault::ReasonClass;
         match self {
-            Self::NotJson(_) => "not_json",
-            Self::NoVersion | Self::UnknownVersion(_) => "unknown_version",
-            Self::Invalid(_) => "invalid_message",
+            Self::NotJson(_) => ReasonClass::NotJson,
+            Self::NoVersion | Self::UnknownVersion(_) => ReasonClass::UnknownVersion,
+            Self::Invalid(_) => ReasonClass::InvalidMessage,
         }
     }
 }

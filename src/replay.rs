@@ -1,5 +1,5 @@
 //! `replay`: ingest message files from directories (backfills, fixtures), with the same
-//! `ingest_one` as the consumer. Idempotent and so resumable: a second run over the
+//! `Ingestor::ingest` as the consumer. Idempotent and so resumable: a second run over the
 //! same paths finds every run already present and changes nothing.
 
 use std::fmt::Write as _;
@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use uuid::Uuid;
 
-use crate::ingest::{IngestContext, IngestReport, Ingestor, Outcome};
+use crate::ingest::{DryRun, IngestContext, IngestReport, Ingestor, Outcome};
 use crate::message::RunCompleted;
 
 /// One line of the final table.
@@ -64,14 +64,56 @@ pub fn find_messages(paths: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, PathBuf)
     Ok(out)
 }
 
-/// Replays the message files under `paths` with up to `concurrency` runs at once.
-pub async fn replay(
-    ingestor: &Ingestor,
+/// What replays the message files: the ingestor, or the dry run alone (which needs no
+/// database and no bucket).
+#[derive(Clone, Copy)]
+pub enum Replayer<'a> {
+    Ingest(&'a Ingestor),
+    DryRun(&'a DryRun),
+}
+
+impl<'a> From<&'a Ingestor> for Replayer<'a> {
+    fn from(i: &'a Ingestor) -> Self {
+        Self::Ingest(i)
+    }
+}
+
+impl<'a> From<&'a DryRun> for Replayer<'a> {
+    fn from(d: &'a DryRun) -> Self {
+        Self::DryRun(d)
+    }
+}
+
+impl Replayer<'_> {
+    /// A run stored as error is a failed row: its message needs a replay after a fix.
+    async fn run(self, msg: &RunCompleted, ctx: &IngestContext) -> Result<IngestReport, String> {
+        let result = match self {
+            Self::Ingest(i) => i.ingest(msg, ctx).await.and_then(IngestReport::into_result),
+            Self::DryRun(d) => d.run(msg, ctx).await,
+        };
+        result.map_err(|e| {
+            let kind = match e.disposition() {
+                crate::ingest::Disposition::Retry => " (transient: replay again later)",
+                crate::ingest::Disposition::DeadLetter => "",
+            };
+            format!("{e}{kind}")
+        })
+    }
+}
+
+/// Replays the message files under `paths` with up to `concurrency` runs at once;
+/// `dry_run` (or a [`DryRun`] replayer) fetches and extracts but writes nothing.
+pub async fn replay<'a>(
+    with: impl Into<Replayer<'a>>,
     paths: &[PathBuf],
     dry_run: bool,
     concurrency: usize,
     max_message_bytes: u64,
 ) -> anyhow::Result<Vec<ReplayRow>> {
+    let with = match with.into() {
+        Replayer::Ingest(i) if dry_run => Replayer::DryRun(i.dry()),
+        other => other,
+    };
     let files = find_messages(paths)?;
     let bar = ProgressBar::with_draw_target(Some(files.len() as u64), ProgressDrawTarget::stderr());
     bar.set_style(
@@ -82,7 +124,7 @@ pub async fn replay(
         .map(|(file, root)| {
             let bar = bar.clone();
             async move {
-                let row = replay_file(ingestor, &file, &root, dry_run, max_message_bytes).await;
+                let row = replay_file(with, &file, &root, max_message_bytes).await;
                 bar.inc(1);
                 bar.set_message(row.label.clone());
                 row
@@ -97,10 +139,9 @@ pub async fn replay(
 }
 
 async fn replay_file(
-    ingestor: &Ingestor,
+    with: Replayer<'_>,
     file: &Path,
     root: &Path,
-    dry_run: bool,
     max_message_bytes: u64,
 ) -> ReplayRow {
     let rel = file.strip_prefix(root).unwrap_or(file);
@@ -137,15 +178,8 @@ async fn replay_file(
     };
     let ctx = IngestContext {
         base_dir: file.parent().map(Path::to_path_buf),
-        dry_run,
     };
-    let result = ingestor.ingest_one(&msg, &ctx).await.map_err(|e| {
-        let kind = match e.disposition() {
-            crate::ingest::Disposition::Retry => " (transient: replay again later)",
-            _ => "",
-        };
-        format!("{e}{kind}")
-    });
+    let result = with.run(&msg, &ctx).await;
     ReplayRow {
         label,
         run_id: Some(msg.run_id),

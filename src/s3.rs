@@ -14,24 +14,31 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPa
 use uuid::Uuid;
 
 use crate::config::{ChecksumMode, S3Settings};
+use crate::fault::{Dependency, Fault};
 
+/// A failed upload or delete. Its fault is set where it is made: one that may pass
+/// (5xx, SlowDown, timeouts, unreachable endpoint) is the S3 endpoint's, not the run's,
+/// since every run uploads to the same bucket ([`sdk_fault`]); the rest (a local file
+/// that cannot be read, access denied) cannot pass by retrying.
 #[derive(Debug, thiserror::Error)]
 #[error("S3 upload of {key} failed: {message}")]
 pub struct UploadError {
     pub key: String,
     pub message: String,
-    pub transient: bool,
+    pub fault: Fault,
 }
 
 impl UploadError {
-    /// A fault that may pass (5xx, SlowDown, timeouts, unreachable endpoint) is the S3
-    /// endpoint's, not the run's: every run uploads to the same bucket. The rest (a local
-    /// file that cannot be read, access denied) cannot pass by retrying.
-    pub fn fault(&self) -> crate::fault::Fault {
-        if self.transient {
-            crate::fault::Fault::Dependency(crate::fault::Dependency::ArtifactStore)
-        } else {
-            crate::fault::Fault::Permanent
+    pub fn fault(&self) -> Fault {
+        self.fault.clone()
+    }
+
+    /// A failure of this side (the local file, the request built from it): permanent.
+    fn local(key: &str, message: String) -> Self {
+        Self {
+            key: key.into(),
+            message,
+            fault: Fault::Permanent,
         }
     }
 }
@@ -54,29 +61,36 @@ pub async fn build_client(s: &S3Settings) -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(b.build())
 }
 
-/// (transient, not_found) for an SDK error: throttling, 5xx, timeouts and connection
-/// failures are worth retrying; a missing key or bucket, or access denied, are not.
-pub fn classify_sdk_error<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> (bool, bool) {
-    match e {
-        SdkError::ServiceError(se) => {
-            let code = se.err().code().unwrap_or_default();
-            let not_found = matches!(code, "NoSuchKey" | "NoSuchBucket" | "NotFound");
-            let transient = matches!(
-                code,
-                "SlowDown"
-                    | "InternalError"
-                    | "ServiceUnavailable"
-                    | "RequestTimeout"
-                    | "Throttling"
-                    | "ThrottlingException"
-            );
-            (transient, not_found)
-        }
+/// Whose fault an SDK error is: throttling, 5xx, timeouts and connection failures say
+/// the S3 endpoint is unavailable (it serves every run); a missing key or bucket, or
+/// access denied, cannot pass by retrying.
+pub fn sdk_fault<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> Fault {
+    let may_pass = match e {
+        SdkError::ServiceError(se) => matches!(
+            se.err().code().unwrap_or_default(),
+            "SlowDown"
+                | "InternalError"
+                | "ServiceUnavailable"
+                | "RequestTimeout"
+                | "Throttling"
+                | "ThrottlingException"
+        ),
         SdkError::ResponseError(_) | SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
-            (true, false)
+            true
         }
-        _ => (false, false),
+        _ => false,
+    };
+    if may_pass {
+        Fault::Dependency(Dependency::ArtifactStore)
+    } else {
+        Fault::Permanent
     }
+}
+
+/// The key or its bucket does not exist.
+pub fn sdk_not_found<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    matches!(e, SdkError::ServiceError(se)
+        if matches!(se.err().code(), Some("NoSuchKey" | "NoSuchBucket" | "NotFound")))
 }
 
 pub fn describe_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug, R: std::fmt::Debug>(
@@ -166,11 +180,7 @@ impl ArtifactStore {
     ) -> Result<u64, UploadError> {
         let size = tokio::fs::metadata(path)
             .await
-            .map_err(|e| UploadError {
-                key: key.into(),
-                message: format!("cannot read {}: {e}", path.display()),
-                transient: false,
-            })?
+            .map_err(|e| UploadError::local(key, format!("cannot read {}: {e}", path.display())))?
             .len();
         if size > self.multipart_threshold {
             self.upload_multipart(path, size, key, content_type).await?;
@@ -180,11 +190,7 @@ impl ArtifactStore {
                 .length(Length::Exact(size))
                 .build()
                 .await
-                .map_err(|e| UploadError {
-                    key: key.into(),
-                    message: e.to_string(),
-                    transient: false,
-                })?;
+                .map_err(|e| UploadError::local(key, e.to_string()))?;
             self.client
                 .put_object()
                 .bucket(&self.bucket)
@@ -273,7 +279,7 @@ impl ArtifactStore {
             .ok_or_else(|| UploadError {
                 key: key.into(),
                 message: "no upload id in CreateMultipartUpload".into(),
-                transient: true,
+                fault: Fault::Dependency(Dependency::ArtifactStore),
             })?
             .to_string();
         match self.upload_parts(path, size, key, &upload_id).await {
@@ -323,11 +329,7 @@ impl ArtifactStore {
                 .length(Length::Exact(len))
                 .build()
                 .await
-                .map_err(|e| UploadError {
-                    key: key.into(),
-                    message: e.to_string(),
-                    transient: false,
-                })?;
+                .map_err(|e| UploadError::local(key, e.to_string()))?;
             let out = self
                 .client
                 .upload_part()
@@ -372,11 +374,10 @@ impl ArtifactStore {
         key: &str,
         e: &SdkError<E, R>,
     ) -> UploadError {
-        let (transient, _) = classify_sdk_error(e);
         UploadError {
             key: key.into(),
             message: describe_sdk_error(e),
-            transient,
+            fault: sdk_fault(e),
         }
     }
 }

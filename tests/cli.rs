@@ -1,23 +1,19 @@
 //! The binary as a user runs it: `extract` with no services, configuration errors that
 //! name the setting, and `replay`'s table and exit code.
 
-mod common;
+mod harness;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::*;
+use harness::*;
+use serde_json::{Value, json};
 
+/// The binary with no services: nothing from the developer's environment leaks in.
 fn k6_ingest(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    cmd.args(args);
-    // No services: nothing from the developer's environment leaks in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("K6_INGEST") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    cmd.output().unwrap()
+    bare_command(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -27,26 +23,46 @@ fn extract_prints_the_columns_as_one_json_object() {
         &["extract", file.to_str().unwrap(), "--exit-code", "99"],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "failed");
     assert_eq!(v["total_requests"], 66);
     assert_eq!(v["thresholds_failed"], 2);
     assert_eq!(v["exit_code"], 99);
-    for column in [
-        "p95_response_time_ms",
-        "p99_response_time_ms",
-        "request_rate",
-        "checks_total",
-        "vus_max",
-        "data_sent_bytes",
-    ] {
-        assert!(v.get(column).is_some(), "missing column {column}");
+    // Each column holds the value the summary gives (SPEC: milliseconds rounded, rates
+    // per second x 100 rounded); p(99) is NULL: this summary has none and `extract`
+    // reads no samples.
+    let summary = read_json(&file);
+    let m = &summary["metrics"];
+    let expected = [
+        (
+            "p95_response_time_ms",
+            json!(
+                m["http_req_duration"]["values"]["p(95)"]
+                    .as_f64()
+                    .unwrap()
+                    .round() as i64
+            ),
+        ),
+        ("p99_response_time_ms", Value::Null),
+        (
+            "request_rate",
+            json!((m["http_reqs"]["values"]["rate"].as_f64().unwrap() * 100.0).round() as i64),
+        ),
+        (
+            "checks_total",
+            json!(
+                m["checks"]["values"]["passes"].as_i64().unwrap()
+                    + m["checks"]["values"]["fails"].as_i64().unwrap()
+            ),
+        ),
+        ("vus_max", m["vus_max"]["values"]["max"].clone()),
+        ("data_sent_bytes", m["data_sent"]["values"]["count"].clone()),
+    ];
+    for (column, value) in expected {
+        assert_eq!(v.get(column), Some(&value), "column {column}");
     }
+    assert!(m["http_req_duration"]["values"].get("p(99)").is_none());
     // --exit-code 99 with passing thresholds is still `failed`; the exit code matters.
     let pass = fixture_dir("v1.1.0", "thresholds-pass").join("summary.json");
     let out = k6_ingest(
@@ -134,11 +150,7 @@ fn dry_run_replay_needs_no_services_and_prints_the_table() {
         ],
         &[],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.starts_with("RESULT"), "{table}");
     assert!(
@@ -150,22 +162,21 @@ fn dry_run_replay_needs_no_services_and_prints_the_table() {
 
 #[test]
 fn replay_exits_non_zero_when_a_run_fails() {
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    std::fs::write(dir.path().join("summary.json"), b"not json").unwrap();
-    let out = k6_ingest(&["replay", "--dry-run", dir.path().to_str().unwrap()], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("FAILED") && table.contains("not valid JSON"),
-        "{table}"
-    );
-    let bad = tempfile::tempdir().unwrap();
-    std::fs::write(bad.path().join("message.json"), b"{\"schema_version\": 7}").unwrap();
-    let out = k6_ingest(&["replay", "--dry-run", bad.path().to_str().unwrap()], &[]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("FAILED") && table.contains("unknown schema_version 7"),
-        "{table}"
-    );
+    let unreadable_summary = copy_fixture("v1.1.0", "thresholds-pass");
+    std::fs::write(unreadable_summary.path().join("summary.json"), b"not json").unwrap();
+    let unknown_version = tempfile::tempdir().unwrap();
+    std::fs::write(
+        unknown_version.path().join("message.json"),
+        b"{\"schema_version\": 7}",
+    )
+    .unwrap();
+    for (dir, why) in [
+        (unreadable_summary.path(), "not valid JSON"),
+        (unknown_version.path(), "unknown schema_version 7"),
+    ] {
+        let out = k6_ingest(&["replay", "--dry-run", dir.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(1));
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("FAILED") && table.contains(why), "{table}");
+    }
 }

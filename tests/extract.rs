@@ -2,39 +2,15 @@
 //! of one run, agreement with the numbers k6 itself printed, exact percentiles from raw
 //! samples, and robustness against arbitrary input. No services needed.
 
-mod common;
+mod harness;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::open_lines;
 use k6_ingest::summary::samples::collect_samples;
-use k6_ingest::summary::{
-    Extraction, extract, extract_without_summary, parse_summary, wanted_samples,
-};
+use k6_ingest::summary::{Extraction, ValueSource, extract, parse_summary, wanted_samples};
 use proptest::prelude::*;
-
-/// Extracts a fixture run exactly as ingestion does: the message's summary and exit code,
-/// and the raw samples when the summary leaves gaps.
-fn extract_fixture(dir: &Path) -> Extraction {
-    let msg = message(dir);
-    let summary_path = dir.join(msg.artifacts.summary.as_deref().unwrap());
-    let Ok(bytes) = std::fs::read(&summary_path) else {
-        return extract_without_summary(msg.exit_code, "summary unavailable");
-    };
-    let summary = parse_summary(&bytes).unwrap();
-    let metrics = dir.join("metrics.ndjson.gz");
-    let samples = metrics.is_file().then(|| {
-        collect_samples(
-            open_lines(&metrics).unwrap(),
-            &wanted_samples(&summary),
-            10_000_000,
-        )
-        .unwrap()
-    });
-    extract(&summary, msg.exit_code, samples.as_ref())
-}
 
 #[test]
 fn every_fixture_matches_its_snapshot() {
@@ -114,13 +90,11 @@ fn summary_json_and_export_of_one_run_agree() {
             }
         }
         assert_eq!(ca, cb, "{version}/{case}");
-        let th = |e: &Extraction| {
-            e.thresholds
-                .iter()
-                .map(|t| (t.metric_name.clone(), t.expression.clone(), t.ok))
-                .collect::<BTreeSet<_>>()
-        };
-        assert_eq!(th(&ea), th(&eb), "{version}/{case} thresholds");
+        assert_eq!(
+            threshold_set(&ea),
+            threshold_set(&eb),
+            "{version}/{case} thresholds"
+        );
         let ck = |e: &Extraction| {
             e.checks
                 .iter()
@@ -345,7 +319,7 @@ fn percentiles_from_samples_equal_k6s_own() {
             e.columns
                 .value_sources
                 .get("p99_response_time_ms")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("samples")
         );
         let row = e

@@ -3,7 +3,7 @@
 //! slowness, lying or missing lengths, endless bodies, redirects), and `ingest_one`
 //! is driven end to end against it with the real PostgreSQL and S3 server.
 
-mod common;
+mod harness;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::*;
 use k6_ingest::artifact::{FetchError, Fetcher, LocalArtifact, Tenant};
 use k6_ingest::config::{FetchSettings, Settings};
-use k6_ingest::ingest::{Disposition, IngestError, Outcome};
+use k6_ingest::ingest::{ArtifactRole, Disposition, IngestError, Outcome};
 use sqlx::PgPool;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -433,7 +433,7 @@ async fn a_gzip_bomb_summary_is_too_large_and_never_inflated_whole() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == 4 * MIB),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
     if let Some(peak) = peak_rss_bytes() {
         assert!(
             peak < inflated / 2,
@@ -466,13 +466,13 @@ async fn server_errors_and_too_many_requests_are_transient() {
             matches!(&err, FetchError::Status { status, uri: u } if status == expected && *u == uri),
             "{err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
         let err = fetch_summary(&fetcher, &uri).await.unwrap_err();
         assert!(
             matches!(&err, FetchError::Status { status, .. } if status == expected),
             "{err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
     }
 }
 
@@ -495,7 +495,7 @@ async fn not_found_and_forbidden_are_permanent() {
             matches!(&err, FetchError::NotFound { uri: u } if *u == uri),
             "{err:?}"
         );
-        assert!(!err.is_transient(), "{err}");
+        assert!(!err.fault().is_retryable(), "{err}");
     }
     let err = fetch_summary(&fetcher, &host.url("/forbidden"))
         .await
@@ -504,7 +504,7 @@ async fn not_found_and_forbidden_are_permanent() {
         matches!(err, FetchError::Status { status: 403, .. }),
         "{err:?}"
     );
-    assert!(!err.is_transient(), "{err}");
+    assert!(!err.fault().is_retryable(), "{err}");
     assert_eq!(host.requests(), ["/missing", "/gone", "/forbidden"]);
 }
 
@@ -529,7 +529,7 @@ async fn a_host_slower_than_the_timeout_is_a_transient_timeout() {
             matches!(err, FetchError::Timeout { secs: 1, .. }),
             "{path}: {err:?}"
         );
-        assert!(err.is_transient(), "{err}");
+        assert!(err.fault().is_retryable(), "{err}");
         assert!(
             started.elapsed() < Duration::from_secs(20),
             "{path}: gave up only after {:?}",
@@ -592,7 +592,7 @@ async fn an_announced_length_over_the_limit_is_refused_before_downloading() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == fetch.max_artifact_bytes),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
     host.client_hung_up().await;
 
     let err = fetch_summary(&fetcher, &host.url("/runs/1/summary.json"))
@@ -602,7 +602,14 @@ async fn an_announced_length_over_the_limit_is_refused_before_downloading() {
         matches!(err, FetchError::TooLarge { limit, .. } if limit == fetch.max_summary_bytes),
         "{err:?}"
     );
-    assert!(!err.is_transient());
+    assert!(!err.fault().is_retryable());
+}
+
+fn assert_too_large(err: &FetchError, limit: u64) {
+    assert!(
+        matches!(err, FetchError::TooLarge { limit: l, .. } if *l == limit),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -640,21 +647,15 @@ async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
     let err = fetch_artifact(&fetcher, &host.url("/one-over"), limit)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
+    assert_too_large(&err, limit);
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
 
     // A body without end: the fetcher stops at the limit and hangs up.
     let err = fetch_artifact(&fetcher, &host.url("/endless"), limit)
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
-    assert!(!err.is_transient());
+    assert_too_large(&err, limit);
+    assert!(!err.fault().is_retryable());
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
     host.client_hung_up().await;
     let streamed = host.state.streamed.load(Ordering::Relaxed);
@@ -663,10 +664,7 @@ async fn a_body_past_the_limit_stops_the_download_and_leaves_no_temp_file() {
     let err = fetch_summary(&fetcher, &host.url("/endless"))
         .await
         .unwrap_err();
-    assert!(
-        matches!(err, FetchError::TooLarge { limit: l, .. } if l == limit),
-        "{err:?}"
-    );
+    assert_too_large(&err, limit);
     assert_eq!(temp_files(temp), Vec::<PathBuf>::new());
 
     // Bytes beyond the announced length are never read.
@@ -694,7 +692,7 @@ async fn a_host_outside_the_allow_list_is_refused_without_a_request() {
             matches!(&err, FetchError::Refused { uri: u, reason } if *u == uri && reason.contains("allowed_hosts")),
             "{err:?}"
         );
-        assert!(!err.is_transient());
+        assert!(!err.fault().is_retryable());
     }
     assert_eq!(other.requests(), Vec::<String>::new());
     assert_eq!(allowed.requests(), Vec::<String>::new());
@@ -724,44 +722,10 @@ async fn a_redirect_is_a_permanent_status_and_is_not_followed() {
             matches!(err, FetchError::Status { status: 302, .. }),
             "{err:?}"
         );
-        assert!(!err.is_transient());
+        assert!(!err.fault().is_retryable());
     }
     assert_eq!(host.requests().len(), 2);
     assert_eq!(other.requests(), Vec::<String>::new());
-}
-
-/// Row counts of every table in the schema the migrations create.
-async fn rows_per_table(pool: &PgPool) -> Vec<(String, i64)> {
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT table_name::text FROM information_schema.tables \
-         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' AND table_name <> '_sqlx_migrations' \
-         ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap();
-    assert!(tables.len() >= 5, "{tables:?}");
-    let mut out = Vec::new();
-    for table in tables {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM \"{table}\""))
-            .fetch_one(pool)
-            .await
-            .unwrap();
-        out.push((table, n));
-    }
-    out
-}
-
-async fn object_count(s: &Settings) -> i32 {
-    let store = store(s).await;
-    let listed = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .send()
-        .await
-        .unwrap();
-    listed.key_count().unwrap_or_default()
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
@@ -774,31 +738,30 @@ async fn a_run_whose_artifacts_are_served_over_http_is_ingested(pool: PgPool) {
         ("/runs/1/k6.log", Reply::Chunked(logs.clone())),
     ])
     .await;
-    let mut s = settings("http-ok");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let mut msg = message(&dir);
     msg.artifacts.summary = Some(host.url("/runs/1/summary.json"));
     msg.artifacts.logs = Some(host.url("/runs/1/k6.log"));
 
     let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let (status, source, inline): (String, Option<String>, Option<serde_json::Value>) =
-        sqlx::query_as(
-            "SELECT r.status, r.artifact_paths->'summary'->>'source', p.summary_json \
+    let (status, source, inline): (String, Option<String>, Option<serde_json::Value>) = row_of(
+        &pool,
+        "SELECT r.status, r.artifact_paths->'summary'->>'source', p.summary_json \
              FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1",
-        )
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "passed");
     assert_eq!(source, msg.artifacts.summary);
     let expected: serde_json::Value = serde_json::from_slice(&fixture_summary()).unwrap();
     assert_eq!(inline, Some(expected));
-    let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
-    assert_eq!(get_object(&store, &key).await, logs);
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
+    assert_eq!(get_object(store, &key).await, logs);
 
     // A redelivery is recognised before anything is fetched again.
     let requests = host.requests().len();
@@ -816,60 +779,53 @@ async fn an_unavailable_artifact_host_is_retried_and_writes_nothing(pool: PgPool
         ("/down/k6.log", Reply::Status(503)),
     ])
     .await;
-    let mut s = settings("http-503");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let mut msg = message(&dir);
 
-    // The summary's host is down.
-    msg.artifacts.summary = Some(host.url("/down/summary.json"));
-    let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            IngestError::Fetch {
-                artifact: "summary",
-                source: FetchError::Status { status: 503, .. },
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(err.disposition(), Disposition::Retry, "{err}");
-    for (table, n) in rows_per_table(&pool).await {
-        assert_eq!(n, 0, "{table} written although the run will be retried");
+    // The summary's host is down; then the summary arrives, but the logs' host is down:
+    // nothing is stored either time.
+    for (artifact, summary, logs) in [
+        (ArtifactRole::Summary, "/down/summary.json", None),
+        (ArtifactRole::Logs, "/up/summary.json", Some("/down/k6.log")),
+    ] {
+        msg.artifacts.summary = Some(host.url(summary));
+        if let Some(logs) = logs {
+            msg.artifacts.logs = Some(host.url(logs));
+        }
+        let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                IngestError::Fetch {
+                    artifact: a,
+                    source: FetchError::Status { status: 503, .. },
+                    ..
+                } if *a == artifact
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.disposition(), Disposition::Retry, "{err}");
+        assert_no_rows(&pool, "although the run will be retried").await;
+        assert_eq!(
+            all_keys(store).await,
+            Vec::<String>::new(),
+            "artifacts uploaded"
+        );
     }
-    assert_eq!(object_count(&s).await, 0, "artifacts uploaded");
-
-    // The summary arrives, but the logs' host is down: still nothing stored.
-    msg.artifacts.summary = Some(host.url("/up/summary.json"));
-    msg.artifacts.logs = Some(host.url("/down/k6.log"));
-    let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            IngestError::Fetch {
-                artifact: "logs",
-                source: FetchError::Status { status: 503, .. },
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(err.disposition(), Disposition::Retry, "{err}");
-    for (table, n) in rows_per_table(&pool).await {
-        assert_eq!(n, 0, "{table} written although the run will be retried");
-    }
-    assert_eq!(object_count(&s).await, 0, "artifacts uploaded");
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "json-logs");
     let host = ArtifactHost::start(vec![]).await;
-    let mut s = settings("http-404");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let mut msg = message(&dir);
     let uri = host.url("/runs/1/summary.json");
     msg.artifacts.summary = Some(uri.clone());
@@ -880,23 +836,18 @@ async fn a_summary_the_host_does_not_have_is_an_error_run_and_dead_lettered(pool
         "{err:?}"
     );
     assert_eq!(err.disposition(), Disposition::DeadLetter, "{err}");
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, String) = run_status(&pool, msg.run_id).await;
     assert_eq!(status, "error");
     assert!(
         details.contains(&uri) && details.contains("not found") && details.contains("exit code 0"),
         "{details}"
     );
-    let perf_status: String =
-        sqlx::query_scalar("SELECT status FROM k6_performance_runs WHERE run_id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let perf_status: String = value_of(
+        &pool,
+        "SELECT status FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(perf_status, "error");
     assert_eq!(host.requests(), ["/runs/1/summary.json"]);
 }
@@ -1001,9 +952,10 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         ("/runs/1/k6.log", Reply::Body(logs.clone())),
     ])
     .await;
-    let mut s = settings("http-credentials");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.host());
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let with_secrets = |path: &str, query: &str| {
         Some(format!("http://runner:hunter2@{}{path}?{query}", host.addr))
     };
@@ -1024,12 +976,12 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         report.warnings
     );
     assert_no_secret("the warnings", &report.warnings.join(" "));
-    let paths: serde_json::Value =
-        sqlx::query_scalar("SELECT artifact_paths FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let paths: serde_json::Value = value_of(
+        &pool,
+        "SELECT artifact_paths FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(
         paths["summary"]["source"],
         format!("http://{}/runs/1/summary.json?token=REDACTED", host.addr)
@@ -1041,10 +993,10 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
             host.addr
         )
     );
-    let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         logs,
         "fetched with the credentials"
     );
@@ -1061,11 +1013,12 @@ async fn a_source_with_credentials_is_stored_and_reported_without_them(pool: PgP
         "{err:?}"
     );
     assert_no_secret("the ingest error", &format!("{err} {err:?}"));
-    let details: String = sqlx::query_scalar("SELECT error_details FROM runs WHERE id = $1")
-        .bind(lost.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let details: String = value_of(
+        &pool,
+        "SELECT error_details FROM runs WHERE id = $1",
+        lost.run_id,
+    )
+    .await;
     assert!(
         details.contains(&format!(
             "http://{}/runs/2/summary.json?token=REDACTED",

@@ -2,12 +2,12 @@
 //! partitioning migration on a filled database, archives that survive being killed,
 //! restores row for row, and the dashboard's queries reading only the months they need.
 
-mod common;
+mod harness;
 
 use std::process::{Command, Output};
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone, Utc};
-use common::*;
+use harness::*;
 use k6_ingest::config::Settings;
 use k6_ingest::db::Db;
 use k6_ingest::history::{self, partition_name};
@@ -55,26 +55,6 @@ async fn ingest_at(pool: &PgPool, s: &Settings, starts: &[DateTime<Utc>]) -> Vec
     out
 }
 
-/// Every row of the five tables as text, ordered, per table (partition-independent).
-async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
-        let rows: Vec<String> =
-            sqlx::query_scalar(&format!("SELECT t::text FROM {table} t ORDER BY t::text"))
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        out.push((table.to_string(), rows));
-    }
-    out
-}
-
 /// Every row of `table` as JSON without the column `minus`, ordered.
 async fn rows_json(pool: &PgPool, table: &str, minus: &str) -> Vec<String> {
     sqlx::query_scalar(&format!(
@@ -87,14 +67,13 @@ async fn rows_json(pool: &PgPool, table: &str, minus: &str) -> Vec<String> {
 }
 
 async fn partitions_of(pool: &PgPool, table: &str) -> Vec<String> {
-    sqlx::query_scalar(
+    values_of(
+        pool,
         "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
          WHERE i.inhparent = $1::regclass ORDER BY 1",
+        table,
     )
-    .bind(table)
-    .fetch_all(pool)
     .await
-    .unwrap()
 }
 
 /// The released migrations (every file but the partitioning one) on a database filled
@@ -120,7 +99,7 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         .await
         .unwrap();
     k6_ingest::db::MIGRATOR.run(&scratch).await.unwrap();
-    let s = settings("history-migrate");
+    let s = settings();
     let starts = [
         at(2025, 1, 5),
         at(2025, 2, 28),
@@ -150,24 +129,17 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         let table = table.to_string();
         let pool = pool.clone();
         async move {
-            let c: Vec<String> = sqlx::query_scalar(
+            let c: Vec<String> = values_of(
+                &pool,
                 "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass \
                  AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+                format!("public.{table}"),
             )
-            .bind(format!("public.{table}"))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+            .await;
             c.join(", ")
         }
     };
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
+    for table in RUN_TABLES {
         let c = cols(table).await;
         sqlx::raw_sql(&copy(table, &c))
             .execute(&pool)
@@ -180,13 +152,7 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         .await
         .unwrap();
     let mut before = Vec::new();
-    for table in [
-        "runs",
-        "k6_performance_runs",
-        "k6_metrics_history",
-        "k6_threshold_results",
-        "k6_check_results",
-    ] {
+    for table in RUN_TABLES {
         before.push((table, rows_json(&pool, table, "").await));
     }
     assert_eq!(before[1].1.len(), msgs.len());
@@ -217,13 +183,14 @@ async fn partitioning_converts_a_filled_database(pool: PgPool) {
         "k6_threshold_results",
         "k6_check_results",
     ] {
-        let mismatched: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {table} d JOIN k6_performance_runs p ON p.id = d.k6_run_id \
+        let mismatched: i64 = scalar(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM {table} d JOIN k6_performance_runs p ON p.id = d.k6_run_id \
              WHERE d.started_at <> p.started_at"
-        ))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+            ),
+        )
+        .await;
         assert_eq!(
             mismatched, 0,
             "{table}: a detail row is not in its run's month"
@@ -297,40 +264,30 @@ async fn partitions_ahead_is_idempotent(pool: PgPool) {
     }
 }
 
+/// The binary on the test's database, its archives under the prefix `hist`.
+fn hist_command(args: &[&str], db_url: &str, s: &Settings) -> Command {
+    let mut cmd = command(args, db_url, s);
+    cmd.env("K6_INGEST__S3__PREFIX", "hist");
+    cmd
+}
+
 fn k6_ingest_cmd(args: &[&str], db_url: &str, s: &Settings, abort_after: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    cmd.args(args)
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-        .env("K6_INGEST__S3__PREFIX", "hist")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .env_remove("K6_INGEST_TEST_ABORT_AFTER");
+    let mut cmd = hist_command(args, db_url, s);
     if let Some(step) = abort_after {
         cmd.env("K6_INGEST_TEST_ABORT_AFTER", step);
     }
     cmd.output().unwrap()
 }
 
-async fn database_url(pool: &PgPool) -> String {
-    let name: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(&name);
-    url.to_string()
-}
-
 /// Archive killed after each of its steps loses nothing; then archive, a redelivery of
 /// an archived run, and restore bring back every row as it was.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) {
-    let s = settings("history-archive");
+    let s = settings();
     let store = store(&s).await;
     let starts = [at(2025, 1, 10), at(2025, 2, 3), at(2025, 3, 31)];
     let msgs = ingest_at(&pool, &s, &starts).await;
-    let url = database_url(&pool).await;
+    let url = database_url(&pool);
     let before = snapshot(&pool).await;
 
     for step in ["exported", "uploaded", "verified", "marked", "dropped"] {
@@ -401,11 +358,7 @@ async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) 
     for f in &manifest.files {
         let body = get_object(&store, &f.key).await;
         assert_eq!(body.len() as u64, f.bytes, "{}", f.key);
-        let sha: String = sqlx::query_scalar("SELECT encode(sha256($1), 'hex')")
-            .bind(&body)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let sha: String = value_of(&pool, "SELECT encode(sha256($1), 'hex')", &body).await;
         assert_eq!(sha, f.sha256, "{}", f.key);
         assert!(f.rows > 0, "{}", f.key);
     }
@@ -458,7 +411,7 @@ async fn archive_survives_kills_and_restore_brings_back_every_row(pool: PgPool) 
 /// A restore checks the archive: a file changed in S3 is refused and nothing loaded.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn restore_refuses_a_changed_archive(pool: PgPool) {
-    let s = settings("history-tamper");
+    let s = settings();
     let store = store(&s).await;
     ingest_at(&pool, &s, &[at(2024, 5, 5)]).await;
     history::archive_before(
@@ -510,6 +463,25 @@ fn scanned(plan: &serde_json::Value, executed_only: bool, out: &mut Vec<String>)
     }
 }
 
+/// The relations the plan of `explain` (an EXPLAIN in JSON) scans, and the plan.
+async fn scans(
+    pool: &PgPool,
+    explain: &str,
+    executed_only: bool,
+) -> (Vec<String>, serde_json::Value) {
+    let plan: serde_json::Value = scalar(pool, explain).await;
+    (relations(&plan, executed_only), plan)
+}
+
+/// The relations a plan scans, sorted, each once.
+fn relations(plan: &serde_json::Value, executed_only: bool) -> Vec<String> {
+    let mut rels = Vec::new();
+    scanned(plan, executed_only, &mut rels);
+    rels.sort();
+    rels.dedup();
+    rels
+}
+
 /// With 14 months of generated history, the dashboard's questions read only the
 /// partitions they need.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
@@ -548,53 +520,41 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     let months = history::partitioned_months(&pool).await.unwrap();
     assert!(months.len() >= 14, "{months:?}");
 
-    // p95 of a test over time within a date range: two months, planned statically.
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
-        "EXPLAIN (FORMAT JSON) SELECT started_at, p95_response_time_ms FROM k6_performance_runs \
-         WHERE test_id = '{test}' AND location = 'us-east' \
-         AND started_at >= '2025-04-01 00:00:00+00' AND started_at < '2025-06-01 00:00:00+00' \
-         ORDER BY started_at"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, false, &mut rels);
-    rels.sort();
-    rels.dedup();
-    assert_eq!(
-        rels,
-        vec![
-            partition_name("k6_performance_runs", month(2025, 4)),
-            partition_name("k6_performance_runs", month(2025, 5)),
-        ],
-        "{plan}"
-    );
-
-    // One metric of a test over a month: the detail table is pruned too when the query
-    // bounds its own started_at (a range does not travel through the join's equality).
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
-        "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
-         JOIN k6_metrics_history m ON m.k6_run_id = p.id AND m.started_at = p.started_at \
-         WHERE p.test_id = '{test}' AND m.metric_name = 'http_req_duration' \
-         AND p.started_at >= '2025-04-01 00:00:00+00' AND p.started_at < '2025-05-01 00:00:00+00' \
-         AND m.started_at >= '2025-04-01 00:00:00+00' AND m.started_at < '2025-05-01 00:00:00+00'"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, false, &mut rels);
-    rels.sort();
-    rels.dedup();
-    assert_eq!(
-        rels,
-        vec![
-            partition_name("k6_metrics_history", month(2025, 4)),
-            partition_name("k6_performance_runs", month(2025, 4)),
-        ],
-        "{plan}"
-    );
+    let static_plans = [
+        // p95 of a test over time within a date range: two months, planned statically.
+        (
+            format!(
+                "EXPLAIN (FORMAT JSON) SELECT started_at, p95_response_time_ms FROM k6_performance_runs \
+                 WHERE test_id = '{test}' AND location = 'us-east' \
+                 AND started_at >= '2025-04-01 00:00:00+00' AND started_at < '2025-06-01 00:00:00+00' \
+                 ORDER BY started_at"
+            ),
+            vec![
+                partition_name("k6_performance_runs", month(2025, 4)),
+                partition_name("k6_performance_runs", month(2025, 5)),
+            ],
+        ),
+        // One metric of a test over a month: the detail table is pruned too when the
+        // query bounds its own started_at (a range does not travel through the join's
+        // equality).
+        (
+            format!(
+                "EXPLAIN (FORMAT JSON) SELECT p.started_at, m.p95_value FROM k6_performance_runs p \
+                 JOIN k6_metrics_history m ON m.k6_run_id = p.id AND m.started_at = p.started_at \
+                 WHERE p.test_id = '{test}' AND m.metric_name = 'http_req_duration' \
+                 AND p.started_at >= '2025-04-01 00:00:00+00' AND p.started_at < '2025-05-01 00:00:00+00' \
+                 AND m.started_at >= '2025-04-01 00:00:00+00' AND m.started_at < '2025-05-01 00:00:00+00'"
+            ),
+            vec![
+                partition_name("k6_metrics_history", month(2025, 4)),
+                partition_name("k6_performance_runs", month(2025, 4)),
+            ],
+        ),
+    ];
+    for (explain, expected) in static_plans {
+        let (rels, plan) = scans(&pool, &explain, false).await;
+        assert_eq!(rels, expected, "{plan}");
+    }
 
     // The same with the range as parameters (a prepared statement): pruned at run time.
     let plan: serde_json::Value = sqlx::query_scalar(
@@ -608,10 +568,7 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, true, &mut rels);
-    rels.sort();
-    rels.dedup();
+    let rels = relations(&plan, true);
     assert_eq!(
         rels,
         vec![partition_name("k6_performance_runs", month(2025, 9))],
@@ -619,18 +576,11 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
     );
 
     // Latest runs of a project in a location: newest month first, stopping early.
-    let plan: serde_json::Value = sqlx::query_scalar(&format!(
+    let (rels, plan) = scans(&pool, &format!(
         "EXPLAIN (ANALYZE, FORMAT JSON) SELECT run_id, status, started_at, p95_response_time_ms \
          FROM k6_performance_runs WHERE project_id = '{project}' AND location = 'eu-west' \
          ORDER BY started_at DESC LIMIT 20"
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    let mut rels = Vec::new();
-    scanned(&plan, true, &mut rels);
-    rels.sort();
-    rels.dedup();
+    ), true).await;
     // Newer months (created ahead by the migration) are empty and cost an index probe;
     // of the months with rows only the newest is read.
     let newest_with_rows = partition_name("k6_performance_runs", month(2026, 2));
@@ -646,8 +596,8 @@ async fn dashboard_queries_read_only_the_months_they_need(pool: PgPool) {
 /// time: the partitioned unique key cannot see them as one, the `runs` row lock does.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
-    let s = settings("history-dup");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     for round in 0..4 {
         let (a, dir) = moved(CASES[round % CASES.len()], at(2025, 4, 30));
         let mut b = a.clone();
@@ -662,21 +612,20 @@ async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
             [Outcome::AlreadyPresent, Outcome::Ingested],
             "round {round}"
         );
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-                .bind(a.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let n: i64 = value_of(
+            &pool,
+            "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+            a.run_id,
+        )
+        .await;
         assert_eq!(n, 1, "round {round}: one k6_performance_runs row per run");
-        let orphans: i64 = sqlx::query_scalar(
+        let orphans: i64 = value_of(
+            &pool,
             "SELECT count(*) FROM k6_metrics_history m JOIN k6_performance_runs p \
              ON p.id = m.k6_run_id WHERE p.run_id = $1 AND m.started_at <> p.started_at",
+            a.run_id,
         )
-        .bind(a.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(orphans, 0);
     }
 }
@@ -686,21 +635,15 @@ async fn concurrent_duplicates_in_different_months_store_one_run(pool: PgPool) {
 /// last month stays.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn archive_without_arguments_follows_the_retention_setting(pool: PgPool) {
-    let s = settings("history-retention");
+    let s = settings();
     let this_month = k6_ingest::db::month_of(Utc::now());
     let old = this_month - chrono::Months::new(4);
     let recent = this_month - chrono::Months::new(1);
     let to_time = |d: NaiveDate| at(d.year(), d.month(), 10);
     ingest_at(&pool, &s, &[to_time(old), to_time(recent)]).await;
-    let url = database_url(&pool).await;
+    let url = database_url(&pool);
 
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    let out = cmd
-        .args(["archive"])
-        .env("K6_INGEST__DATABASE__URL", &url)
-        .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-        .env("K6_INGEST__S3__PREFIX", "hist")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
+    let out = hist_command(&["archive"], &url, &s)
         .env("K6_INGEST__RETENTION__HOT_MONTHS", "2")
         .output()
         .unwrap();

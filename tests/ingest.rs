@@ -1,19 +1,17 @@
 //! `ingest_one` and `replay` against real PostgreSQL and the real S3-compatible server.
 
-mod common;
+mod harness;
 
-use common::*;
+use harness::*;
 use k6_ingest::ingest::{Disposition, IngestContext, IngestError, Outcome};
 use k6_ingest::replay::{render_table, replay};
 use sqlx::{PgPool, Row};
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
-    let s = settings("replay");
-    let ing = ingestor(&pool, &s).await;
-    let rows = replay(&ing, &[fixtures()], false, 4, 1 << 20)
-        .await
-        .unwrap();
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let rows = replay(ing, &[fixtures()], false, 4, 1 << 20).await.unwrap();
     let table = render_table(&rows);
     assert!(rows.iter().all(|r| r.result.is_ok()), "{table}");
     assert_eq!(rows.len(), all_fixture_runs().len());
@@ -30,9 +28,7 @@ async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
         "one k6_performance_runs row per run"
     );
 
-    let again = replay(&ing, &[fixtures()], false, 4, 1 << 20)
-        .await
-        .unwrap();
+    let again = replay(ing, &[fixtures()], false, 4, 1 << 20).await.unwrap();
     assert!(
         again
             .iter()
@@ -60,12 +56,10 @@ async fn replaying_every_fixture_twice_stores_each_run_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn stores_columns_details_and_artifacts(pool: PgPool) {
-    let s = settings("details");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-fail");
-    let msg = message(&dir);
-    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
+    let msg = ingest_dir(ing, &dir).await;
 
     let run = sqlx::query("SELECT status, error_details, logs_s3_url, artifact_paths, organization_id FROM runs WHERE id = $1")
         .bind(msg.run_id)
@@ -80,24 +74,19 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     );
 
     // The log bytes in S3 are exactly the file the runner wrote.
-    let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
     assert_eq!(
         run.get::<Option<String>, _>("logs_s3_url"),
         Some(store.uri(&key))
     );
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("k6.log")).unwrap()
     );
-    let mkey = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "metrics.ndjson.gz",
-    );
+    let mkey = run_key(store, &msg, "metrics.ndjson.gz");
     assert_eq!(
-        get_object(&store, &mkey).await,
+        get_object(store, &mkey).await,
         std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()
     );
 
@@ -145,12 +134,12 @@ async fn stores_columns_details_and_artifacts(pool: PgPool) {
     assert!(failed[0].2.unwrap() > 5_000, "{failed:?}");
     assert_eq!(failed[1].0, "http_req_failed");
 
-    let metrics: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM k6_metrics_history WHERE k6_run_id = $1")
-            .bind(k6_run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let metrics: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_metrics_history WHERE k6_run_id = $1",
+        k6_run_id,
+    )
+    .await;
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(
@@ -164,11 +153,10 @@ type CheckRow = (Vec<String>, String, Option<i64>, Option<i64>);
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn checks_keep_their_group_path(pool: PgPool) {
-    let s = settings("checks");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "groups-nested-checks");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    let msg = ingest_dir(ing, &dir).await;
     let rows: Vec<CheckRow> = sqlx::query_as(
         "SELECT c.group_path, c.name, c.passes, c.fails FROM k6_check_results c \
          JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = 'status is 200' ORDER BY c.position",
@@ -189,23 +177,16 @@ async fn checks_keep_their_group_path(pool: PgPool) {
     // The inner one always fails in the script.
     assert_eq!(rows[2].2, Some(0));
     assert!(rows[2].3.unwrap() > 0);
-    let empty: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM k6_check_results c JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = ''",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let empty: i64 = value_of(&pool, "SELECT count(*) FROM k6_check_results c JOIN k6_performance_runs p ON p.id = c.k6_run_id WHERE p.run_id = $1 AND c.name = ''", msg.run_id).await;
     assert_eq!(empty, 1, "the empty-named check is stored");
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
-    let s = settings("tenant");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
+    let msg = ingest_dir(ing, &dir).await;
     let before = table_digest(&pool).await;
 
     let mut other = msg.clone();
@@ -231,18 +212,19 @@ async fn a_message_for_another_tenant_is_refused(pool: PgPool) {
         .await
         .unwrap_err();
     assert_eq!(err.class(), "tenant_mismatch");
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-        .bind(fresh.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let n: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+        fresh.run_id,
+    )
+    .await;
     assert_eq!(n, 0);
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
-    let s = settings("upsert");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let msg = message(&dir);
     sqlx::query(
@@ -255,12 +237,12 @@ async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
     .await
     .unwrap();
     ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    let (status, by, case): (String, Option<String>, Option<String>) =
-        sqlx::query_as("SELECT status, metadata->>'by', metadata->>'case' FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, by, case): (String, Option<String>, Option<String>) = row_of(
+        &pool,
+        "SELECT status, metadata->>'by', metadata->>'case' FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "passed");
     assert_eq!(
         by.as_deref(),
@@ -272,8 +254,8 @@ async fn a_run_the_application_started_is_completed_in_place(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPool) {
-    let s = settings("missing");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let summary = std::fs::read(dir.path().join("summary.json")).unwrap();
     std::fs::remove_file(dir.path().join("summary.json")).unwrap();
@@ -282,12 +264,7 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert!(matches!(err, IngestError::SummaryUnusable { .. }), "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, String) = run_status(&pool, msg.run_id).await;
     assert_eq!(status, "error");
     assert!(
         details.contains("not found") && details.contains("exit code 0"),
@@ -298,13 +275,7 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
     std::fs::write(dir.path().join("summary.json"), summary).unwrap();
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Replaced);
-    let (status, n): (String, i64) = sqlx::query_as(
-        "SELECT p.status, (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) FROM k6_performance_runs p WHERE p.run_id = $1",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (status, n): (String, i64) = row_of(&pool, "SELECT p.status, (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) FROM k6_performance_runs p WHERE p.run_id = $1", msg.run_id).await;
     assert_eq!(status, "passed");
     assert!(n > 5);
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs")
@@ -324,8 +295,8 @@ async fn a_missing_summary_is_an_error_run_until_the_summary_is_fixed(pool: PgPo
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
-    let s = settings("corrupt");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     std::fs::write(
         dir.path().join("summary.json"),
@@ -335,40 +306,33 @@ async fn a_corrupt_summary_is_kept_in_s3_and_reported(pool: PgPool) {
     let msg = message(dir.path());
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert!(err.to_string().contains("not valid JSON"), "{err}");
-    let paths: serde_json::Value =
-        sqlx::query_scalar("SELECT artifact_paths FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(paths["summary"]["unreadable"], true);
-    let store = store(&s).await;
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
+    let paths: serde_json::Value = value_of(
+        &pool,
+        "SELECT artifact_paths FROM runs WHERE id = $1",
         msg.run_id,
-        "summary.json",
-    );
+    )
+    .await;
+    assert_eq!(paths["summary"]["unreadable"], true);
+    let store = &env.store;
+    let key = run_key(store, &msg, "summary.json");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         b"{\"metrics\": {\"http_reqs\": "
     );
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
-    let s = settings("script-error");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "script-error");
-    let msg = message(&dir);
-    let report = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
-    let (status, details, logs): (String, String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let msg = ingest_dir(ing, &dir).await;
+    let (status, details, logs): (String, String, Option<String>) = row_of(
+        &pool,
+        "SELECT status, error_details, logs_s3_url FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(status, "error");
     assert!(
         details.contains("107") && details.contains("script exception"),
@@ -379,38 +343,32 @@ async fn a_script_error_without_summary_is_a_stored_error_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_summary_over_the_inline_limit_lives_in_s3(pool: PgPool) {
-    let mut s = settings("large-summary");
+    let mut s = settings();
     s.s3.inline_summary_max_bytes = 100;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "custom-metrics");
-    let msg = message(&dir);
-    ing.ingest_one(&msg, &ctx(&dir)).await.unwrap();
-    let (inline, url): (Option<serde_json::Value>, Option<String>) = sqlx::query_as(
+    let msg = ingest_dir(ing, &dir).await;
+    let (inline, url): (Option<serde_json::Value>, Option<String>) = row_of(
+        &pool,
         "SELECT summary_json, summary_s3_url FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert!(inline.is_none());
-    let store = store(&s).await;
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
         msg.run_id,
-        "summary.json",
-    );
+    )
+    .await;
+    assert!(inline.is_none());
+    let store = &env.store;
+    let key = run_key(store, &msg, "summary.json");
     assert_eq!(url, Some(store.uri(&key)));
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("summary.json")).unwrap()
     );
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn concurrent_duplicates_store_one_run(pool: PgPool) {
-    let s = settings("dup");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "scenarios");
     let msg = message(&dir);
     let c = ctx(&dir);
@@ -436,8 +394,8 @@ async fn concurrent_duplicates_store_one_run(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dry_run_writes_nothing(pool: PgPool) {
-    let s = settings("dry");
-    let ing = ingestor(&pool, &s).await;
+    let s = settings();
+    let ing = dry_run_ingestor(&pool, &s).await;
     let rows = replay(&ing, &[fixtures().join("v0.57.0")], true, 2, 1 << 20)
         .await
         .unwrap();
@@ -450,22 +408,18 @@ async fn a_dry_run_writes_nothing(pool: PgPool) {
     for (table, n, _) in table_digest(&pool).await {
         assert_eq!(n, 0, "{table} written by a dry run");
     }
-    let store = store(&s).await;
-    let listed = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listed.key_count(), Some(0), "a dry run uploaded objects");
+    assert_eq!(
+        all_keys(&store(&s).await).await,
+        Vec::<String>::new(),
+        "a dry run uploaded objects"
+    );
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn artifacts_can_come_from_s3(pool: PgPool) {
-    let s = settings("from-s3");
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let (s, ing) = (&env.s, &env.ing);
+    let store = &env.store;
     let dir = fixture_dir("v1.1.0", "html-report");
     let mut msg = message(&dir);
     // Where `submit` stages them: the only place s3 sources may be by default.
@@ -496,14 +450,9 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
-    let key = store.key_for(
-        msg.organization_id,
-        msg.project_id,
-        msg.run_id,
-        "report.html",
-    );
+    let key = run_key(store, &msg, "report.html");
     assert_eq!(
-        get_object(&store, &key).await,
+        get_object(store, &key).await,
         std::fs::read(dir.join("report.html")).unwrap()
     );
 
@@ -522,10 +471,11 @@ async fn artifacts_can_come_from_s3(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
-    let mut s = settings("multipart");
+    let mut s = settings();
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "json-logs");
     // 12 MiB of log lines: three parts (5 + 5 + 2 MiB).
     let line = "time=\"2026-11-22T01:31:09Z\" level=info msg=\"a log line of some length\" source=console\n";
@@ -534,39 +484,30 @@ async fn large_artifacts_go_up_in_equal_multipart_parts(pool: PgPool) {
         log.push_str(line);
     }
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
-    let store = store(&s).await;
-    let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "k6.log");
-    let head = store
-        .client()
-        .head_object()
-        .bucket(store.bucket())
-        .key(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(head.content_length(), Some(log.len() as i64));
-    assert_eq!(get_object(&store, &key).await, log.as_bytes());
+    let msg = ingest_dir(ing, dir.path()).await;
+    let store = &env.store;
+    let key = run_key(store, &msg, "k6.log");
+    assert_eq!(object_size(store, &key).await, log.len() as i64);
+    assert_eq!(get_object(store, &key).await, log.as_bytes());
 }
 
 /// Stores that lack the SDK's trailing checksums get `s3.checksum = when_required`; both
 /// single uploads and multipart work with it.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
-    let mut s = settings("checksum");
+    let mut s = settings();
     s.s3.checksum = k6_ingest::config::ChecksumMode::WhenRequired;
     s.s3.part_size_bytes = 5 * 1024 * 1024;
     s.s3.multipart_threshold_bytes = 5 * 1024 * 1024;
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "html-report");
     let log: Vec<u8> = (0..6 * 1024 * 1024)
         .map(|i| b"abcdefghij\n"[i % 11])
         .collect();
     std::fs::write(dir.path().join("k6.log"), &log).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
-    let store = store(&s).await;
+    let msg = ingest_dir(ing, dir.path()).await;
+    let store = &env.store;
     for (name, want) in [
         ("k6.log", log),
         (
@@ -574,8 +515,8 @@ async fn uploads_work_with_checksums_only_when_required(pool: PgPool) {
             std::fs::read(dir.path().join("report.html")).unwrap(),
         ),
     ] {
-        let key = store.key_for(msg.organization_id, msg.project_id, msg.run_id, name);
-        assert_eq!(get_object(&store, &key).await, want, "{name}");
+        let key = run_key(store, &msg, name);
+        assert_eq!(get_object(store, &key).await, want, "{name}");
     }
 }
 
@@ -629,16 +570,15 @@ async fn extract_keys_are_the_tables_columns(pool: PgPool) {
 /// k6 allows any character in check and group names; PostgreSQL text cannot hold NUL.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
-    let s = settings("nul");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "groups-nested-checks");
     let path = dir.path().join("summary.json");
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("\"status is 200\"", "\"status\\u0000is 200\"");
     std::fs::write(&path, text).unwrap();
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(ing, dir.path()).await;
     let names: Vec<String> =
         sqlx::query_scalar("SELECT name FROM k6_check_results WHERE name LIKE 'status%is 200'")
             .fetch_all(&pool)
@@ -649,11 +589,11 @@ async fn a_nul_in_a_check_name_is_stored_replaced_with_a_warning(pool: PgPool) {
         names.iter().all(|n| n == "status\u{FFFD}is 200"),
         "{names:?}"
     );
-    let warnings: serde_json::Value =
-        sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let warnings: serde_json::Value = value_of(
+        &pool,
+        "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert!(warnings.to_string().contains("NUL"), "{warnings}");
 }

@@ -3,39 +3,15 @@
 //! threshold verdicts are reproduced by the threshold evaluator in every fixture.
 //! Files only, no services.
 
-mod common;
+mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::*;
-use k6_ingest::artifact::open_lines;
-use k6_ingest::summary::samples::collect_samples;
+use harness::*;
 use k6_ingest::summary::threshold::evaluate_on_metric;
-use k6_ingest::summary::{
-    Extraction, SummaryFormat, extract, extract_without_summary, parse_summary, wanted_samples,
-};
+use k6_ingest::summary::{Extraction, SummaryFormat, ValueSource, parse_summary};
 use serde_json::Value;
-
-/// Extracts a fixture run as ingestion does: the message's summary, its exit code and
-/// the raw samples when the summary leaves gaps.
-fn extract_fixture(dir: &Path) -> Extraction {
-    let msg = message(dir);
-    let Ok(bytes) = std::fs::read(dir.join(msg.artifacts.summary.as_deref().unwrap())) else {
-        return extract_without_summary(msg.exit_code, "summary unavailable");
-    };
-    let summary = parse_summary(&bytes).unwrap();
-    let metrics = dir.join("metrics.ndjson.gz");
-    let samples = metrics.is_file().then(|| {
-        collect_samples(
-            open_lines(&metrics).unwrap(),
-            &wanted_samples(&summary),
-            10_000_000,
-        )
-        .unwrap()
-    });
-    extract(&summary, msg.exit_code, samples.as_ref())
-}
 
 fn columns(e: &Extraction) -> serde_json::Map<String, Value> {
     match serde_json::to_value(&e.columns).unwrap() {
@@ -315,7 +291,7 @@ fn machine_readable_runs_give_the_default_runs_columns() {
         assert_eq!(
             mc.value_sources
                 .get("p99_response_time_ms")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("samples"),
             "{ctx}"
         );
@@ -342,7 +318,9 @@ fn machine_readable_runs_give_the_default_runs_columns() {
             "{ctx}"
         );
         assert_eq!(
-            mc.value_sources.get("request_rate").map(String::as_str),
+            mc.value_sources
+                .get("request_rate")
+                .map(ValueSource::as_str),
             Some("derived"),
             "{ctx}"
         );
@@ -360,7 +338,7 @@ fn machine_readable_runs_give_the_default_runs_columns() {
                 .unwrap()
                 .sources
                 .get("rate")
-                .map(String::as_str),
+                .map(ValueSource::as_str),
             Some("derived"),
             "{ctx}"
         );
@@ -408,13 +386,11 @@ fn k6_2_2_0_default_fixtures_extract_like_1_1_0() {
         assert_eq!(nc.exit_code, oc.exit_code, "{ctx}");
         assert_eq!(present(&new), present(&old), "{ctx}: columns with a value");
         assert_eq!(nc.value_sources, oc.value_sources, "{ctx}");
-        let thresholds = |e: &Extraction| {
-            e.thresholds
-                .iter()
-                .map(|t| (t.metric_name.clone(), t.expression.clone(), t.ok))
-                .collect::<BTreeSet<_>>()
-        };
-        assert_eq!(thresholds(&new), thresholds(&old), "{ctx}: thresholds");
+        assert_eq!(
+            threshold_set(&new),
+            threshold_set(&old),
+            "{ctx}: thresholds"
+        );
         let metrics = |e: &Extraction| {
             e.metrics
                 .iter()

@@ -2,16 +2,13 @@
 //! 1 GiB and one whose log is 1 MiB, and the kernel's peak-RSS figures of the two
 //! processes are compared. Memory, not time, is asserted.
 
-mod common;
+mod harness;
 
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 
-use common::*;
+use harness::*;
 use sqlx::PgPool;
-
-const MIB: u64 = 1024 * 1024;
 
 fn write_log(path: &Path, bytes: u64) {
     let mut f =
@@ -25,58 +22,25 @@ fn write_log(path: &Path, bytes: u64) {
     f.flush().unwrap();
 }
 
-/// Replays `dir` with the real binary and returns (exit status, peak RSS in KiB).
-fn replay_peak_rss(dir: &Path, db_url: &str, bucket: &str) -> (i32, i64) {
-    let child = Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
-        .args(["replay", dir.to_str().unwrap(), "--concurrency", "1"])
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", bucket)
-        .env("K6_INGEST__S3__PREFIX", "")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet reaped; pointers are to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    std::mem::forget(child); // already reaped
-    (libc::WEXITSTATUS(status), usage.ru_maxrss)
-}
-
 fn run_dir(log_bytes: u64) -> tempfile::TempDir {
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let (dir, _) = fresh_run_dir("v1.1.0", "thresholds-pass");
     write_log(&dir.path().join("k6.log"), log_bytes);
-    let path = dir.path().join("message.json");
-    let mut msg: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    msg["run_id"] = uuid::Uuid::now_v7().to_string().into();
-    msg["event_id"] = uuid::Uuid::now_v7().to_string().into();
-    std::fs::write(&path, msg.to_string()).unwrap();
     dir
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
-    let s = settings("rss");
+    let s = settings();
     let store = store(&s).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
+    let db_url = database_url(&pool);
 
     let small = run_dir(MIB);
-    let (code, small_kib) = replay_peak_rss(small.path(), &db_url, store.bucket());
+    let (code, small_kib) = exit_and_peak_rss(&mut replay_command(small.path(), &db_url, &s));
     assert_eq!(code, 0);
     drop(small);
 
     let big = run_dir(1024 * MIB);
-    let (code, big_kib) = replay_peak_rss(big.path(), &db_url, store.bucket());
+    let (code, big_kib) = exit_and_peak_rss(&mut replay_command(big.path(), &db_url, &s));
     assert_eq!(code, 0, "replay of the 1 GiB run failed");
     drop(big);
 
@@ -95,15 +59,7 @@ async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
             .strip_prefix(&format!("s3://{}/", store.bucket()))
             .unwrap()
             .to_string();
-        let head = store
-            .client()
-            .head_object()
-            .bucket(store.bucket())
-            .key(&key)
-            .send()
-            .await
-            .unwrap();
-        sizes.push(head.content_length().unwrap() as u64);
+        sizes.push(object_size(&store, &key).await as u64);
         store
             .client()
             .delete_object()
@@ -114,11 +70,9 @@ async fn a_1_gib_log_is_streamed_with_flat_memory(pool: PgPool) {
             .unwrap();
     }
     sizes.sort();
-    assert!(sizes[0] >= MIB && sizes[0] < MIB + 200, "{sizes:?}");
-    assert!(
-        sizes[1] >= 1024 * MIB && sizes[1] < 1024 * MIB + 200,
-        "{sizes:?}"
-    );
+    for (size, written) in sizes.iter().zip([MIB, 1024 * MIB]) {
+        assert!(*size >= written && *size < written + 200, "{sizes:?}");
+    }
 
     let ratio = big_kib as f64 / small_kib as f64;
     eprintln!("peak RSS: 1 MiB log {small_kib} KiB, 1 GiB log {big_kib} KiB, ratio {ratio:.2}");

@@ -5,20 +5,18 @@
 //!
 //! Run with `--no-capture` to see the figures.
 
-mod common;
+mod harness;
 
 use std::fmt::Write as _;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 
-use common::*;
+use harness::*;
+use k6_ingest::config::Settings;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-const MIB: u64 = 1024 * 1024;
 /// A run in flight may cost at most this much more than the baseline (README "Memory budget").
 const RUN_BUDGET_KIB: i64 = 64 * 1024;
 
@@ -27,85 +25,21 @@ struct Replayed {
     peak_kib: i64,
 }
 
-/// This process's resident set now, in KiB, after handing freed memory back to the kernel.
-fn own_rss_kib() -> i64 {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+/// Replays `dir` with the real binary; returns its exit status and its own peak RSS.
+fn replay(dir: &Path, db_url: &str, s: &Settings) -> Replayed {
+    replay_with(dir, db_url, s, &[])
 }
 
-/// Replays `dir` with the real binary; returns its exit status and peak RSS.
-///
-/// The kernel's peak of a child counts the memory it started with: a child made by
-/// `vfork` (what `Command` uses by default) inherits the test process's own lifetime
-/// peak, a forked one only the test's resident set at the fork. So the child is forked
-/// (a `pre_exec` hook makes `Command` fork), freed memory is returned first, and the
-/// test's own resident set must lie below the figure, which is then the binary's own.
-fn replay(dir: &Path, db_url: &str, bucket: &str) -> Replayed {
-    replay_with(dir, db_url, bucket, &[])
-}
-
-fn replay_with(dir: &Path, db_url: &str, bucket: &str, env: &[(&str, &str)]) -> Replayed {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
+fn replay_with(dir: &Path, db_url: &str, s: &Settings, env: &[(&str, &str)]) -> Replayed {
+    let mut cmd = replay_command(dir, db_url, s);
     cmd.envs(env.iter().copied());
-    cmd.args(["replay", dir.to_str().unwrap(), "--concurrency", "1"])
-        .env("K6_INGEST__DATABASE__URL", db_url)
-        .env("K6_INGEST__S3__BUCKET", bucket)
-        .env("K6_INGEST__S3__PREFIX", "")
-        .env("K6_INGEST__LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null());
-    // SAFETY: the hook does nothing (so it is async-signal-safe); it only makes the
-    // standard library fork instead of vfork.
-    unsafe {
-        cmd.pre_exec(|| Ok(()));
-    }
-    let own = own_rss_kib();
-    let child = cmd.spawn().unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: pid is our child, not yet reaped; pointers are to live locals.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(rc, pid, "wait4 failed: {}", std::io::Error::last_os_error());
-    std::mem::forget(child); // already reaped
-    assert!(libc::WIFEXITED(status), "replay did not exit: {status}");
-    assert!(
-        own < usage.ru_maxrss,
-        "the test held {own} KiB when it forked: the child's peak {} KiB may be the test's",
-        usage.ru_maxrss
-    );
-    Replayed {
-        code: libc::WEXITSTATUS(status),
-        peak_kib: usage.ru_maxrss,
-    }
+    let (code, peak_kib) = forked_exit_and_peak_rss(&mut cmd);
+    Replayed { code, peak_kib }
 }
 
 /// A copy of the `thresholds-pass` run under a fresh run id.
 fn run_dir() -> (tempfile::TempDir, Uuid) {
-    let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    let path = dir.path().join("message.json");
-    let mut msg: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let run_id = Uuid::now_v7();
-    msg["run_id"] = run_id.to_string().into();
-    msg["event_id"] = Uuid::now_v7().to_string().into();
-    std::fs::write(&path, msg.to_string()).unwrap();
-    (dir, run_id)
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    enc.write_all(data).unwrap();
-    enc.finish().unwrap()
+    fresh_run_dir("v1.1.0", "thresholds-pass")
 }
 
 /// About `inflated` bytes of `byte` without a newline, gzip'd: 64 MiB streamed through
@@ -149,34 +83,28 @@ struct Stored {
 }
 
 async fn stored(pool: &PgPool, run_id: Uuid) -> Stored {
-    let (status, error_details): (String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(run_id)
-            .fetch_one(pool)
-            .await
-            .unwrap();
-    let (p99_ms, warnings): (Option<i64>, Value) = sqlx::query_as(
+    let (status, error_details) = run_status(pool, run_id).await;
+    let (p99_ms, warnings): (Option<i64>, Value) = row_of(
+        pool,
         "SELECT p99_response_time_ms, warnings FROM k6_performance_runs WHERE run_id = $1",
+        run_id,
     )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
-    let metric_rows: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM k6_metrics_history h JOIN k6_performance_runs p ON p.id = h.k6_run_id \
-         WHERE p.run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    .await;
     Stored {
         status,
         error_details,
         p99_ms,
         warnings: serde_json::from_value(warnings).unwrap(),
-        metric_rows,
+        metric_rows: metric_rows(pool, run_id).await,
     }
+}
+
+/// Asserts that the run is stored as `error` with a reason that says `why`.
+async fn assert_error_run(pool: &PgPool, run_id: Uuid, why: &str) {
+    let row = stored(pool, run_id).await;
+    assert_eq!(row.status, "error");
+    let reason = row.error_details.unwrap_or_default();
+    assert!(reason.contains(why), "{reason}");
 }
 
 /// Values of the 30 M-sample file: whole microseconds, so the test can sort them by
@@ -245,19 +173,13 @@ fn hist_percentile(hist: &[u32], n: u64, p: f64) -> f64 {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
-    let s = settings("mem");
-    let store = store(&s).await;
-    let db: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    let base = std::env::var("DATABASE_URL").unwrap();
-    let db_url = format!("{}/{db}", base.rsplit_once('/').unwrap().0);
-    let bucket = store.bucket().to_string();
+    let s = settings();
+    store(&s).await; // the bucket
+    let db_url = database_url(&pool);
 
     // Baseline: the fixture as k6 wrote it.
     let (dir, run) = run_dir();
-    let base_run = replay(dir.path(), &db_url, &bucket);
+    let base_run = replay(dir.path(), &db_url, &s);
     assert_eq!(base_run.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -280,7 +202,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let (dir, run) = run_dir();
     let size = write_gzip_bomb(&dir.path().join("metrics.ndjson.gz"), b'0', 2048 * MIB);
     assert!(size < 4 * MIB, "{size}");
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0, "a useless samples file does not fail the run");
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -307,7 +229,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let r = replay_with(
         dir2.path(),
         &db_url,
-        &bucket,
+        &s,
         &[("K6_INGEST__FETCH__MAX_SAMPLES_INFLATED_BYTES", "1073741824")],
     );
     assert_eq!(r.code, 0);
@@ -344,7 +266,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         }
         f.flush().unwrap();
     }
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -360,27 +282,23 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let doc_len = doc.len();
     assert!(doc_len > 2 * MIB as usize, "{doc_len}");
     std::fs::write(dir.path().join("summary.json"), doc).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1, "an unusable summary fails the replay");
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(reason.contains("larger than the limit"), "{reason}");
+    assert_error_run(&pool, run, "larger than the limit").await;
     within("c) summary with 100,000 metrics (~10 MB)", r.peak_kib);
 
     // c2) the same metrics in less than the byte cap: refused by the metric cap, read first.
     let (dir, run) = run_dir();
     let doc = summary_with_copies(dir.path(), "iterations", "m", 12_000, 0);
     std::fs::write(dir.path().join("summary.json"), gzip(&doc)).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(
-        reason.contains("more than the 10000 metrics allowed (ingest.max_metrics)"),
-        "{reason}"
-    );
+    assert_error_run(
+        &pool,
+        run,
+        "more than the 10000 metrics allowed (ingest.max_metrics)",
+    )
+    .await;
     within("c2) summary with 12,000 metrics, gzip'd", r.peak_kib);
 
     // c3) about the largest summary the defaults accept: 9,000 more trend metrics,
@@ -393,7 +311,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         "{doc_len}"
     );
     std::fs::write(dir.path().join("summary.json"), doc).unwrap();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;
     assert_eq!(row.status, "passed");
@@ -407,15 +325,9 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     let (dir, run) = run_dir();
     let size = write_gzip_bomb(&dir.path().join("summary.json"), b' ', 2048 * MIB);
     assert!(size < 4 * MIB, "{size}");
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     assert_eq!(r.code, 1);
-    let row = stored(&pool, run).await;
-    assert_eq!(row.status, "error");
-    let reason = row.error_details.unwrap_or_default();
-    assert!(
-        reason.contains("larger than the limit of 2097152"),
-        "{reason}"
-    );
+    assert_error_run(&pool, run, "larger than the limit of 2097152").await;
     within("d) summary gzip bomb (2 MiB -> 2 GiB)", r.peak_kib);
 
     // e) 30 M real-looking samples: percentiles exact, memory flat.
@@ -443,7 +355,7 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
     });
     std::fs::write(dir.path().join("summary.json"), doc.to_string()).unwrap();
     let started = std::time::Instant::now();
-    let r = replay(dir.path(), &db_url, &bucket);
+    let r = replay(dir.path(), &db_url, &s);
     eprintln!("30 M samples replayed in {:?}", started.elapsed());
     assert_eq!(r.code, 0);
     let row = stored(&pool, run).await;
@@ -454,30 +366,27 @@ async fn hostile_artifacts_stay_within_the_memory_budget(pool: PgPool) {
         "{:?}",
         row.warnings
     );
-    let (p90_us, p95_us, p99_us, sources): (Option<i64>, Option<i64>, Option<i64>, Value) =
-        sqlx::query_as(
-            "SELECT h.p90_value, h.p95_value, h.p99_value, h.sources FROM k6_metrics_history h \
+    let (p90_us, p95_us, p99_us, sources): (Option<i64>, Option<i64>, Option<i64>, Value) = row_of(
+        &pool,
+        "SELECT h.p90_value, h.p95_value, h.p99_value, h.sources FROM k6_metrics_history h \
              JOIN k6_performance_runs p ON p.id = h.k6_run_id \
              WHERE p.run_id = $1 AND h.metric_name = 'http_req_duration'",
-        )
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        run,
+    )
+    .await;
     assert_eq!(p90_us, Some((pct(90.0) * 1000.0).round() as i64));
     assert_eq!(p95_us, Some((pct(95.0) * 1000.0).round() as i64));
     assert_eq!(p99_us, Some((pct(99.0) * 1000.0).round() as i64));
     assert_eq!(sources["p(99)"], "samples");
     // The threshold `p(95)<1000` was judged on a percentile from the samples: bit for bit.
-    let (observed, source): (Option<f64>, Option<String>) = sqlx::query_as(
+    let (observed, source): (Option<f64>, Option<String>) = row_of(
+        &pool,
         "SELECT t.observed_raw, t.observed_source FROM k6_threshold_results t \
          JOIN k6_performance_runs p ON p.id = t.k6_run_id \
          WHERE p.run_id = $1 AND t.metric_name = 'http_req_duration'",
+        run,
     )
-    .bind(run)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(source.as_deref(), Some("samples"));
     assert_eq!(observed.map(f64::to_bits), Some(pct(95.0).to_bits()));
     within("e) 30,000,000 samples, exact percentiles", r.peak_kib);

@@ -2,9 +2,12 @@
 //! previous schema filled: a deployed database has rows, and the checksums sqlx records
 //! would refuse an edited file anyway, at the worst moment (the next deploy).
 
+mod harness;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use harness::*;
 use k6_ingest::db::MIGRATOR;
 use sqlx::migrate::Migrator;
 use sqlx::{PgPool, Row};
@@ -55,11 +58,7 @@ async fn released_migrations_are_unchanged_and_every_file_is_listed(pool: PgPool
             .get(name)
             .unwrap_or_else(|| panic!("released migration {name} disappeared"));
         // SHA-256 computed by PostgreSQL: no hashing crate needed for one test.
-        let actual: String = sqlx::query_scalar("SELECT encode(sha256($1), 'hex')")
-            .bind(bytes)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let actual: String = value_of(&pool, "SELECT encode(sha256($1), 'hex')", bytes).await;
         assert_eq!(&actual, sum, "released migration {name} was edited");
     }
     // The embedded migrator carries exactly the files on disk.
@@ -204,13 +203,12 @@ async fn key_hashes_apply_to_a_database_filled_by_the_first_schema(pool: PgPool)
         .as_database_error()
         .and_then(|d| d.constraint())
         .expect("a unique violation names its constraint");
-    let parent: String = sqlx::query_scalar(
+    let parent: String = value_of(
+        &pool,
         "SELECT i.inhparent::regclass::text FROM pg_inherits i WHERE i.inhrelid = $1::regclass",
+        constraint,
     )
-    .bind(constraint)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(parent, "k6_metrics_history_run_metric_hash_key");
     let long_expr = format!("p(95)<{}", "9".repeat(10_000));
     sqlx::query(

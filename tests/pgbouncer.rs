@@ -4,16 +4,13 @@
 //! concurrent burst, redeliveries and the consumer, through the pooler. The `*` entry
 //! of its config reaches each test's own database by name.
 
-mod common;
-mod queue_support;
+mod harness;
 
-use k6_ingest::consumer;
+use harness::*;
 use k6_ingest::db::Db;
 use k6_ingest::ingest::{IngestError, Ingestor, Outcome};
-use k6_ingest::message::RunCompleted;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 fn pgbouncer_url() -> String {
@@ -44,7 +41,7 @@ async fn release_server_sessions(pool: &PgPool) {
         .await
         .unwrap();
     let admin = tokio::sync::Mutex::new(admin);
-    queue_support::wait_for("PgBouncer's server sessions closed", || async {
+    wait_for("PgBouncer's server sessions closed", || async {
         // The admin console speaks the simple protocol only.
         let servers = sqlx::raw_sql("SHOW SERVERS")
             .fetch_all(&mut *admin.lock().await)
@@ -60,15 +57,14 @@ async fn release_server_sessions(pool: &PgPool) {
 }
 
 async fn bouncer_ingestor(pool: &PgPool, s: &k6_ingest::config::Settings) -> Ingestor {
-    common::ingestor(&through_pgbouncer(pool, 16), s)
+    ingestor(&through_pgbouncer(pool, 16), s)
         .await
         .with_prepared_statements(false)
 }
 
 /// What a run stored, without ids and times: equal for two ingests of one fixture.
 async fn run_digest(pool: &PgPool, run_id: Uuid) -> String {
-    sqlx::query_scalar(
-        "SELECT row_to_json(x)::text FROM (SELECT r.status AS run_status, r.error_details, \
+    value_of(pool, "SELECT row_to_json(x)::text FROM (SELECT r.status AS run_status, r.error_details, \
              p.status, p.summary_format, p.p95_response_time_ms, p.request_rate, p.checks_total, \
              p.thresholds_total, p.thresholds_failed, p.warnings, p.value_sources, \
              (SELECT md5(string_agg(m.metric_name || ' ' || m.raw_values::text || ' ' || m.percentiles::text \
@@ -80,19 +76,7 @@ async fn run_digest(pool: &PgPool, run_id: Uuid) -> String {
              (SELECT md5(string_agg(c.position || ' ' || c.path || ' ' || coalesce(c.passes, -1), '|' \
                  ORDER BY c.position)) \
               FROM k6_check_results c WHERE c.k6_run_id = p.id) AS checks \
-         FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1) x",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
-}
-
-fn with_fresh_ids(msg: &RunCompleted) -> RunCompleted {
-    let mut m = msg.clone();
-    m.run_id = Uuid::now_v7();
-    m.event_id = Uuid::now_v7();
-    m
+         FROM runs r JOIN k6_performance_runs p ON p.run_id = r.id WHERE r.id = $1) x", run_id).await
 }
 
 /// Every bundled fixture through PgBouncer stores exactly what a direct connection
@@ -100,15 +84,15 @@ fn with_fresh_ids(msg: &RunCompleted) -> RunCompleted {
 /// server sessions between transactions) are each stored once.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn every_fixture_and_a_concurrent_burst_are_stored_through_pgbouncer(pool: PgPool) {
-    let s = common::settings("pgbouncer");
-    let direct = common::ingestor(&pool, &s).await;
+    let s = settings();
+    let direct = ingestor(&pool, &s).await;
     let bounced = bouncer_ingestor(&pool, &s).await;
-    let runs = common::all_fixture_runs();
+    let runs = all_fixture_runs();
     assert!(runs.len() >= 30, "{} fixture runs", runs.len());
     for (version, case) in &runs {
-        let dir = common::fixture_dir(version, case);
-        let ctx = common::ctx(&dir);
-        let a = common::message(&dir);
+        let dir = fixture_dir(version, case);
+        let ctx = ctx(&dir);
+        let a = message(&dir);
         let b = with_fresh_ids(&a);
         let first = direct.ingest_one(&a, &ctx).await;
         let second = bounced.ingest_one(&b, &ctx).await;
@@ -142,16 +126,17 @@ async fn every_fixture_and_a_concurrent_burst_are_stored_through_pgbouncer(pool:
     let mut ids = Vec::new();
     for i in 0..16 {
         let (version, case) = &runs[i % runs.len()];
-        let dir = common::fixture_dir(version, case);
-        let msg = with_fresh_ids(&common::message(&dir));
+        let dir = fixture_dir(version, case);
+        let msg = with_fresh_ids(&message(&dir));
         ids.push(msg.run_id);
         for _ in 0..2 {
             let (ing, msg, dir) = (bounced.clone(), msg.clone(), dir.clone());
             tasks.spawn(async move {
-                let r = ing.ingest_one(&msg, &common::ctx(&dir)).await;
+                let r = ing.ingest_one(&msg, &ctx(&dir)).await;
                 (
                     msg.run_id,
-                    r.map(|r| r.outcome).map_err(|e| (e.class(), e.to_string())),
+                    r.map(|r| r.outcome)
+                        .map_err(|e| (e.class().as_str(), e.to_string())),
                 )
             });
         }
@@ -228,45 +213,28 @@ async fn named_prepared_statements_break_behind_pgbouncer_1_18(pool: PgPool) {
 /// duplicates, with `database.prepared_statements = false`.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn the_consumer_works_through_pgbouncer(pool: PgPool) {
-    use queue_support::*;
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.database.prepared_statements = false;
-    let ing = queue_support::ingestor(&through_pgbouncer(&pool, 8), &s)
+    let ing = ingestor(&through_pgbouncer(&pool, 8), &s)
         .await
         .with_prepared_statements(s.database.prepared_statements);
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ing, shutdown.clone()).await.unwrap();
-    let addr = running.addr;
-    wait_for("readiness", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
+    let worker = Consumer::start(&s, ing).await;
+    wait_readyz(worker.addr(), 200).await;
 
     let msgs = messages(12);
     let mut all = bodies(&msgs);
     all.extend(bodies(&msgs[..4]));
     publish_bodies(&s, &all).await;
-    let ids = run_ids(&msgs);
-    wait_for("all runs stored", || async {
-        (stored(&pool, &ids).await == 12).then_some(())
-    })
-    .await;
-    wait_for("every delivery settled", || async {
-        let m = running.metrics.snapshot();
-        (m.received == 16 && m.in_flight == 0).then_some(())
-    })
-    .await;
+    wait_stored(&pool, &msgs, "all runs stored").await;
+    worker.wait_settled(16).await;
     assert_each_stored_once(&pool, &msgs).await;
-    let m = running.metrics.snapshot();
+    let m = worker.running.metrics.snapshot();
     assert_eq!((m.ingested, m.duplicates), (12, 4));
     let conn = connect().await;
     let topo = k6_ingest::amqp::Topology::new(&s.amqp);
     assert_eq!(queue_len(&conn, &topo.dead_letter_queue).await, 0);
 
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
     release_server_sessions(&pool).await;
 }
 
@@ -275,26 +243,17 @@ async fn the_consumer_works_through_pgbouncer(pool: PgPool) {
 /// `K6_INGEST__DATABASE__PREPARED_STATEMENTS=true` and stores every run with `false`.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn replay_through_pgbouncer_follows_the_environment_setting(pool: PgPool) {
-    let s = common::settings("pgbouncer-env");
-    common::store(&s).await; // the bucket
+    let s = settings();
+    store(&s).await; // the bucket
     let db = pool.connect_options().get_database().unwrap().to_string();
     let url = format!("{}/{db}", pgbouncer_url());
-    let bucket = s.s3.bucket().unwrap().to_string();
     let replay = |prepared: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
-            .args(["replay", common::fixtures().to_str().unwrap()])
-            .env("K6_INGEST__DATABASE__URL", &url)
+        let out = command(&["replay", fixtures().to_str().unwrap()], &url, &s)
             .env("K6_INGEST__DATABASE__PREPARED_STATEMENTS", prepared)
-            .env("K6_INGEST__S3__BUCKET", &bucket)
-            .env("K6_INGEST__S3__PREFIX", "")
             .env("K6_INGEST__INGEST__CONCURRENCY", "8")
             .output()
             .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        all_output(&out)
     };
     let with_prepared = replay("true");
     assert!(
@@ -304,20 +263,12 @@ async fn replay_through_pgbouncer_follows_the_environment_setting(pool: PgPool) 
     let without = replay("false");
     assert!(!without.contains("prepared statement"), "{without}");
 
-    let ids: Vec<Uuid> = common::all_fixture_runs()
+    let ids: Vec<Uuid> = all_fixture_runs()
         .iter()
-        .map(|(v, c)| common::message(&common::fixture_dir(v, c)).run_id)
+        .map(|(v, c)| message(&fixture_dir(v, c)).run_id)
         .collect();
-    let (runs, perf): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM runs WHERE id = ANY($1)), \
-                (SELECT count(*) FROM k6_performance_runs WHERE run_id = ANY($1))",
-    )
-    .bind(&ids)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
     assert_eq!(
-        (runs, perf),
+        run_rows(&pool, &ids).await,
         (ids.len() as i64, ids.len() as i64),
         "{without}"
     );

@@ -2,32 +2,25 @@
 //! dead letters, the delivery limit, outages that pause instead of spending attempts,
 //! faults of the message that are retried, concurrency.
 
-mod queue_support;
+mod harness;
 
 use std::sync::atomic::Ordering;
 
+use harness::*;
 use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
-use k6_ingest::consumer;
+use k6_ingest::config::Settings;
 use lapin::options::{BasicConsumeOptions, BasicNackOptions};
 use lapin::types::FieldTable;
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPool) {
-    let t = tag();
-    let s = settings(&t);
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let addr = running.addr;
-    wait_for("readiness", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
+    let env = TestEnv::queued(&pool).await;
+    let s = &env.s;
+    let worker = Consumer::start(s, env.ing).await;
+    let addr = worker.addr();
+    wait_readyz(addr, 200).await;
     assert_eq!(
         reqwest::get(format!("http://{addr}/livez"))
             .await
@@ -40,20 +33,17 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
     let mut all = bodies(&msgs);
     // The same runs published a second time (a runner retrying its publish).
     all.extend(bodies(&msgs[..3]));
-    publish_bodies(&s, &all).await;
+    publish_bodies(s, &all).await;
 
     let ids = run_ids(&msgs);
-    wait_for("all runs stored", || async {
-        (stored(&pool, &ids).await == 12).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &ids, 12, "all runs stored").await;
     wait_for("every delivery settled", || async {
-        let m = running.metrics.snapshot();
+        let m = worker.running.metrics.snapshot();
         (m.received == 15 && m.in_flight == 0).then_some(())
     })
     .await;
     assert_each_stored_once(&pool, &msgs).await;
-    let m = running.metrics.snapshot();
+    let m = worker.running.metrics.snapshot();
     assert_eq!(
         (m.ingested, m.duplicates),
         (12, 3),
@@ -72,74 +62,57 @@ async fn consume_stores_each_run_once_and_absorbs_duplicate_publishes(pool: PgPo
         0,
         "nothing dead-lettered"
     );
-    let store = store(&s).await;
-    let keys = s3_keys(&store, msgs[0]["run_id"].as_str().unwrap()).await;
+    let store = &env.store;
+    let keys = s3_keys(store, msgs[0]["run_id"].as_str().unwrap()).await;
     assert!(
         keys.iter().any(|k| k.ends_with("k6.log")),
         "artifacts uploaded: {keys:?}"
     );
 
     // The metrics endpoint shows the same numbers, with the names the README lists.
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_received_total").await,
-        15.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_ingested_total").await,
-        12.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_messages_duplicate_total").await,
-        3.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_ingest_duration_seconds_count").await,
-        15.0
-    );
+    for (sample, value) in [
+        ("k6_ingest_messages_received_total", 15.0),
+        ("k6_ingest_messages_ingested_total", 12.0),
+        ("k6_ingest_messages_duplicate_total", 3.0),
+        ("k6_ingest_ingest_duration_seconds_count", 15.0),
+        ("k6_ingest_amqp_connected", 1.0),
+        ("k6_ingest_in_flight_messages", 0.0),
+    ] {
+        assert_eq!(scrape(addr, sample).await, value, "{sample}");
+    }
     assert!(scrape(addr, "k6_ingest_artifact_uploaded_bytes_total").await > 0.0);
-    assert_eq!(scrape(addr, "k6_ingest_amqp_connected").await, 1.0);
-    assert_eq!(scrape(addr, "k6_ingest_in_flight_messages").await, 0.0);
 
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    worker.stop().await;
     assert!(
         readyz(addr).await.is_none(),
         "the HTTP server stops after the drain"
     );
-    cleanup(&s).await;
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_goes_on(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.max_message_bytes = 8192;
     // A run the application created for another organization: the message is refused.
-    let foreign = message("thresholds-pass");
+    let foreign = case_message("thresholds-pass");
     sqlx::query(
         "INSERT INTO runs (id, organization_id, project_id, status) VALUES ($1, $2, $3, 'running')",
     )
-    .bind(
-        foreign["run_id"]
-            .as_str()
-            .unwrap()
-            .parse::<uuid::Uuid>()
-            .unwrap(),
-    )
+    .bind(run_id_of(&foreign))
     .bind(uuid::Uuid::now_v7())
     .bind(uuid::Uuid::now_v7())
     .execute(&pool)
     .await
     .unwrap();
-    let mut missing = message("thresholds-pass");
+    let mut missing = case_message("thresholds-pass");
     missing.as_object_mut().unwrap().remove("organization_id");
-    let mut future = message("thresholds-pass");
+    let mut future = case_message("thresholds-pass");
     future["schema_version"] = 2.into();
-    let mut large = message("thresholds-pass");
+    let mut large = case_message("thresholds-pass");
     large["metadata"]["padding"] = Value::String("x".repeat(10_000));
-    let good = message("thresholds-fail");
+    let good = case_message("thresholds-fail");
 
     let poison: Vec<(Vec<u8>, &str)> = vec![
         (b"this is not json {".to_vec(), "not_json"),
@@ -153,21 +126,12 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
     all.push(serde_json::to_vec(&good).unwrap());
     publish_bodies(&s, &all).await;
 
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let good_id = run_ids(std::slice::from_ref(&good));
-    wait_for("the good run after the poison ones", || async {
-        (stored(&pool, &good_id).await == 1).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &good_id, 1, "the good run after the poison ones").await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("five dead letters", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 5).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 5, "five dead letters").await;
 
     let dead = drain(&conn, &topo.dead_letter_queue).await;
     for (body, expected_class) in &poison {
@@ -190,37 +154,31 @@ async fn poison_messages_are_dead_lettered_with_reason_and_body_and_the_worker_g
             Some(1),
             "{expected_class}: never retried"
         );
-        assert_eq!(running.metrics.dead_lettered_count(expected_class), 1);
+        assert_eq!(
+            worker.running.metrics.dead_lettered_count(expected_class),
+            1
+        );
     }
     assert_eq!(queue_len(&conn, &topo.queue).await, 0);
-    let foreign_org: uuid::Uuid =
-        sqlx::query_scalar("SELECT organization_id FROM runs WHERE id = $1")
-            .bind(
-                foreign["run_id"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<uuid::Uuid>()
-                    .unwrap(),
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let foreign_org: uuid::Uuid = value_of(
+        &pool,
+        "SELECT organization_id FROM runs WHERE id = $1",
+        run_id_of(&foreign),
+    )
+    .await;
     assert_ne!(
         foreign_org.to_string(),
         foreign["organization_id"].as_str().unwrap(),
         "the foreign run is untouched"
     );
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
 }
 
 /// Deliveries handed back again and again (a worker crashing on a message) reach the
 /// quorum queue's delivery limit; the broker then dead-letters the message, never drops it.
 #[tokio::test]
 async fn delivery_limit_dead_letters_instead_of_dropping() {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.delivery_limit = 2;
     declare(&s).await;
     publish_bodies(&s, &[b"{\"crashes\": \"every worker\"}".to_vec()]).await;
@@ -260,7 +218,7 @@ async fn delivery_limit_dead_letters_instead_of_dropping() {
 }
 
 /// Breaker settings that notice an outage and its end within a fraction of a second.
-fn quick_breakers(s: &mut k6_ingest::config::Settings) {
+fn quick_breakers(s: &mut Settings) {
     s.breaker.probe_base_ms = 100;
     s.breaker.probe_max_ms = 400;
     s.breaker.probe_timeout_ms = 1500;
@@ -268,7 +226,7 @@ fn quick_breakers(s: &mut k6_ingest::config::Settings) {
 }
 
 /// An attempt budget far shorter than the outages below: 3 attempts 100..200 ms apart.
-fn short_attempt_budget(s: &mut k6_ingest::config::Settings) {
+fn short_attempt_budget(s: &mut Settings) {
     s.amqp.max_attempts = 3;
     s.amqp.retry_base_ms = 100;
     s.amqp.retry_max_ms = 200;
@@ -276,214 +234,167 @@ fn short_attempt_budget(s: &mut k6_ingest::config::Settings) {
     s.amqp.concurrency = 4;
 }
 
+/// The test's queue settings with a short attempt budget and quick breakers.
+fn outage_settings() -> Settings {
+    let mut s = queue_settings(&tag());
+    short_attempt_budget(&mut s);
+    quick_breakers(&mut s);
+    s
+}
+
 /// Longer than the whole attempt budget many times over.
 const OUTAGE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// PostgreSQL goes away under a backlog: the worker pauses (at most prefetch deliveries
-/// held, the rest left in the queue), spends no attempt, reports the outage on /readyz
-/// and /metrics, and stores every run once when PostgreSQL is back.
+/// A dependency a test takes away, and the names the worker reports it under.
+struct Outage {
+    dependency: &'static str,
+    other: &'static str,
+    /// The reason class a failure from it would be retried or dead-lettered under.
+    reason: &'static str,
+}
+
+fn dependency_up(dependency: &str) -> String {
+    format!("k6_ingest_dependency_up{{dependency=\"{dependency}\"}}")
+}
+
+/// `n` runs published during an outage far longer than the attempt budget: the worker
+/// holds prefetch deliveries and leaves the rest in the queue, spends no attempt,
+/// reports the outage on /readyz and /metrics, and stores every run once it is over.
+async fn ride_out(
+    pool: &PgPool,
+    s: &Settings,
+    worker: &Consumer,
+    proxy: &Proxy,
+    o: &Outage,
+    n: usize,
+) -> Vec<Value> {
+    let (addr, m) = (worker.addr(), &worker.running.metrics);
+    let (conn, topo) = (connect().await, Topology::new(&s.amqp));
+    proxy.cut();
+    let msgs = messages(n);
+    publish_bodies(s, &bodies(&msgs)).await;
+    wait_for(&format!("/readyz naming {}", o.dependency), || async {
+        let (code, body) = readyz_report(addr).await;
+        (code == 503 && body[o.dependency] == "down" && body[o.other] == "up").then_some(())
+    })
+    .await;
+    let left = n as u32 - u32::from(s.amqp.prefetch);
+    wait_for(
+        "prefetch deliveries held, the rest left in the queue",
+        || async { (queue_len(&conn, &topo.queue).await == left).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(OUTAGE).await;
+    assert_eq!(scrape(addr, &dependency_up(o.dependency)).await, 0.0);
+    assert_eq!(scrape(addr, &dependency_up(o.other)).await, 1.0);
+    assert_eq!(m.retried_count(o.reason), 0, "no attempt spent");
+    assert_eq!(m.dead_lettered_count(o.reason), 0);
+    assert_eq!(
+        retry_and_dead(&conn, &topo).await,
+        (0, 0),
+        "nothing in the retry or dead-letter queues"
+    );
+    assert!(m.held_count(o.dependency) >= 1);
+    assert_eq!(m.breaker_openings_count(o.dependency), 1);
+    let held = format!(
+        "k6_ingest_deliveries_held_total{{dependency=\"{}\"}}",
+        o.dependency
+    );
+    assert!(
+        scrape(addr, &held).await >= 1.0,
+        "held deliveries on /metrics"
+    );
+    assert_eq!(queue_len(&conn, &topo.queue).await, left, "no spinning");
+    assert_eq!(stored(pool, &run_ids(&msgs)).await, 0);
+    proxy.restore();
+
+    wait_stored(pool, &msgs, "every run stored after the outage").await;
+    wait_readyz(addr, 200).await;
+    assert_eq!(scrape(addr, &dependency_up(o.dependency)).await, 1.0);
+    msgs
+}
+
+/// After an outage: every run stored once, the queues empty, no attempt spent.
+async fn assert_settled_after(
+    pool: &PgPool,
+    s: &Settings,
+    worker: &Consumer,
+    o: &Outage,
+    all: &[Value],
+) {
+    let m = &worker.running.metrics;
+    let (conn, topo) = (connect().await, Topology::new(&s.amqp));
+    assert_each_stored_once(pool, all).await;
+    wait_for("the work queue empty", || async {
+        (queue_len(&conn, &topo.queue).await == 0 && m.snapshot().in_flight == 0).then_some(())
+    })
+    .await;
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    assert_eq!(m.retried_count(o.reason), 0);
+    assert_eq!(m.dead_lettered_count(o.reason), 0);
+}
+
+/// PostgreSQL goes away under a backlog, after some runs were stored.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn database_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let s = outage_settings();
     let proxy = Proxy::start(pg_addr(&pool).await).await;
     let proxied = proxied_pool(&pool, &proxy);
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&proxied, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let addr = running.addr;
+    let worker = Consumer::start(&s, ingestor(&proxied, &s).await).await;
     let before = messages(4);
     publish_bodies(&s, &bodies(&before)).await;
-    wait_for("runs before the outage", || async {
-        (stored(&pool, &run_ids(&before)).await == 4).then_some(())
-    })
-    .await;
-    wait_for("ready", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
+    wait_stored(&pool, &before, "runs before the outage").await;
+    wait_readyz(worker.addr(), 200).await;
 
-    proxy.cut();
-    let during = messages(12);
-    publish_bodies(&s, &bodies(&during)).await;
-    wait_for("/readyz naming the database", || async {
-        let (code, body) = readyz_report(addr).await;
-        (code == 503 && body["database"] == "down" && body["s3"] == "up").then_some(())
-    })
-    .await;
-    let conn = connect().await;
-    let topo = Topology::new(&s.amqp);
-    wait_for(
-        "prefetch deliveries held, the rest left in the queue",
-        || async { (queue_len(&conn, &topo.queue).await == 12 - 4).then_some(()) },
-    )
-    .await;
-    tokio::time::sleep(OUTAGE).await;
-    assert_eq!(
-        scrape(addr, "k6_ingest_dependency_up{dependency=\"database\"}").await,
-        0.0
-    );
-    assert_eq!(
-        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
-        1.0
-    );
-    assert_eq!(
-        running.metrics.retried_count("database"),
-        0,
-        "no attempt spent"
-    );
-    assert_eq!(running.metrics.dead_lettered_count("database"), 0);
-    assert_eq!(
-        retry_and_dead(&conn, &topo).await,
-        (0, 0),
-        "nothing in the retry or dead-letter queues"
-    );
-    assert!(running.metrics.held_count("database") >= 1);
-    assert_eq!(running.metrics.breaker_openings_count("database"), 1);
-    assert_eq!(queue_len(&conn, &topo.queue).await, 12 - 4, "no spinning");
-    assert_eq!(stored(&pool, &run_ids(&during)).await, 0);
-    proxy.restore();
-
-    wait_for("every run stored after the outage", || async {
-        (stored(&pool, &run_ids(&during)).await == 12).then_some(())
-    })
-    .await;
-    wait_for("ready again", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
-    assert_eq!(
-        scrape(addr, "k6_ingest_dependency_up{dependency=\"database\"}").await,
-        1.0
-    );
-    let mut all = before.clone();
-    all.extend(during.clone());
-    assert_each_stored_once(&pool, &all).await;
-    wait_for("queues empty", || async {
-        let total = queue_len(&conn, &topo.queue).await;
-        (total == 0 && running.metrics.snapshot().in_flight == 0).then_some(())
-    })
-    .await;
-    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
-    assert_eq!(running.metrics.retried_count("database"), 0);
-    assert_eq!(running.metrics.dead_lettered_count("database"), 0);
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    let o = Outage {
+        dependency: "database",
+        other: "s3",
+        reason: "database",
+    };
+    let mut all = before;
+    all.extend(ride_out(&pool, &s, &worker, &proxy, &o, 12).await);
+    assert_settled_after(&pool, &s, &worker, &o, &all).await;
+    worker.stop().await;
 }
 
-/// S3 goes away for far longer than the attempt budget: nothing is retried or
-/// dead-lettered, /readyz and /metrics name S3, and every run is stored once after.
+/// S3 goes away for far longer than the attempt budget; the artifacts go up after.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn s3_outage_pauses_without_spending_attempts_and_every_run_is_stored_once(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
-    let _ = store(&s).await; // the bucket, created through the real endpoint
+    let mut s = queue_settings(&tag());
+    let store = store(&s).await; // the bucket, created through the real endpoint
     let proxy = Proxy::start(s3_addr(&s)).await;
     s.s3.endpoint = Some(format!("http://{}", proxy.addr));
     short_attempt_budget(&mut s);
     quick_breakers(&mut s);
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let addr = running.addr;
-    wait_for("ready", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
-    let conn = connect().await;
-    let topo = Topology::new(&s.amqp);
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    wait_readyz(worker.addr(), 200).await;
 
-    proxy.cut();
-    let msgs = messages(10);
-    publish_bodies(&s, &bodies(&msgs)).await;
-    wait_for("/readyz naming s3", || async {
-        let (code, body) = readyz_report(addr).await;
-        (code == 503 && body["s3"] == "down" && body["database"] == "up").then_some(())
-    })
-    .await;
-    wait_for(
-        "prefetch deliveries held, the rest left in the queue",
-        || async { (queue_len(&conn, &topo.queue).await == 10 - 4).then_some(()) },
-    )
-    .await;
-    tokio::time::sleep(OUTAGE).await;
-    assert_eq!(
-        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
-        0.0
-    );
-    assert_eq!(
-        running.metrics.retried_count("upload"),
-        0,
-        "no attempt spent"
-    );
-    assert_eq!(running.metrics.dead_lettered_count("upload"), 0);
-    assert_eq!(
-        retry_and_dead(&conn, &topo).await,
-        (0, 0),
-        "nothing in the retry or dead-letter queues"
-    );
-    assert!(running.metrics.held_count("s3") >= 1);
-    assert_eq!(running.metrics.breaker_openings_count("s3"), 1);
-    assert!(
-        scrape(addr, "k6_ingest_deliveries_held_total{dependency=\"s3\"}").await >= 1.0,
-        "held deliveries on /metrics"
-    );
-    assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
-    proxy.restore();
-
-    wait_for("every run stored", || async {
-        (stored(&pool, &run_ids(&msgs)).await == 10).then_some(())
-    })
-    .await;
-    wait_for("ready again", || async {
-        (readyz(addr).await == Some(200)).then_some(())
-    })
-    .await;
-    assert_eq!(
-        scrape(addr, "k6_ingest_dependency_up{dependency=\"s3\"}").await,
-        1.0
-    );
-    assert_each_stored_once(&pool, &msgs).await;
-    wait_for("the work queue empty", || async {
-        (queue_len(&conn, &topo.queue).await == 0 && running.metrics.snapshot().in_flight == 0)
-            .then_some(())
-    })
-    .await;
-    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
-    assert_eq!(running.metrics.retried_count("upload"), 0);
-    let store = store(&s).await;
+    let o = Outage {
+        dependency: "s3",
+        other: "database",
+        reason: "upload",
+    };
+    let msgs = ride_out(&pool, &s, &worker, &proxy, &o, 10).await;
+    assert_settled_after(&pool, &s, &worker, &o, &msgs).await;
     let keys = s3_keys(&store, msgs[0]["run_id"].as_str().unwrap()).await;
     assert!(
         keys.iter().any(|k| k.ends_with("k6.log")),
         "artifacts uploaded after the outage: {keys:?}"
     );
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
 }
 
 /// Shutdown during an outage hands the held deliveries back at once (not after the
 /// outage, not after the grace period), spending no attempt, and the worker stops cleanly.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.shutdown.grace_secs = 120;
     let proxy = Proxy::start(pg_addr(&pool).await).await;
     let proxied = proxied_pool(&pool, &proxy);
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&proxied, &s).await, shutdown.clone())
-        .await
-        .unwrap();
+    let worker = Consumer::start(&s, ingestor(&proxied, &s).await).await;
     proxy.cut();
     let msgs = messages(6);
     publish_bodies(&s, &bodies(&msgs)).await;
@@ -491,21 +402,24 @@ async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPo
     let topo = Topology::new(&s.amqp);
     wait_for("prefetch deliveries held", || async {
         (queue_len(&conn, &topo.queue).await == 6 - 4
-            && readyz_report(running.addr).await.1["database"] == "down")
+            && readyz_report(worker.addr()).await.1["database"] == "down")
             .then_some(())
     })
     .await;
-    let running_metrics = running.metrics.clone();
-    shutdown.cancel();
+    let running_metrics = worker.running.metrics.clone();
+    worker.shutdown();
     // Far below the 120 s grace: held deliveries do not wait for the outage to end.
-    tokio::time::timeout(std::time::Duration::from_secs(30), running.done)
+    tokio::time::timeout(std::time::Duration::from_secs(30), worker.running.done)
         .await
         .expect("stopped without waiting for the outage or the grace period")
         .unwrap()
         .unwrap();
-    wait_for("every message back in the work queue", || async {
-        (queue_len(&conn, &topo.queue).await == 6).then_some(())
-    })
+    wait_queue_len(
+        &conn,
+        &topo.queue,
+        6,
+        "every message back in the work queue",
+    )
     .await;
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     assert_eq!(
@@ -522,23 +436,15 @@ async fn shutdown_during_an_outage_hands_held_deliveries_back_at_once(pool: PgPo
 /// artifact fetch does not hold up the others.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let slow = SlowServer::start(summary).await;
     s.fetch.allowed_hosts = vec![slow.addr.to_string()];
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let slow_msg = |i: usize| {
-        let mut m = message("thresholds-pass");
-        m["artifacts"] =
-            serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
-        m
-    };
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let slow_msg =
+        |i: usize| summary_message(format!("http://{}/slow/{i}/summary.json", slow.addr));
 
     // One stuck run, many quick ones: the quick ones all go through.
     let stuck = vec![slow_msg(0)];
@@ -549,12 +455,15 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     .await;
     let quick = messages(10);
     publish_bodies(&s, &bodies(&quick)).await;
-    wait_for("the quick runs, past the stuck one", || async {
-        (stored(&pool, &run_ids(&quick)).await == 10).then_some(())
-    })
+    wait_stored_count(
+        &pool,
+        &run_ids(&quick),
+        10,
+        "the quick runs, past the stuck one",
+    )
     .await;
     assert_eq!(stored(&pool, &run_ids(&stuck)).await, 0);
-    assert_eq!(running.metrics.snapshot().in_flight, 1);
+    assert_eq!(worker.running.metrics.snapshot().in_flight, 1);
 
     // Five more stuck runs: four slots, so three more start and two wait in the queue.
     let more: Vec<Value> = (1..=5).map(slow_msg).collect();
@@ -565,43 +474,31 @@ async fn prefetch_bounds_concurrency_and_a_slow_fetch_does_not_stall_the_others(
     .await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("two messages left in the queue", || async {
-        (queue_len(&conn, &topo.queue).await == 2).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.queue, 2, "two messages left in the queue").await;
     assert_eq!(
         slow.peak.load(Ordering::SeqCst),
         4,
         "never more than prefetch at once"
     );
-    assert_eq!(running.metrics.snapshot().in_flight, 4);
+    assert_eq!(worker.running.metrics.snapshot().in_flight, 4);
 
     slow.release();
     let mut all = stuck.clone();
     all.extend(more);
-    wait_for("the slow runs", || async {
-        (stored(&pool, &run_ids(&all)).await == 6).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&all), 6, "the slow runs").await;
     assert_eq!(slow.peak.load(Ordering::SeqCst), 4);
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
 }
 
 #[tokio::test]
 async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.amqp.declare = false;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect_lazy("postgres://postgres@127.0.0.1:5432/postgres")
         .unwrap();
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown)
-        .await
-        .unwrap();
-    let err = tokio::time::timeout(DEADLINE, running.done)
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let err = tokio::time::timeout(DEADLINE, worker.running.done)
         .await
         .unwrap()
         .unwrap()
@@ -623,34 +520,25 @@ async fn consume_without_declare_fails_fast_naming_the_missing_queue() {
 async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stores_them(
     pool: PgPool,
 ) {
-    let t = tag();
-    let mut s = settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.breaker.host_wait_secs = 60;
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let host = SlowServer::start(summary).await;
     let proxy = Proxy::start(host.addr).await;
     s.fetch.allowed_hosts = vec![proxy.addr.to_string()];
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let addr = running.addr;
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let addr = worker.addr();
     proxy.cut();
     let msgs: Vec<Value> = (0..2)
-        .map(|i| {
-            let mut m = message("thresholds-pass");
-            m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/runs/{i}/summary.json", proxy.addr) });
-            m
-        })
+        .map(|i| summary_message(format!("http://{}/runs/{i}/summary.json", proxy.addr)))
         .collect();
     publish_bodies(&s, &bodies(&msgs)).await;
     let host_label = format!("k6_ingest_artifact_host_up{{host=\"{}\"}}", proxy.addr);
     wait_for("/readyz and /metrics naming the host", || async {
         let (code, body) = readyz_report(addr).await;
         let named = body["artifact_hosts_down"] == serde_json::json!([proxy.addr.to_string()]);
-        (code == 200 && named && running.metrics.held_count("artifact_host") >= 2).then_some(())
+        (code == 200 && named && worker.running.metrics.held_count("artifact_host") >= 2)
+            .then_some(())
     })
     .await;
     assert_eq!(scrape(addr, &host_label).await, 0.0);
@@ -658,43 +546,41 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
     // Two of four slots are held; runs that do not need the host still go through.
     let others = messages(6);
     publish_bodies(&s, &bodies(&others)).await;
-    wait_for("other runs stored during the host outage", || async {
-        (stored(&pool, &run_ids(&others)).await == 6).then_some(())
-    })
+    wait_stored_count(
+        &pool,
+        &run_ids(&others),
+        6,
+        "other runs stored during the host outage",
+    )
     .await;
     tokio::time::sleep(OUTAGE).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
     assert_eq!(
-        running.metrics.retried_count("fetch"),
+        worker.running.metrics.retried_count("fetch"),
         0,
         "no attempt spent"
     );
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     proxy.restore();
-    wait_for("every run stored", || async {
-        (stored(&pool, &run_ids(&msgs)).await == 2).then_some(())
-    })
+    wait_stored_count(&pool, &run_ids(&msgs), 2, "every run stored").await;
+    let status: Vec<String> = values_of(
+        &pool,
+        "SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)",
+        run_ids(&msgs),
+    )
     .await;
-    let status: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM k6_performance_runs WHERE run_id = ANY($1)")
-            .bind(run_ids(&msgs))
-            .fetch_all(&pool)
-            .await
-            .unwrap();
     assert!(
         status.iter().all(|s| s == "passed"),
         "stored from the fetched summary: {status:?}"
     );
     assert_eq!(scrape(addr, &host_label).await, 1.0);
     assert_eq!(scrape(addr, "k6_ingest_artifact_hosts_down").await, 0.0);
-    assert_eq!(running.metrics.retried_count("fetch"), 0);
-    assert_eq!(running.metrics.dead_lettered_count("fetch"), 0);
+    assert_eq!(worker.running.metrics.retried_count("fetch"), 0);
+    assert_eq!(worker.running.metrics.dead_lettered_count("fetch"), 0);
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
 }
 
 /// An artifact host that stays down holds a delivery only for `breaker.host_wait_secs`
@@ -702,10 +588,7 @@ async fn artifact_host_outage_holds_its_runs_without_spending_attempts_then_stor
 /// dead-lettered with the count and the reason.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     s.amqp.max_attempts = 2;
     s.breaker.host_wait_secs = 1;
     // A port nothing listens on: bound, then released.
@@ -714,20 +597,12 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
         l.local_addr().unwrap()
     };
     s.fetch.allowed_hosts = vec![dead.to_string()];
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let mut m = message("thresholds-pass");
-    m["artifacts"] = serde_json::json!({ "summary": format!("http://{dead}/summary.json") });
-    let msgs = vec![m];
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let msgs = vec![summary_message(format!("http://{dead}/summary.json"))];
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("the dead letter", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 1, "the dead letter").await;
     let dead_letters = drain(&conn, &topo.dead_letter_queue).await;
     let props = &dead_letters[0].1;
     assert_eq!(amqp::header_u64(props, ATTEMPTS_HEADER), Some(2));
@@ -740,11 +615,9 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
         reason.contains("gave up after 2 attempts") && reason.contains("breaker.host_wait_secs"),
         "{reason}"
     );
-    assert_eq!(running.metrics.retried_count("fetch"), 1);
-    assert!(running.metrics.held_count("artifact_host") >= 2);
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    assert_eq!(worker.running.metrics.retried_count("fetch"), 1);
+    assert!(worker.running.metrics.held_count("artifact_host") >= 2);
+    worker.stop().await;
 }
 
 /// Faults of one path while its host is up (a 503, a connection closed without an
@@ -752,33 +625,19 @@ async fn a_dead_artifact_host_holds_a_delivery_only_for_host_wait_secs(pool: PgP
 /// after `max_attempts` with the count; no breaker opens.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
-    short_attempt_budget(&mut s);
-    quick_breakers(&mut s);
+    let mut s = outage_settings();
     let summary = std::fs::read(fixtures().join("v1.1.0/thresholds-pass/summary.json")).unwrap();
     let host = SlowServer::start(summary).await;
     s.fetch.allowed_hosts = vec![host.addr.to_string()];
-    let shutdown = CancellationToken::new();
-    let running = consumer::start(&s, ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let msgs: Vec<Value> = ["status/503/summary.json", "hangup/summary.json"]
         .iter()
-        .map(|path| {
-            let mut m = message("thresholds-pass");
-            m["artifacts"] =
-                serde_json::json!({ "summary": format!("http://{}/{path}", host.addr) });
-            m
-        })
+        .map(|path| summary_message(format!("http://{}/{path}", host.addr)))
         .collect();
     publish_bodies(&s, &bodies(&msgs)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("two dead letters", || async {
-        (queue_len(&conn, &topo.dead_letter_queue).await == 2).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.dead_letter_queue, 2, "two dead letters").await;
     let dead = drain(&conn, &topo.dead_letter_queue).await;
     for (body, props) in &dead {
         assert!(bodies(&msgs).contains(body), "original body kept");
@@ -793,15 +652,23 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
                 .contains("gave up after 3 attempts")
         );
     }
-    assert_eq!(running.metrics.retried_count("fetch"), 4, "2 retries each");
-    assert_eq!(running.metrics.held_count("artifact_host"), 0);
-    assert_eq!(running.metrics.breaker_openings_count("artifact_host"), 0);
     assert_eq!(
-        readyz_report(running.addr).await.1["artifact_hosts_down"],
+        worker.running.metrics.retried_count("fetch"),
+        4,
+        "2 retries each"
+    );
+    assert_eq!(worker.running.metrics.held_count("artifact_host"), 0);
+    assert_eq!(
+        worker
+            .running
+            .metrics
+            .breaker_openings_count("artifact_host"),
+        0
+    );
+    assert_eq!(
+        readyz_report(worker.addr()).await.1["artifact_hosts_down"],
         serde_json::json!([])
     );
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    cleanup(&s).await;
+    worker.stop().await;
 }

@@ -1,18 +1,18 @@
 //! The real binary as a child process: SIGTERM during work, SIGKILL at a random moment,
 //! and the `publish` and `requeue` commands.
 
-mod queue_support;
+mod harness;
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
+use harness::*;
 use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_HEADER, Topology};
 use k6_ingest::config::Settings;
 use lapin::BasicProperties;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
@@ -86,10 +86,7 @@ impl Worker {
             .unwrap();
         let addr = s.http.bind.parse().unwrap();
         let w = Self { child, addr, log };
-        wait_for("the worker to be ready", || async {
-            (readyz(addr).await == Some(200)).then_some(())
-        })
-        .await;
+        wait_readyz(addr, 200).await;
         w
     }
 
@@ -120,7 +117,7 @@ impl Worker {
 }
 
 fn process_settings(tag: &str) -> Settings {
-    let mut s = settings(tag);
+    let mut s = queue_settings(tag);
     s.http.bind = format!("127.0.0.1:{}", free_port());
     s
 }
@@ -130,8 +127,7 @@ fn process_settings(tag: &str) -> Settings {
 /// then takes the rest; every run is stored once and none was delivered twice.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool: PgPool) {
-    let t = tag();
-    let mut s = process_settings(&t);
+    let mut s = process_settings(&tag());
     s.amqp.prefetch = 4;
     s.amqp.concurrency = 4;
     let _ = store(&s).await;
@@ -142,11 +138,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     let mut worker = Worker::start(&s, &pool, &logs, "first").await;
 
     let in_flight: Vec<Value> = (0..4)
-        .map(|i| {
-            let mut m = message("thresholds-pass");
-            m["artifacts"] = serde_json::json!({ "summary": format!("http://{}/slow/{i}/summary.json", slow.addr) });
-            m
-        })
+        .map(|i| summary_message(format!("http://{}/slow/{i}/summary.json", slow.addr)))
         .collect();
     publish_bodies(&s, &bodies(&in_flight)).await;
     wait_for("four runs in flight", || async {
@@ -157,10 +149,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     publish_bodies(&s, &bodies(&waiting)).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    wait_for("the burst queued", || async {
-        (queue_len(&conn, &topo.queue).await == 20).then_some(())
-    })
-    .await;
+    wait_queue_len(&conn, &topo.queue, 20, "the burst queued").await;
 
     worker.signal("-TERM");
     wait_for("/readyz to say stopping", || async {
@@ -191,10 +180,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
     );
 
     let mut second = Worker::start(&s, &pool, &logs, "second").await;
-    wait_for("the rest stored", || async {
-        (stored(&pool, &run_ids(&waiting)).await == 20).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &run_ids(&waiting), 20, "the rest stored").await;
     let mut all = in_flight.clone();
     all.extend(waiting);
     assert_each_stored_once(&pool, &all).await;
@@ -218,8 +204,7 @@ async fn sigterm_finishes_in_flight_runs_exits_zero_and_hands_over_the_rest(pool
 /// nothing left in any queue.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn sigkill_at_a_random_moment_then_restart_stores_every_run_once(pool: PgPool) {
-    let t = tag();
-    let s = process_settings(&t);
+    let s = process_settings(&tag());
     let _ = store(&s).await;
     let msgs = messages(40);
     publish_bodies(&s, &bodies(&msgs)).await;
@@ -237,10 +222,7 @@ async fn sigkill_at_a_random_moment_then_restart_stores_every_run_once(pool: PgP
     eprintln!("killed after {at_kill} of 40 runs (aimed at {kill_after})");
 
     let mut again = Worker::start(&s, &pool, &logs, "restarted").await;
-    wait_for("every run stored", || async {
-        (stored(&pool, &ids).await == 40).then_some(())
-    })
-    .await;
+    wait_stored_count(&pool, &ids, 40, "every run stored").await;
     assert_each_stored_once(&pool, &msgs).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
@@ -270,7 +252,7 @@ async fn run(cmd: &mut Command) -> (i32, String, String) {
 #[tokio::test]
 async fn publish_confirms_every_message_and_reports_failures() {
     let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&t);
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);
 
@@ -369,7 +351,7 @@ async fn publish_confirms_every_message_and_reports_failures() {
         .await;
 
     // Nothing declared and told not to declare: an error naming what is missing.
-    let mut missing = settings(&tag());
+    let mut missing = queue_settings(&tag());
     missing.amqp.declare = false;
     let (code, _, err) = run(&mut command(
         &missing,
@@ -387,8 +369,7 @@ async fn publish_confirms_every_message_and_reports_failures() {
 
 #[tokio::test]
 async fn requeue_moves_dead_letters_back_with_a_fresh_attempt_count() {
-    let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&tag());
     declare(&s).await;
     let conn = connect().await;
     let topo = Topology::new(&s.amqp);

@@ -4,26 +4,20 @@
 //! files with k6's formulas (sums, exact min/max, percentiles by sorting the union of
 //! the raw samples, thresholds compared by hand), never by calling the worker's code.
 
-mod common;
+mod harness;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use common::*;
-use k6_ingest::artifact::Fetcher;
-use k6_ingest::ingest::{IngestContext, Ingestor};
-use k6_ingest::message::RunCompleted;
+use harness::*;
+use k6_ingest::ingest::Ingestor;
 use serde_json::Value;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-fn split_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/k6-split")
-}
-
 fn part_dirs(version: &str, case: &str) -> Vec<PathBuf> {
-    let dir = split_root().join(version).join(case);
+    let dir = split_fixtures().join(version).join(case);
     let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -33,26 +27,8 @@ fn part_dirs(version: &str, case: &str) -> Vec<PathBuf> {
     out
 }
 
-async fn split_ingestor(pool: &PgPool, tag: &str) -> Ingestor {
-    let s = settings(tag);
-    let store = store(&s).await;
-    let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
-        .unwrap()
-        .with_roots(vec![split_root()])
-        .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
-}
-
-fn ctx_of(dir: &Path) -> IngestContext {
-    IngestContext {
-        base_dir: Some(dir.to_path_buf()),
-        dry_run: false,
-    }
+async fn split_ingestor(pool: &PgPool) -> Ingestor {
+    ingestor_with_roots(pool, &settings(), vec![split_fixtures()]).await
 }
 
 fn summary_of(dir: &Path) -> Option<Value> {
@@ -120,16 +96,21 @@ fn sum_counter(dirs: &[PathBuf], metric: &str, stat: &str) -> f64 {
 }
 
 async fn ingest_part(ing: &Ingestor, dir: &Path) -> k6_ingest::ingest::IngestReport {
-    let msg = RunCompleted::decode(&std::fs::read(dir.join("message.json")).unwrap()).unwrap();
-    ing.ingest_one(&msg, &ctx_of(dir))
+    let msg = message(dir);
+    ing.ingest_one(&msg, &ctx(dir))
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
+/// The part directories of a split run, and the run's id.
+fn split_run(version: &str, case: &str) -> (Vec<PathBuf>, Uuid) {
+    let dirs = part_dirs(version, case);
+    let run = run_id(&dirs[0]);
+    (dirs, run)
+}
+
 fn run_id(dir: &Path) -> Uuid {
-    RunCompleted::decode(&std::fs::read(dir.join("message.json")).unwrap())
-        .unwrap()
-        .run_id
+    message(dir).run_id
 }
 
 struct Stored {
@@ -173,6 +154,15 @@ async fn stored(pool: &PgPool, run: Uuid) -> Option<Stored> {
 }
 
 /// `(value, min, max, avg, med, p90, p95)` of a metric's history row.
+/// Asserts the merged run is stored as `error` with details that say `why`.
+async fn assert_error_run(pool: &PgPool, run: Uuid, why: &str) -> Stored {
+    let got = stored(pool, run).await.unwrap();
+    assert_eq!(got.status, "error");
+    let details = got.error_details.as_deref().unwrap_or_default();
+    assert!(details.contains(why), "{details:?}");
+    got
+}
+
 async fn history(pool: &PgPool, run: Uuid, metric: &str) -> BTreeMap<&'static str, Option<i64>> {
     let r = sqlx::query(
         "SELECT h.value, h.min_value, h.max_value, h.avg_value, h.med_value, h.p90_value, h.p95_value, h.count \
@@ -361,11 +351,12 @@ async fn assert_merged(pool: &PgPool, dirs: &[PathBuf], merged_fail: bool) {
 }
 
 async fn parts_stored(pool: &PgPool, run: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM k6_run_parts WHERE run_id = $1")
-        .bind(run)
-        .fetch_one(pool)
-        .await
-        .unwrap()
+    value_of(
+        pool,
+        "SELECT count(*) FROM k6_run_parts WHERE run_id = $1",
+        run,
+    )
+    .await
 }
 
 async fn forget(pool: &PgPool, run: Uuid) {
@@ -378,7 +369,7 @@ async fn forget(pool: &PgPool, run: Uuid) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn four_parts_in_every_order_and_twice_merge_to_the_exact_run(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-order").await;
+    let ing = split_ingestor(&pool).await;
     // every one of the 24 arrival orders for k6 1.1.0, four of them for 2.2.0
     let mut all_orders = Vec::new();
     for a in 0..4 {
@@ -431,7 +422,7 @@ async fn four_parts_in_every_order_and_twice_merge_to_the_exact_run(pool: PgPool
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn thresholds_passing_on_every_part_fail_merged_and_a_part_99_passes_merged(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-judge").await;
+    let ing = split_ingestor(&pool).await;
     for version in ["v1.1.0", "v2.2.0"] {
         for (case, merged_fail) in [
             ("split2-merged-fail", true),
@@ -449,20 +440,19 @@ async fn thresholds_passing_on_every_part_fail_merged_and_a_part_99_passes_merge
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn two_last_parts_committing_at_once_merge_once(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-race").await;
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let ing = split_ingestor(&pool).await;
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
     for round in 0..3 {
         ingest_part(&ing, &dirs[0]).await;
         ingest_part(&ing, &dirs[1]).await;
         let (a, b) = tokio::join!(ingest_part(&ing, &dirs[2]), ingest_part(&ing, &dirs[3]));
         assert_eq!(a.run_id, b.run_id);
-        let rows: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-                .bind(run)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let rows: i64 = value_of(
+            &pool,
+            "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+            run,
+        )
+        .await;
         assert_eq!(rows, 1, "round {round}");
         assert_eq!(parts_stored(&pool, run).await, 4);
         assert_merged(&pool, &dirs, true).await;
@@ -472,26 +462,15 @@ async fn two_last_parts_committing_at_once_merge_once(pool: PgPool) {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_part_that_errored_makes_the_merged_run_error(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-error").await;
+    let ing = split_ingestor(&pool).await;
     for version in ["v1.1.0", "v2.2.0"] {
-        let dirs = part_dirs(version, "split4-part-error");
-        let run = run_id(&dirs[0]);
+        let (dirs, run) = split_run(version, "split4-part-error");
         for d in &dirs {
-            let msg =
-                RunCompleted::decode(&std::fs::read(d.join("message.json")).unwrap()).unwrap();
+            let msg = message(d);
             // The part without a summary (exit 107) is stored; its own status is error.
-            let _ = ing.ingest_one(&msg, &ctx_of(d)).await;
+            let _ = ing.ingest_one(&msg, &ctx(d)).await;
         }
-        let got = stored(&pool, run).await.unwrap();
-        assert_eq!(got.status, "error");
-        assert!(
-            got.error_details
-                .as_deref()
-                .unwrap_or_default()
-                .contains("part 2 of 4"),
-            "{:?}",
-            got.error_details
-        );
+        let got = assert_error_run(&pool, run, "part 2 of 4").await;
         // what the three other parts measured is still merged
         let three: Vec<PathBuf> = dirs
             .iter()
@@ -503,20 +482,19 @@ async fn a_part_that_errored_makes_the_merged_run_error(pool: PgPool) {
             got.iterations,
             Some(sum_counter(&three, "iterations", "count") as i64)
         );
-        let part_status: String = sqlx::query_scalar(
+        let part_status: String = value_of(
+            &pool,
             "SELECT status FROM k6_run_parts WHERE run_id = $1 AND part_index = 2",
+            run,
         )
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+        .await;
         assert_eq!(part_status, "error");
     }
 }
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn without_every_part_s_samples_percentiles_are_null_with_the_reason(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-nosamples").await;
+    let ing = split_ingestor(&pool).await;
     let dirs = part_dirs("v1.1.0", "split4-no-samples");
     assert!(!dirs[1].join("metrics.ndjson.gz").exists());
     let run = run_id(&dirs[0]);
@@ -551,9 +529,8 @@ async fn without_every_part_s_samples_percentiles_are_null_with_the_reason(pool:
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-late").await;
-    let dirs = part_dirs("v2.2.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let ing = split_ingestor(&pool).await;
+    let (dirs, run) = split_run("v2.2.0", "split4-merged-fail");
     for i in [0, 1, 3] {
         ingest_part(&ing, &dirs[i]).await;
     }
@@ -569,27 +546,14 @@ async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(p
         .await
         .unwrap();
     assert_eq!(swept, vec![run]);
-    let got = stored(&pool, run).await.unwrap();
-    assert_eq!(got.status, "error");
-    assert!(
-        got.error_details
-            .as_deref()
-            .unwrap()
-            .contains("3 of 4 parts"),
-        "{:?}",
-        got.error_details
-    );
+    let got = assert_error_run(&pool, run, "3 of 4 parts").await;
     assert_eq!(got.merged_parts.as_deref(), Some("3 of 4"));
     let three = [dirs[0].clone(), dirs[1].clone(), dirs[3].clone()];
     assert_eq!(
         got.iterations,
         Some(sum_counter(&three, "iterations", "count") as i64)
     );
-    let run_status: String = sqlx::query_scalar("SELECT status FROM runs WHERE id = $1")
-        .bind(run)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let run_status: String = value_of(&pool, "SELECT status FROM runs WHERE id = $1", run).await;
     assert_eq!(run_status, "error");
     // a second sweep finds nothing to do
     assert!(
@@ -605,8 +569,8 @@ async fn missing_parts_are_recorded_as_error_and_a_late_part_completes_the_run(p
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn replaying_a_directory_of_parts_gives_the_same_rows_as_one_by_one(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-replay").await;
-    let case = split_root().join("v1.1.0").join("split4-merged-pass");
+    let ing = split_ingestor(&pool).await;
+    let case = split_fixtures().join("v1.1.0").join("split4-merged-pass");
     let rows = k6_ingest::replay::replay(&ing, std::slice::from_ref(&case), false, 4, 1 << 20)
         .await
         .unwrap();
@@ -624,47 +588,26 @@ async fn replaying_a_directory_of_parts_gives_the_same_rows_as_one_by_one(pool: 
 /// replayed after the fix, it replaces its error record and the run is merged again.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_part_replayed_with_its_summary_replaces_its_error_record_and_the_merge(pool: PgPool) {
-    let ing = split_ingestor(&pool, "split-fixed").await;
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
-    let good = RunCompleted::decode(&std::fs::read(dirs[1].join("message.json")).unwrap()).unwrap();
+    let ing = split_ingestor(&pool).await;
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
+    let good = message(&dirs[1]);
     let mut broken = good.clone();
     broken.artifacts.summary = Some("no-such-summary.json".into());
     for i in [0, 2, 3] {
         ingest_part(&ing, &dirs[i]).await;
     }
-    let e = ing
-        .ingest_one(&broken, &ctx_of(&dirs[1]))
-        .await
-        .unwrap_err();
+    let e = ing.ingest_one(&broken, &ctx(&dirs[1])).await.unwrap_err();
     assert!(e.to_string().contains("summary"), "{e}");
-    let got = stored(&pool, run).await.unwrap();
-    assert_eq!(got.status, "error");
-    assert!(
-        got.error_details
-            .as_deref()
-            .unwrap()
-            .contains("part 1 of 4"),
-        "{:?}",
-        got.error_details
-    );
+    assert_error_run(&pool, run, "part 1 of 4").await;
     // the same broken message again changes nothing
     let before = table_digest(&pool).await;
-    ing.ingest_one(&broken, &ctx_of(&dirs[1])).await.unwrap();
+    ing.ingest_one(&broken, &ctx(&dirs[1])).await.unwrap();
     assert_eq!(table_digest(&pool).await, before);
 
-    let report = ing.ingest_one(&good, &ctx_of(&dirs[1])).await.unwrap();
+    let report = ing.ingest_one(&good, &ctx(&dirs[1])).await.unwrap();
     assert_eq!(report.outcome, k6_ingest::ingest::Outcome::Replaced);
     assert_eq!(parts_stored(&pool, run).await, 4);
     assert_merged(&pool, &dirs, true).await;
-}
-
-fn copy_part(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
 }
 
 /// `k6-ingest replay` as a user runs it: with a part missing it records the run as
@@ -674,29 +617,17 @@ fn copy_part(src: &Path, dst: &Path) {
 async fn replay_records_missing_parts_at_its_end_and_a_later_replay_completes_the_run(
     pool: PgPool,
 ) {
-    let s = settings("split-cli");
+    let s = settings();
     store(&s).await;
-    let db = pool.connect_options().get_database().unwrap().to_string();
-    let mut url = url::Url::parse(
-        &std::env::var("DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into()),
-    )
-    .unwrap();
-    url.set_path(&db);
-    let dirs = part_dirs("v1.1.0", "split4-merged-fail");
-    let run = run_id(&dirs[0]);
+    let url = database_url(&pool);
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
     let tmp = tempfile::tempdir().unwrap();
     for i in [0, 1, 3] {
-        copy_part(&dirs[i], &tmp.path().join(format!("part-{i}")));
+        copy_dir(&dirs[i], &tmp.path().join(format!("part-{i}")));
     }
     let replay = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_k6-ingest"))
-            .args(["replay", tmp.path().to_str().unwrap()])
-            .env("K6_INGEST__DATABASE__URL", url.as_str())
-            .env("K6_INGEST__S3__BUCKET", s.s3.bucket.as_deref().unwrap())
-            .env("K6_INGEST__S3__PREFIX", "")
+        command(&["replay", tmp.path().to_str().unwrap()], &url, &s)
             .env("K6_INGEST__INGEST__PART_WAIT_SECS", "0")
-            .env("K6_INGEST__LOG__LEVEL", "warn")
             .output()
             .unwrap()
     };
@@ -715,7 +646,7 @@ async fn replay_records_missing_parts_at_its_end_and_a_later_replay_completes_th
     assert_eq!(got.status, "error");
     assert!(got.error_details.unwrap().contains("3 of 4 parts"));
 
-    copy_part(&dirs[2], &tmp.path().join("part-2"));
+    copy_dir(&dirs[2], &tmp.path().join("part-2"));
     let out = replay();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}");

@@ -1,20 +1,18 @@
 //! A split run's parts through RabbitMQ and the worker (`consumer::start`), in a shuffled
 //! order with a duplicate, store exactly the rows `replay` of the parts' directory stores.
 
-mod queue_support;
+mod harness;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k6_ingest::artifact::Fetcher;
+use harness::*;
 use k6_ingest::ingest::Ingestor;
-use queue_support::*;
 use serde_json::Value;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 fn case_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/k6-split/v2.2.0/split4-merged-fail")
+    split_fixtures().join("v2.2.0/split4-merged-fail")
 }
 
 fn part_dirs() -> Vec<PathBuf> {
@@ -35,17 +33,7 @@ fn body(dir: &Path) -> Vec<u8> {
 }
 
 async fn split_ingestor(pool: &PgPool, s: &k6_ingest::config::Settings) -> Ingestor {
-    let store = store(s).await;
-    let fetcher = Fetcher::new(&s.fetch, Some(store.client().clone()))
-        .unwrap()
-        .with_roots(vec![case_dir()])
-        .with_s3_sources(s.s3.sources().unwrap());
-    Ingestor::new(
-        Some(pool.clone()),
-        Some(store),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    )
+    ingestor_with_roots(pool, s, vec![case_dir()]).await
 }
 
 /// Everything the merged run wrote, without ids and write times, in a stable order.
@@ -65,11 +53,7 @@ async fn merged_rows(pool: &PgPool, run: uuid::Uuid) -> Vec<String> {
     ];
     let mut out = Vec::new();
     for q in queries {
-        let rows: Vec<Value> = sqlx::query_scalar(q)
-            .bind(run)
-            .fetch_all(pool)
-            .await
-            .unwrap();
+        let rows: Vec<Value> = values_of(pool, q, run).await;
         out.extend(rows.into_iter().map(|v| v.to_string()));
     }
     out
@@ -77,25 +61,15 @@ async fn merged_rows(pool: &PgPool, run: uuid::Uuid) -> Vec<String> {
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.fetch.allowed_roots = vec![case_dir()];
     let dirs = part_dirs();
-    let run: uuid::Uuid =
-        serde_json::from_slice::<Value>(&std::fs::read(dirs[0].join("message.json")).unwrap())
-            .unwrap()["run_id"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
+    let run = message(&dirs[0]).run_id;
 
     // --- through the queue: shuffled, part 1 twice ---
     let bodies: Vec<Vec<u8>> = [3, 1, 0, 1, 2].iter().map(|i| body(&dirs[*i])).collect();
     publish_bodies(&s, &bodies).await;
-    let shutdown = CancellationToken::new();
-    let running = k6_ingest::consumer::start(&s, split_ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
+    let worker = Consumer::start(&s, split_ingestor(&pool, &s).await).await;
     let conn = connect().await;
     let queue = k6_ingest::amqp::Topology::new(&s.amqp).queue;
     wait_for("the merged run and an empty queue", || {
@@ -113,8 +87,7 @@ async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
+    worker.stop().await;
     let via_queue = merged_rows(&pool, run).await;
     assert!(via_queue.len() > 20, "{via_queue:?}");
 
@@ -139,5 +112,4 @@ async fn parts_through_the_queue_store_what_replay_stores(pool: PgPool) {
     for (q, r) in via_queue.iter().zip(&via_replay) {
         assert_eq!(q, r);
     }
-    cleanup(&s).await;
 }

@@ -4,88 +4,28 @@
 //! forced with triggers installed in the test's own database (real refusals, raised by
 //! PostgreSQL, for content the schema itself now accepts).
 
-mod common;
-mod queue_support;
+mod harness;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
+use harness::*;
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
 use k6_ingest::message::RunCompleted;
-use k6_ingest::s3::ArtifactStore;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-fn write_json(path: &Path, v: &Value) {
-    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
-}
-
-/// The fixture's message as JSON with a fresh run and event id, so one fixture can be
-/// ingested as several runs.
-fn fresh_message(dir: &Path) -> Value {
-    let mut m = read_json(&dir.join("message.json"));
-    m["run_id"] = json!(Uuid::now_v7());
-    m["event_id"] = json!(Uuid::now_v7());
-    m
-}
-
 fn decode(v: &Value) -> RunCompleted {
     RunCompleted::decode(v.to_string().as_bytes()).unwrap()
-}
-
-/// Every object key under the run's prefix in the test's bucket.
-async fn objects_of_run(store: &ArtifactStore, msg: &RunCompleted) -> Vec<String> {
-    let prefix = store.key_for(msg.organization_id, msg.project_id, msg.run_id, "");
-    let listed = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(&prefix)
-        .send()
-        .await
-        .unwrap();
-    listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect()
-}
-
-async fn perf_warnings(pool: &PgPool, run_id: Uuid) -> String {
-    let w: Value = sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-        .bind(run_id)
-        .fetch_one(pool)
-        .await
-        .unwrap();
-    w.to_string()
-}
-
-async fn detail_rows(pool: &PgPool, run_id: Uuid) -> i64 {
-    sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM k6_metrics_history m WHERE m.k6_run_id = p.id) \
-              + (SELECT count(*) FROM k6_threshold_results t WHERE t.k6_run_id = p.id) \
-              + (SELECT count(*) FROM k6_check_results c WHERE c.k6_run_id = p.id) \
-         FROM k6_performance_runs p WHERE p.run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await
-    .unwrap()
 }
 
 /// k6 does not bound metric names, selectors or threshold expressions; the btree limit
 /// (about 2.7 KB) used to fail the whole run on a 10,000-character key.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
-    let s = settings("long-keys");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
     let mut summary = read_json(&path);
@@ -101,30 +41,16 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
     metrics.insert(r"\x41".into(), counter);
     write_json(&path, &summary);
 
-    let msg = message(dir.path());
-    let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
-    assert_eq!(report.outcome, Outcome::Ingested);
-    let stored: Vec<String> = sqlx::query_scalar(
-        "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+    let msg = ingest_dir(ing, dir.path()).await;
+    let stored: Vec<String> = values_of(&pool, "SELECT m.metric_name FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
          WHERE p.run_id = $1 AND (length(m.metric_name) > 10000 OR m.metric_name IN ('A', '\\x41')) \
-         ORDER BY 1",
-    )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+         ORDER BY 1", msg.run_id).await;
     assert_eq!(
         stored,
         vec!["A".to_string(), r"\x41".into(), long_name.clone()]
     );
-    let (metric, expr): (String, String) = sqlx::query_as(
-        "SELECT t.metric_name, t.expression FROM k6_threshold_results t \
-         JOIN k6_performance_runs p ON p.id = t.k6_run_id WHERE p.run_id = $1 AND length(t.expression) > 10000",
-    )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (metric, expr): (String, String) = row_of(&pool, "SELECT t.metric_name, t.expression FROM k6_threshold_results t \
+         JOIN k6_performance_runs p ON p.id = t.k6_run_id WHERE p.run_id = $1 AND length(t.expression) > 10000", msg.run_id).await;
     assert_eq!((metric, expr), (long_name, long_expr));
 }
 
@@ -133,8 +59,8 @@ async fn metric_and_threshold_keys_of_any_length_are_stored(pool: PgPool) {
 /// warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: PgPool) {
-    let s = settings("dup-metric");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     // k6 1.5's schema 1.0.0 (the same document tests/extract.rs reads), with
     // http_req_duration repeated, and a counter repeated under a NUL-bearing name.
@@ -158,8 +84,7 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
         }
     });
     write_json(&dir.path().join("summary.json"), &doc);
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(ing, dir.path()).await;
 
     let rows = sqlx::query(
         "SELECT m.metric_name, m.p95_value, (m.raw_values->>'count')::float8 FROM k6_metrics_history m \
@@ -183,13 +108,12 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
         Some(2.0),
         "the last occurrence"
     );
-    let p95: Option<i64> = sqlx::query_scalar(
+    let p95: Option<i64> = value_of(
+        &pool,
         "SELECT p95_response_time_ms FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
     )
-    .bind(msg.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(p95, Some(42), "the run's columns use the kept occurrence");
     let warnings = perf_warnings(&pool, msg.run_id).await;
     assert!(
@@ -209,8 +133,8 @@ async fn a_metric_listed_twice_keeps_its_last_occurrence_with_a_warning(pool: Pg
 /// for metrics and for a metric's thresholds.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgPool) {
-    let s = settings("dup-nul");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
     let path = dir.path().join("summary.json");
     let mut summary = read_json(&path);
@@ -224,26 +148,18 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
     metrics.insert("reqs\u{FFFD}copy".into(), first);
     metrics.insert("reqs\u{0}copy".into(), last);
     write_json(&path, &summary);
-    let msg = message(dir.path());
-    ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
+    let msg = ingest_dir(ing, dir.path()).await;
 
-    let counts: Vec<Option<f64>> = sqlx::query_scalar(
-        "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
-         WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'",
-    )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let counts: Vec<Option<f64>> = values_of(&pool, "SELECT (m.raw_values->>'count')::float8 FROM k6_metrics_history m JOIN k6_performance_runs p ON p.id = m.k6_run_id \
+         WHERE p.run_id = $1 AND m.metric_name = 'reqs\u{FFFD}copy'", msg.run_id).await;
     assert_eq!(counts, vec![Some(2.0)], "one row, the last value");
-    let oks: Vec<bool> = sqlx::query_scalar(
+    let oks: Vec<bool> = values_of(
+        &pool,
         "SELECT t.ok FROM k6_threshold_results t JOIN k6_performance_runs p ON p.id = t.k6_run_id \
          WHERE p.run_id = $1 AND t.metric_name = 'reqs\u{FFFD}copy'",
+        msg.run_id,
     )
-    .bind(msg.run_id)
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    .await;
     assert_eq!(oks, vec![false], "one threshold row, the last occurrence");
     let warnings = perf_warnings(&pool, msg.run_id).await;
     assert!(
@@ -256,10 +172,10 @@ async fn keys_equal_after_nul_replacement_keep_the_last_with_a_warning(pool: PgP
 /// metadata and config_snapshot) it is replaced by U+FFFD, with a warning on the run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn nul_in_message_strings_is_replaced_with_a_warning(pool: PgPool) {
-    let s = settings("nul-msg");
-    let ing = ingestor(&pool, &s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["location"] = json!("us\u{0}east");
     m["k6_version"] = json!("1.1.0\u{0}");
     m["metadata"] = json!({"team\u{0}": {"note": "a\u{0}b", "list": ["\u{0}"]}});
@@ -328,14 +244,14 @@ fn with_marker_metric() -> tempfile::TempDir {
 /// dead-letter disposition. Replayed after the fix, the run replaces its error record.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
-    let s = settings("refused");
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let dir = with_marker_metric();
     let mut last = None;
     for code in ["22001", "23514", "22003", "54000", "23505", "22P02"] {
         refuse_marker_metric(&pool, code).await;
-        let msg = decode(&fresh_message(dir.path()));
+        let msg = decode(&fresh_message_json(dir.path()));
         let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
         assert!(
             matches!(&err, IngestError::ContentRefused { run_id, .. } if *run_id == msg.run_id),
@@ -379,14 +295,14 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
             row.get::<Option<String>, _>(5).as_deref(),
             Some(logs_uri.as_str())
         );
-        let objects = objects_of_run(&store, &msg).await;
+        let objects = objects_of_run(store, &msg).await;
         assert!(
             objects.iter().any(|k| logs_uri.ends_with(k.as_str())),
             "{code}: {objects:?}"
         );
         let logs_key = store.key_of(&logs_uri).unwrap().to_string();
         assert_eq!(
-            get_object(&store, &logs_key).await,
+            get_object(store, &logs_key).await,
             std::fs::read(dir.path().join("k6.log")).unwrap()
         );
         last = Some(msg);
@@ -397,16 +313,12 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     // (a concurrent attempt may be about to commit rows referring to the same keys; a
     // replay uploads them again and refers to them).
     refuse_marker_metric(&pool, "XX000").await;
-    let msg = decode(&fresh_message(dir.path()));
+    let msg = decode(&fresh_message_json(dir.path()));
     let err = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap_err();
     assert_eq!(err.class(), "database", "{err}");
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
-    let kept = objects_of_run(&store, &msg).await;
+    let kept = objects_of_run(store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
 
     // The cause fixed, the dead-lettered message replayed: the error record is replaced.
@@ -417,12 +329,7 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
     let msg = last.unwrap();
     let report = ing.ingest_one(&msg, &ctx(dir.path())).await.unwrap();
     assert_eq!(report.outcome, Outcome::Replaced);
-    let (status, details): (String, Option<String>) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (status, details): (String, Option<String>) = run_status(&pool, msg.run_id).await;
     assert_eq!((status.as_str(), details), ("passed", None));
     assert!(detail_rows(&pool, msg.run_id).await > 0);
 }
@@ -432,11 +339,11 @@ async fn a_refused_run_is_recorded_as_error_with_the_reason(pool: PgPool) {
 /// deleted from S3.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPool) {
-    let s = settings("refused-twice");
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::new(&pool).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let dir = copy_fixture("v1.1.0", "thresholds-pass");
-    let msg = decode(&fresh_message(dir.path()));
+    let msg = decode(&fresh_message_json(dir.path()));
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION refuse_run() RETURNS trigger LANGUAGE plpgsql AS $$ \
          BEGIN IF NEW.run_id = '{}' THEN \
@@ -455,19 +362,15 @@ async fn when_even_the_error_record_is_refused_nothing_is_left_behind(pool: PgPo
     assert_eq!(err.disposition(), Disposition::DeadLetter);
     assert_eq!(err.class(), "content_refused");
     assert!(err.to_string().contains("no row for this run"), "{err}");
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let runs: i64 = value_of(&pool, "SELECT count(*) FROM runs WHERE id = $1", msg.run_id).await;
     assert_eq!(runs, 0);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
 
     // The same path stores a run the trigger does not refuse, and its objects stay:
     // the listing above can see objects.
-    let other = decode(&fresh_message(dir.path()));
+    let other = decode(&fresh_message_json(dir.path()));
     ing.ingest_one(&other, &ctx(dir.path())).await.unwrap();
-    assert!(objects_of_run(&store, &other).await.len() >= 2);
+    assert!(objects_of_run(store, &other).await.len() >= 2);
 }
 
 /// Serves the run's log over HTTP; serving it first creates the run's `runs` row for
@@ -511,14 +414,15 @@ async fn serve_log_and_steal_the_run(
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
-    let msg = decode(&fresh_message(&dir));
+    let msg = decode(&fresh_message_json(&dir));
     let hits = Arc::new(AtomicUsize::new(0));
     let log = std::fs::read(dir.join("k6.log")).unwrap();
     let host = serve_log_and_steal_the_run(pool.clone(), log, msg.clone(), hits.clone()).await;
-    let mut s = settings("tenant-race");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let mut msg = msg;
     msg.artifacts.logs = Some(format!("http://{host}/k6.log"));
     assert!(
@@ -530,19 +434,20 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
     assert_eq!(hits.load(Ordering::SeqCst), 1, "the log was fetched once");
     assert_eq!(err.class(), "tenant_mismatch", "{err}");
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM k6_performance_runs WHERE run_id = $1")
-        .bind(msg.run_id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
+    let n: i64 = value_of(
+        &pool,
+        "SELECT count(*) FROM k6_performance_runs WHERE run_id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(n, 0);
 
     // Without the race the same message's uploads stay (the listing can see them).
-    let mut fine = decode(&fresh_message(&dir));
+    let mut fine = decode(&fresh_message_json(&dir));
     fine.artifacts.logs = msg.artifacts.logs.clone();
     ing.ingest_one(&fine, &ctx(&dir)).await.unwrap();
-    let kept = objects_of_run(&store, &fine).await;
+    let kept = objects_of_run(store, &fine).await;
     assert!(
         kept.iter().any(|k| k.ends_with("k6.log")) && kept.len() >= 2,
         "{kept:?}"
@@ -554,12 +459,13 @@ async fn a_tenant_mismatch_found_in_the_store_leaves_no_objects_in_s3(pool: PgPo
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool) {
     use k6_ingest::amqp::{self, ATTEMPTS_HEADER, REASON_CLASS_HEADER, REASON_HEADER, Topology};
-    use queue_support as q;
-    let t = q::tag();
-    let s = q::settings(&t);
-    let refused = q::message("thresholds-pass");
-    let good = q::message("thresholds-fail");
-    let refused_id: Uuid = refused["run_id"].as_str().unwrap().parse().unwrap();
+
+    let env = TestEnv::queued(&pool).await;
+
+    let s = &env.s;
+    let refused = case_message("thresholds-pass");
+    let good = case_message("thresholds-fail");
+    let refused_id = run_id_of(&refused);
     // Refuses the metric rows of that one run, as PostgreSQL would an oversized value.
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION refuse_run_metrics() RETURNS trigger LANGUAGE plpgsql AS $$ \
@@ -573,23 +479,20 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
     .execute(&pool)
     .await
     .unwrap();
-    q::declare(&s).await;
-    q::publish_bodies(&s, &q::bodies(&[refused.clone(), good.clone()])).await;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let running = k6_ingest::consumer::start(&s, q::ingestor(&pool, &s).await, shutdown.clone())
-        .await
-        .unwrap();
-    let conn = q::connect().await;
+    declare(s).await;
+    publish_bodies(s, &bodies(&[refused.clone(), good.clone()])).await;
+    let worker = Consumer::start(s, env.ing).await;
+    let conn = connect().await;
     let topo = Topology::new(&s.amqp);
-    q::wait_for("one dead letter", || async {
-        (q::queue_len(&conn, &topo.dead_letter_queue).await == 1).then_some(())
-    })
+    wait_queue_len(&conn, &topo.dead_letter_queue, 1, "one dead letter").await;
+    wait_stored_count(
+        &pool,
+        &run_ids(std::slice::from_ref(&good)),
+        1,
+        "the good run",
+    )
     .await;
-    q::wait_for("the good run", || async {
-        (q::stored(&pool, &q::run_ids(std::slice::from_ref(&good))).await == 1).then_some(())
-    })
-    .await;
-    let dead = q::drain(&conn, &topo.dead_letter_queue).await;
+    let dead = drain(&conn, &topo.dead_letter_queue).await;
     let (body, props) = &dead[0];
     assert_eq!(body, &serde_json::to_vec(&refused).unwrap());
     assert_eq!(
@@ -606,20 +509,19 @@ async fn the_consumer_dead_letters_a_refused_run_after_recording_it(pool: PgPool
         Some(1),
         "never retried"
     );
-    assert_eq!(running.metrics.dead_lettered_count("content_refused"), 1);
-    let (status, details): (String, String) =
-        sqlx::query_as("SELECT status, error_details FROM runs WHERE id = $1")
-            .bind(refused_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    assert_eq!(
+        worker
+            .running
+            .metrics
+            .dead_lettered_count("content_refused"),
+        1
+    );
+    let (status, details): (String, String) = run_status(&pool, refused_id).await;
     assert_eq!(status, "error");
     assert!(details.contains("value too long for the test"), "{details}");
     assert_eq!(detail_rows(&pool, refused_id).await, 0);
 
-    shutdown.cancel();
-    running.done.await.unwrap().unwrap();
-    q::cleanup(&s).await;
+    worker.stop().await;
 }
 
 /// Serves the same bytes under any path.
@@ -643,43 +545,38 @@ async fn serve_any_path(body: Vec<u8>) -> String {
 async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPool) {
     let dir = fixture_dir("v1.1.0", "thresholds-pass");
     let host = serve_any_path(std::fs::read(dir.join("metrics.ndjson.gz")).unwrap()).await;
-    let mut s = settings("upload-fails");
+    let mut s = settings();
     s.fetch.allowed_hosts.push(host.clone());
-    let ing = ingestor(&pool, &s).await;
-    let store = store(&s).await;
+    let env = TestEnv::with_settings(&pool, s).await;
+    let ing = &env.ing;
+    let store = &env.store;
     let runs_of = |id: Uuid| {
         let pool = pool.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM runs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
+        async move { value_of::<i64, _>(&pool, "SELECT count(*) FROM runs WHERE id = $1", id).await }
     };
 
     // Logs first (from the fixture), then the metrics under a 1,100-byte name.
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(1100)));
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
     assert!(
-        matches!(&err, IngestError::Upload { source, .. } if !source.transient
+        matches!(&err, IngestError::Upload { source, .. } if !source.fault().is_retryable()
             && source.message.contains("KeyTooLong")),
         "{err}"
     );
     assert_eq!(err.disposition(), Disposition::DeadLetter);
-    assert_eq!(objects_of_run(&store, &msg).await, Vec::<String>::new());
+    assert_eq!(objects_of_run(store, &msg).await, Vec::<String>::new());
     assert_eq!(runs_of(msg.run_id).await, 0);
 
     // A transient failure (s3s-fs answers InternalError for a key its file system
     // cannot hold) keeps what went up: the logs stay for the retry to overwrite.
-    let mut m = fresh_message(&dir);
+    let mut m = fresh_message_json(&dir);
     m["artifacts"]["metrics"] = json!(format!("http://{host}/{}.ndjson.gz", "m".repeat(240)));
     let msg = decode(&m);
     let err = ing.ingest_one(&msg, &ctx(&dir)).await.unwrap_err();
     assert_eq!(err.disposition(), Disposition::Retry, "{err}");
-    let kept = objects_of_run(&store, &msg).await;
+    let kept = objects_of_run(store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
     assert_eq!(runs_of(msg.run_id).await, 0);
 }

@@ -1,16 +1,14 @@
 //! The runner side: `k6-ingest submit` stages a run's files in S3 and publishes its
 //! message with confirms; a worker then ingests it from the staged copies.
 
-mod common;
-#[path = "queue_support/mod.rs"]
-mod queue_support;
+mod harness;
 
 use std::process::Command;
 
+use harness::*;
 use k6_ingest::amqp::Topology;
 use k6_ingest::ingest::{IngestContext, Outcome};
 use k6_ingest::message::RunCompleted;
-use queue_support::*;
 use sqlx::PgPool;
 
 fn submit_command(
@@ -47,8 +45,7 @@ fn submit_command(
 
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     // Short keys for the test server; the worker reads staged files only from the
     // staging prefix it is configured with, so runner and worker share the setting.
     s.s3.staging_prefix = "s".into();
@@ -88,7 +85,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
         msg.organization_id, msg.project_id, msg.run_id
     )));
     assert_eq!(
-        common::get_object(&store, staged_key).await,
+        get_object(&store, staged_key).await,
         std::fs::read(dir.join("summary.json")).unwrap()
     );
 
@@ -100,12 +97,12 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
         .unwrap();
     assert_eq!(report.outcome, Outcome::Ingested);
     assert_eq!(report.line.status.as_deref(), Some("failed"));
-    let (trigger, logs): (Option<String>, Option<String>) =
-        sqlx::query_as("SELECT trigger, logs_s3_url FROM runs WHERE id = $1")
-            .bind(msg.run_id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (trigger, logs): (Option<String>, Option<String>) = row_of(
+        &pool,
+        "SELECT trigger, logs_s3_url FROM runs WHERE id = $1",
+        msg.run_id,
+    )
+    .await;
     assert_eq!(trigger.as_deref(), Some("ci_cd"));
     assert!(logs.is_some());
     cleanup(&s).await;
@@ -113,8 +110,7 @@ async fn submit_stages_artifacts_and_publishes_a_message_the_worker_ingests(pool
 
 #[tokio::test]
 async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_error() {
-    let t = tag();
-    let s = settings(&t);
+    let s = queue_settings(&tag());
     store(&s).await;
     declare(&s).await;
     let dir = tempfile::tempdir().unwrap();
@@ -127,11 +123,7 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
     let out = submit_command(&s, dir.path(), &["--exit-code", "107"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("not staged: summary"));
     let conn = connect().await;
     let published = drain(&conn, &Topology::new(&s.amqp).queue).await;
@@ -158,8 +150,7 @@ async fn submit_without_a_summary_still_reports_the_run_and_a_lost_broker_is_an_
 /// the four staged parts into one run.
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPool) {
-    let t = tag();
-    let mut s = settings(&t);
+    let mut s = queue_settings(&tag());
     s.s3.staging_prefix = "s".into();
     store(&s).await;
     declare(&s).await;
@@ -228,13 +219,7 @@ async fn submit_with_execution_segments_gives_parts_the_worker_merges(pool: PgPo
     }
     indexes.sort_unstable();
     assert_eq!(indexes, [0, 1, 2, 3]);
-    let (status, iterations, merged): (String, Option<i64>, Option<String>) = sqlx::query_as(
-        "SELECT status, iterations_total, value_sources ->> 'merged_parts' FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let (status, iterations, merged): (String, Option<i64>, Option<String>) = row_of(&pool, "SELECT status, iterations_total, value_sources ->> 'merged_parts' FROM k6_performance_runs WHERE run_id = $1", run_id).await;
     // every runner passed `iterations count<25` on its 10; the merged 40 fail it
     assert_eq!(
         (status.as_str(), iterations, merged.as_deref()),

@@ -4,82 +4,33 @@
 //! a message naming them is refused before any request reaches S3, the run is recorded as
 //! `error` with the reason, and nothing is copied under the sender's prefix.
 
-mod common;
+mod harness;
 
-use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::*;
-use k6_ingest::artifact::{Fetcher, Tenant};
+use harness::*;
+use k6_ingest::artifact::Tenant;
 use k6_ingest::config::Settings;
 use k6_ingest::ingest::{Disposition, IngestContext, IngestError, Ingestor, Outcome};
 use k6_ingest::message::RunCompleted;
-use k6_ingest::s3::{ArtifactStore, build_client};
+use k6_ingest::s3::ArtifactStore;
 use sqlx::PgPool;
-use tokio::net::{TcpListener, TcpStream};
 use uuid::Uuid;
-
-/// A TCP relay in front of the S3 server that counts connections: the fetcher's S3
-/// client goes through it, so "no connection" means "no request, no byte read".
-struct CountingProxy {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-}
-
-impl CountingProxy {
-    async fn start(target: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let count = connections.clone();
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-            }
-        });
-        Self { addr, connections }
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-}
 
 struct World {
     s: Settings,
     store: ArtifactStore,
     ingestor: Ingestor,
-    proxy: CountingProxy,
+    proxy: Proxy,
 }
 
 /// The worker as deployed (default templates), its fetches of S3 counted by the proxy;
 /// uploads go straight to the server.
 async fn world(pool: &PgPool) -> World {
-    let s = settings("tenancy");
+    let s = settings();
     let store = store(&s).await;
-    let target = url::Url::parse(s.s3.endpoint.as_deref().unwrap())
-        .unwrap()
-        .socket_addrs(|| None)
-        .unwrap()[0];
-    let proxy = CountingProxy::start(target).await;
-    let mut via_proxy = s.s3.clone();
-    via_proxy.endpoint = Some(format!("http://{}", proxy.addr));
-    let fetcher = Fetcher::new(&s.fetch, Some(build_client(&via_proxy).await))
-        .unwrap()
-        .with_s3_sources(s.s3.sources().unwrap());
-    let ingestor = Ingestor::new(
-        Some(pool.clone()),
-        Some(store.clone()),
-        fetcher,
-        s.s3.inline_summary_max_bytes,
-    );
+    let proxy = Proxy::start(s3_addr(&s)).await;
+    let ingestor = ingestor_fetching_via(pool, &s, format!("http://{}", proxy.addr)).await;
     World {
         s,
         store,
@@ -97,34 +48,6 @@ fn staged(s: &Settings, tenant: &Tenant, file: &str) -> String {
         tenant.run_id,
         file,
     )
-}
-
-async fn put(store: &ArtifactStore, bucket: &str, key: &str, body: &[u8]) {
-    store
-        .client()
-        .put_object()
-        .bucket(bucket)
-        .key(key)
-        .body(body.to_vec().into())
-        .send()
-        .await
-        .unwrap();
-}
-
-async fn keys_under(store: &ArtifactStore, bucket: &str, prefix: &str) -> Vec<String> {
-    let listed = store
-        .client()
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(prefix)
-        .send()
-        .await
-        .unwrap();
-    listed
-        .contents()
-        .iter()
-        .filter_map(|o| o.key().map(str::to_string))
-        .collect()
 }
 
 fn summary_bytes() -> Vec<u8> {
@@ -199,7 +122,7 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         (other_bucket.clone(), staged(&w.s, &sender, "summary.json")),
     ];
     for (b, key) in &planted {
-        put(&w.store, b, key, &summary_bytes()).await;
+        put_object(&w.store, b, key, &summary_bytes()).await;
         let read = w
             .store
             .client()
@@ -290,12 +213,12 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         assert_eq!(err.disposition(), Disposition::DeadLetter, "{uri}");
         assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
 
-        let (status, details, paths): (String, String, serde_json::Value) =
-            sqlx::query_as("SELECT status, error_details, artifact_paths FROM runs WHERE id = $1")
-                .bind(msg.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let (status, details, paths): (String, String, serde_json::Value) = row_of(
+            &pool,
+            "SELECT status, error_details, artifact_paths FROM runs WHERE id = $1",
+            msg.run_id,
+        )
+        .await;
         assert_eq!(status, "error", "{uri}");
         assert!(
             details.contains("refused") && details.contains(why),
@@ -304,12 +227,12 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
         assert!(!details.contains("hunter2"), "{details}");
         assert_eq!(paths, serde_json::json!({}), "{uri}: nothing stored");
         // The other artifacts were refused the same way, and the run says so.
-        let warnings: serde_json::Value =
-            sqlx::query_scalar("SELECT warnings FROM k6_performance_runs WHERE run_id = $1")
-                .bind(msg.run_id)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let warnings: serde_json::Value = value_of(
+            &pool,
+            "SELECT warnings FROM k6_performance_runs WHERE run_id = $1",
+            msg.run_id,
+        )
+        .await;
         for role in ["logs", "report_html"] {
             assert!(
                 warnings.as_array().unwrap().iter().any(|w| w
@@ -341,7 +264,7 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
     // The control: the same worker reads the sender's own staged files through the proxy.
     let msg = hostile_message("");
     let own = Tenant::of(&msg);
-    put(
+    put_object(
         &w.store,
         &bucket,
         &staged(&w.s, &own, "summary.json"),
@@ -349,7 +272,7 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
     )
     .await;
     let logs = std::fs::read(fixture_dir("v1.1.0", "json-logs").join("k6.log")).unwrap();
-    put(&w.store, &bucket, &staged(&w.s, &own, "k6.log"), &logs).await;
+    put_object(&w.store, &bucket, &staged(&w.s, &own, "k6.log"), &logs).await;
     let mut msg = msg;
     msg.artifacts.summary = Some(s3_uri(&bucket, &staged(&w.s, &own, "summary.json")));
     msg.artifacts.logs = Some(s3_uri(&bucket, &staged(&w.s, &own, "k6.log")));
@@ -370,7 +293,7 @@ async fn another_tenants_objects_are_refused_before_any_request(pool: PgPool) {
 
 #[test]
 fn the_default_template_is_the_staging_prefix_submit_writes() {
-    let s = settings("tenancy-default");
+    let s = settings();
     assert_eq!(
         s.s3.source_templates,
         ["s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/{run_id}/"]
@@ -403,13 +326,7 @@ fn the_default_template_is_the_staging_prefix_submit_writes() {
 /// `k6-ingest extract` loads the settings first: a bad template stops it with status 2.
 fn extract_with(templates: &str) -> std::process::Output {
     let summary = fixture_dir("v1.1.0", "json-logs").join("summary.json");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_k6-ingest"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("K6_INGEST") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.args(["extract", summary.to_str().unwrap()])
+    bare_command(&["extract", summary.to_str().unwrap()])
         .env("K6_INGEST__S3__BUCKET", "k6-artifacts")
         .env("K6_INGEST__S3__SOURCE_TEMPLATES", templates)
         .output()
@@ -446,16 +363,12 @@ fn bad_templates_fail_at_start_naming_the_setting() {
     let out = extract_with(
         "s3://{bucket}/{staging_prefix}/{organization_id}/{project_id}/,s3://k6-{organization_id}/{project_id}/",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 #[test]
 fn submit_publishes_uris_the_worker_accepts_whatever_the_file_names() {
-    let s = settings("tenancy-submit");
+    let s = settings();
     let dir = tempfile::tempdir().unwrap();
     let summary = fixture_dir("v1.1.0", "json-logs").join("summary.json");
     // Names that would need encoding, or decode into something else, in a URI.
@@ -480,11 +393,7 @@ fn submit_publishes_uris_the_worker_accepts_whatever_the_file_names() {
         .env("K6_INGEST__LOG__LEVEL", "warn")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let msg: RunCompleted = serde_json::from_slice(&out.stdout).unwrap();
     let sources = s.s3.sources().unwrap();
     let mut names = Vec::new();

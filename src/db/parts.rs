@@ -277,10 +277,14 @@ impl Db {
 
     /// Writes the merged run (or the record of an incomplete one) in the part's
     /// transaction, replacing whatever `k6_performance_runs` row the run had.
+    /// `summary_text` is the merged summary's inline document as JSON text: bound as
+    /// text and cast by the server, so no JSON tree of a document up to
+    /// `s3.inline_summary_max_bytes` is built in the worker.
     pub async fn write_merged(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         new: &NewRun<'_>,
+        summary_text: Option<&str>,
     ) -> Result<Stored, StoreError> {
         let run_id = new.msg.run_id;
         let prior = checked!(
@@ -306,6 +310,14 @@ impl Db {
         self.insert_performance(tx, new, k6_run_id)
             .await
             .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+        if let Some(text) = summary_text {
+            self.query("UPDATE k6_performance_runs SET summary_json = $2::jsonb WHERE id = $1")
+                .bind(k6_run_id)
+                .bind(text)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+        }
         self.insert_metrics(tx, new, k6_run_id)
             .await
             .map_err(|e| StoreError::from_write("k6_metrics_history", e))?;

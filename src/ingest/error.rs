@@ -1,19 +1,18 @@
-//! The ingest boundary's error: one enum whose variants carry the ids, and the one
-//! method that turns an error into what the driver does with the message.
+//! The ingest boundary's error: one enum whose variants carry the ids. Whether a failure
+//! is retried was decided by the error that caused it ([`IngestError::fault`] only
+//! forwards); [`IngestError::disposition`] turns that into what a driver does.
 
 use uuid::Uuid;
 
+use super::ArtifactRole;
 use crate::artifact::FetchError;
 use crate::db::StoreError;
-use crate::fault::Fault;
-use crate::message::MessageError;
+use crate::fault::{Fault, ReasonClass};
 use crate::s3::UploadError;
 
-/// What a driver does with a message after `ingest_one`.
+/// What a driver does with a message whose ingest failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disposition {
-    /// Done (stored now or before): acknowledge.
-    Ack,
     /// A fault that may pass: try again later, with backoff.
     Retry,
     /// Retrying cannot help: keep the message, with the reason, for a person.
@@ -22,12 +21,10 @@ pub enum Disposition {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error(transparent)]
-    Message(#[from] MessageError),
     #[error("run {run_id}: {artifact} artifact: {source}")]
     Fetch {
         run_id: Uuid,
-        artifact: &'static str,
+        artifact: ArtifactRole,
         #[source]
         source: FetchError,
     },
@@ -43,9 +40,10 @@ pub enum IngestError {
         #[source]
         source: StoreError,
     },
-    /// The run was recorded with status `error` because its summary is missing or
-    /// unreadable although k6 should have written one; the message is kept so it can
-    /// be replayed once the summary is fixed.
+    /// The run is recorded with status `error` because its summary is missing or
+    /// unreadable although k6 should have written one (or, in a dry run, would be): the
+    /// message is kept so it can be replayed once the summary is fixed. After a commit
+    /// this is [`super::Outcome::StoredAsError`]; see [`super::IngestReport::into_result`].
     #[error("run {run_id} recorded as error: {reason}")]
     SummaryUnusable { run_id: Uuid, reason: String },
     #[error("run {run_id}: {message}")]
@@ -71,31 +69,36 @@ impl IngestError {
             Self::Fetch { source, .. } => source.fault(),
             Self::Upload { source, .. } => source.fault(),
             Self::Store { source, .. } => source.fault(),
-            Self::Message(_)
-            | Self::SummaryUnusable { .. }
-            | Self::ContentRefused { .. }
-            | Self::Config { .. } => Fault::Permanent,
+            Self::SummaryUnusable { .. } | Self::ContentRefused { .. } | Self::Config { .. } => {
+                Fault::Permanent
+            }
         }
     }
 
-    /// A short, stable label for metrics and dead-letter headers.
-    pub fn class(&self) -> &'static str {
+    /// The label of metrics and dead-letter headers.
+    pub fn class(&self) -> ReasonClass {
         match self {
-            Self::Message(m) => m.class(),
-            Self::Fetch { .. } => "fetch",
-            Self::Upload { .. } => "upload",
+            Self::Fetch { .. } => ReasonClass::Fetch,
+            Self::Upload { .. } => ReasonClass::Upload,
             Self::Store {
                 source: StoreError::TenantMismatch { .. },
                 ..
-            } => "tenant_mismatch",
+            } => ReasonClass::TenantMismatch,
             Self::Store {
                 source: StoreError::Refused { .. },
                 ..
             }
-            | Self::ContentRefused { .. } => "content_refused",
-            Self::Store { .. } => "database",
-            Self::SummaryUnusable { .. } => "summary_unusable",
-            Self::Config { .. } => "config",
+            | Self::ContentRefused { .. } => ReasonClass::ContentRefused,
+            Self::Store { .. } => ReasonClass::Database,
+            Self::SummaryUnusable { .. } => ReasonClass::SummaryUnusable,
+            Self::Config { .. } => ReasonClass::Config,
+        }
+    }
+
+    pub(super) fn store(run_id: Uuid, source: impl Into<StoreError>) -> Self {
+        Self::Store {
+            run_id,
+            source: source.into(),
         }
     }
 }

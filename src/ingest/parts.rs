@@ -17,8 +17,8 @@
 //! runs, joined with `SortedSamples::merge`: memory is bounded by
 //! `fetch.samples_buffer_bytes` per part whatever the sample counts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -26,19 +26,48 @@ use serde_json::{Value, json};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{
-    Body, IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine, SummaryLoad,
-    Uploads, summary_expected, unique_name,
+use super::steps::{ArtifactRole, Extracted};
+use super::store::refuses_every_attempt;
+use super::upload::Uploaded;
+use super::{IngestContext, IngestError, IngestReport, Ingestor, Outcome, RunLine};
+use crate::artifact::{LocalArtifact, Source, open_lines_capped};
+use crate::db::parts::{
+    MERGED_PARTS_KEY, NewPart, PartState, PartWrite, RunIdentity, StoredPart, merged_label,
 };
-use crate::artifact::{LocalArtifact, Source, Tenant, open_lines_capped, redact_uri};
-use crate::db::parts::{MERGED_PARTS_KEY, NewPart, PartState, PartWrite, StoredPart, merged_label};
 use crate::db::{Db, NewRun, StoreError, Stored};
+use crate::fault::ReasonClass;
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
 use crate::summary::merge::MergeAcc;
-use crate::summary::parse::parse_summary_value;
+use crate::summary::parse::parse_summary_owned;
 use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
-use crate::summary::{Extraction, RunStatus, Summary, extract, extract_without_summary};
+use crate::summary::{
+    Extraction, RunStatus, Summary, ValueSource, extract, extract_without_summary,
+};
+
+/// The file name of a merged summary too large to inline, in the run's S3 folder.
+const MERGED_SUMMARY_NAME: &str = "merged-summary.json";
+
+/// What `summary_json` (or the merged summary's S3 object) holds for a merged run.
+#[derive(serde::Serialize)]
+struct MergedDocument<'a> {
+    merged_from_parts: &'a str,
+    summary: &'a Summary,
+}
+
+/// Counts the bytes written to it: a document's size, without the document.
+struct ByteCount(u64);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// The arriving part's raw samples, still in a local file. Its summary is not kept: the
 /// merge reads it back from the row just stored like every other part's, so no part's
@@ -55,7 +84,7 @@ struct MergeOutcome {
 }
 
 impl Ingestor {
-    /// `ingest_one` for a message with a `part`.
+    /// The path of a message with a `part`: the shared steps, then the part's own store.
     pub(super) async fn ingest_part(
         &self,
         msg: &RunCompleted,
@@ -63,212 +92,97 @@ impl Ingestor {
         ctx: &IngestContext,
     ) -> Result<IngestReport, IngestError> {
         let run_id = msg.run_id;
-        let store_err = |source| IngestError::Store { run_id, source };
-        let mut stored_before = None;
-        if let Some(db) = &self.db {
-            let ex = db
-                .existing(run_id)
-                .await
-                .map_err(|e| store_err(StoreError::Db(e)))?;
-            ex.check_tenant(msg).map_err(store_err)?;
-            // A part stored before: nothing to fetch; only a merge may still be due
-            // (when the transaction that stored it was the one that saw it complete,
-            // the merge is already there).
-            if !ctx.dry_run {
-                stored_before = db
-                    .part_stored(run_id, part.index)
-                    .await
-                    .map_err(|e| store_err(e.into()))?;
-                if stored_before == Some(true) {
-                    return self.part_again(db, msg, part).await;
-                }
-            }
+        self.prior_record(msg).await?;
+        // A part stored before: nothing to fetch; only a merge may still be due (when
+        // the transaction that stored it was the one that saw it complete, the merge is
+        // already there).
+        let stored_before = self
+            .db
+            .part_stored(run_id, part.index)
+            .await
+            .map_err(|e| IngestError::store(run_id, e))?;
+        if stored_before == Some(true) {
+            return self.part_again(&self.db, msg, part).await;
         }
-
-        let load = self.load_summary(msg, ctx).await?;
-        let has_summary = matches!(load, SummaryLoad::Parsed { .. });
-        if let (Some(false), false, Some(db)) = (stored_before, has_summary, &self.db) {
+        let fetched = self.prepare.fetch(msg, ctx).await?;
+        if stored_before == Some(false) && !fetched.has_summary() {
             // stored as error before, and still without a summary: nothing new
-            return self.part_again(db, msg, part).await;
+            return self.part_again(&self.db, msg, part).await;
         }
-        let mut warnings: Vec<String> = msg.decode_warnings.clone();
-        let mut locals: Vec<(&'static str, String, Source, LocalArtifact)> = Vec::new();
-        for (role, uri) in [
-            ("logs", &msg.artifacts.logs),
-            ("report_html", &msg.artifacts.report_html),
-            ("metrics", &msg.artifacts.metrics),
-        ] {
-            let Some(uri) = uri.as_deref() else { continue };
-            match self.fetch_local(uri, ctx, &Tenant::of(msg)).await {
-                Ok((source, local)) => locals.push((role, redact_uri(uri), source, local)),
-                Err(e) if e.is_transient() => {
-                    return Err(IngestError::Fetch {
-                        run_id,
-                        artifact: role,
-                        source: e,
-                    });
-                }
-                Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
-            }
-        }
-        let metrics_file = locals
-            .iter()
-            .find(|l| l.0 == "metrics")
-            .map(|l| l.3.path.clone());
-        let samples = match &load {
-            SummaryLoad::Parsed { summary, .. } => {
-                self.read_samples(summary, metrics_file.clone(), &mut warnings)
-                    .await
-            }
-            _ => None,
+        let extracted = self.prepare.extract(msg, &fetched).await?;
+        let current = Current {
+            index: part.index,
+            metrics: fetched.metrics_file().map(Path::to_path_buf),
         };
-        let (mut extraction, summary_reason) = match &load {
-            SummaryLoad::Parsed { summary, .. } => {
-                (extract(summary, msg.exit_code, samples.as_ref()), None)
-            }
-            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
-                extract_without_summary(msg.exit_code, reason),
-                Some(reason.clone()),
-            ),
-        };
-        extraction.columns.warnings.extend(warnings);
-        let unusable = summary_reason
-            .clone()
-            .filter(|_| summary_expected(msg.exit_code))
-            .map(|reason| IngestError::SummaryUnusable { run_id, reason });
-
-        if ctx.dry_run {
-            if let Some(e) = unusable {
-                return Err(e);
-            }
-            return Ok(IngestReport {
-                run_id,
-                outcome: Outcome::DryRun,
-                line: RunLine::from_extraction(&extraction),
-                bytes_uploaded: 0,
-                warnings: extraction.columns.warnings,
-            });
-        }
-        let Some(db) = &self.db else {
-            return Err(IngestError::Config {
-                run_id,
-                message: "no database configured (database.url)".into(),
-            });
-        };
-
-        // --- uploads, under names of this part's own ---
-        let mut uploads = Uploads::default();
-        let mut artifact_paths = BTreeMap::<String, Value>::new();
-        let mut taken: Vec<String> = Vec::new();
-        let mut metrics_s3_url = None;
         let prefix = format!("part-{}-", part.index);
-        for (role, uri, source, local) in &locals {
-            let name = unique_name(&format!("{prefix}{}", source.file_name()), role, &mut taken);
-            let s3 = self
-                .upload(db, msg, &name, Body::File(local), &mut uploads)
-                .await?;
-            if *role == "metrics" {
-                metrics_s3_url = Some(s3.clone());
-            }
-            artifact_paths.insert(
-                (*role).to_string(),
-                json!({"source": uri, "s3": s3, "bytes": local.size}),
-            );
-        }
-        let mut summary_json = None;
-        let mut summary_s3_url = None;
-        let source_uri = msg.artifacts.summary.as_deref().map(redact_uri);
-        match load {
-            SummaryLoad::Parsed {
-                size,
-                doc,
-                summary,
-                file_name,
-                bytes,
-            } => {
-                drop(summary);
-                if let Some(doc) = doc {
-                    summary_json = Some(doc);
-                    artifact_paths.insert(
-                        "summary".into(),
-                        json!({"source": source_uri, "inline": true, "bytes": size}),
-                    );
-                } else {
-                    let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
-                    let s3 = self
-                        .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
-                        .await?;
-                    artifact_paths.insert(
-                        "summary".into(),
-                        json!({"source": source_uri, "s3": s3, "bytes": size}),
-                    );
-                    summary_s3_url = Some(s3);
-                }
-            }
-            SummaryLoad::Unreadable {
-                bytes, file_name, ..
-            } => {
-                let name = unique_name(&format!("{prefix}{file_name}"), "summary", &mut taken);
-                let s3 = self
-                    .upload(db, msg, &name, Body::Bytes(bytes), &mut uploads)
-                    .await?;
-                artifact_paths.insert(
-                    "summary".into(),
-                    json!({"source": source_uri, "s3": s3, "unreadable": true}),
-                );
-            }
-            SummaryLoad::Missing { .. } => {}
-        }
+        let uploaded = self
+            .upload(msg, fetched.summary, &fetched.artifacts, &prefix)
+            .await?;
+        // `fetched.artifacts` (the local metrics file the merge reads) lives until here.
+        self.store_and_merge(msg, part, extracted, uploaded, current)
+            .await
+    }
 
-        let columns = serde_json::to_value(&extraction.columns).unwrap_or(Value::Null);
-        let error_details = extraction.status_details.clone().or(summary_reason);
+    /// Stores the part (and the merge, when it completes the run) and reports it.
+    async fn store_and_merge(
+        &self,
+        msg: &RunCompleted,
+        part: &Part,
+        extracted: Extracted,
+        uploaded: Uploaded,
+        current: Current,
+    ) -> Result<IngestReport, IngestError> {
+        let run_id = msg.run_id;
+        let unusable = extracted.unusable(msg);
+        let Extracted {
+            mut extraction,
+            summary_reason,
+        } = extracted;
         let new = NewPart {
             msg,
             part,
             status: extraction.columns.status.as_str(),
-            columns,
-            artifact_paths: Value::Object(artifact_paths.into_iter().collect()),
-            summary_json,
-            summary_s3_url,
-            metrics_s3_url,
-            error_details,
+            columns: serde_json::to_value(&extraction.columns).unwrap_or(Value::Null),
+            artifact_paths: uploaded.artifact_paths(),
+            summary_s3_url: uploaded.s3_of(ArtifactRole::Summary),
+            metrics_s3_url: uploaded.s3_of(ArtifactRole::Metrics),
+            summary_json: uploaded.summary_json,
+            error_details: extraction.status_details.clone().or(summary_reason),
         };
-        let current = Current {
-            index: part.index,
-            metrics: metrics_file,
-        };
-        let result = self.store_part(db, msg, part, new, Some(current)).await;
+        // A part keeps only its columns, not its detail rows: free them before the
+        // merge this transaction may run.
+        extraction.metrics = Vec::new();
+        extraction.thresholds = Vec::new();
+        extraction.checks = Vec::new();
+        let objects = uploaded.objects;
+        let result = self
+            .store_part(&self.db, msg, part, new, Some(current))
+            .await;
         release_freed_memory();
         let (outcome, merged) = match result {
             Ok(v) => v,
             Err(e) => {
-                if matches!(
-                    e,
-                    StoreError::TenantMismatch { .. } | StoreError::Refused { .. }
-                ) {
-                    self.remove_unreferenced(db, run_id, &uploads).await;
+                if refuses_every_attempt(&e) {
+                    self.remove_unreferenced(run_id, &objects).await;
                 }
-                return Err(store_err(e));
+                return Err(IngestError::store(run_id, e));
             }
         };
-        let bytes_uploaded = uploads.bytes;
-        if let Some(e) = unusable {
-            return Err(e);
-        }
-        let (line, mut warnings) = match &merged {
-            Some(m) => (
-                RunLine::from_extraction(&m.extraction),
-                m.extraction.columns.warnings.clone(),
+        let (line, warnings) = part_view(merged.as_ref(), extraction);
+        let (outcome, reason) = match unusable {
+            Some(reason) => (
+                Outcome::StoredAsError(ReasonClass::SummaryUnusable),
+                Some(reason),
             ),
-            None => (RunLine::from_extraction(&extraction), Vec::new()),
+            None => (outcome, None),
         };
-        warnings.extend(extraction.columns.warnings);
         Ok(IngestReport {
             run_id,
             outcome,
             line,
-            bytes_uploaded,
+            bytes_uploaded: objects.bytes,
             warnings,
+            reason,
         })
     }
 
@@ -300,6 +214,7 @@ impl Ingestor {
                 line: RunLine::from_extraction(&merged.extraction),
                 bytes_uploaded: 0,
                 warnings: merged.extraction.columns.warnings,
+                reason: None,
             });
         }
         tx.rollback().await.map_err(|e| store_err(e.into()))?;
@@ -367,7 +282,7 @@ impl Ingestor {
         // One part's summary at a time: loaded (its own query, or its S3 copy), folded
         // into the accumulator and dropped before the next is read.
         release_freed_memory();
-        let mut acc = MergeAcc::new(&self.summary_limits);
+        let mut acc = MergeAcc::new(self.prepare.summary_limits());
         let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
             let (summary, reason) = self.stored_summary(db, tx, msg.run_id, p).await?;
@@ -433,10 +348,10 @@ impl Ingestor {
         }
         extraction.columns.warnings.extend(merged.warnings);
         extraction.columns.value_sources.extend(merged.sources);
-        extraction
-            .columns
-            .value_sources
-            .insert(MERGED_PARTS_KEY.into(), merged_label(have, count));
+        extraction.columns.value_sources.insert(
+            MERGED_PARTS_KEY.into(),
+            ValueSource::Merge(merged_label(have, count)),
+        );
 
         let started_at = state
             .parts
@@ -476,12 +391,15 @@ impl Ingestor {
             })
             .collect();
         let has_summary = merged.summary.is_some();
-        // The merged summary is dropped as soon as its document is built: the write
-        // needs only the document and the extraction.
-        let summary_json = merged
-            .summary
-            .and_then(|s| serde_json::to_value(&s).ok())
-            .map(|s| json!({"merged_from_parts": merged_label(have, count), "summary": s}));
+        let (summary_text, summary_s3_url) = match &merged.summary {
+            Some(s) => {
+                self.merged_summary_document(msg, &merged_label(have, count), s)
+                    .await?
+            }
+            None => (None, None),
+        };
+        // The write needs only the document (or its URL) and the extraction.
+        drop(merged.summary);
         release_freed_memory();
         let duration_ms = extraction
             .columns
@@ -494,11 +412,59 @@ impl Ingestor {
             duration_ms,
             artifact_paths: json!({ "parts": parts_paths }),
             logs_s3_url: None,
-            summary_json,
-            summary_s3_url: None,
+            summary_json: None,
+            summary_s3_url,
         };
-        let stored = db.write_merged(tx, &new).await?;
+        let stored = db.write_merged(tx, &new, summary_text.as_deref()).await?;
         Ok(MergeOutcome { extraction, stored })
+    }
+
+    /// The merged summary's document, `{"merged_from_parts": "4 of 4", "summary": ...}`,
+    /// serialized straight from the summary (no JSON tree of it is built). Inlined up
+    /// to `s3.inline_summary_max_bytes` like a whole run's summary; a larger one is
+    /// written to a temporary file, never held whole in memory, and uploaded under the
+    /// run's own key `merged-summary.json` (a merge done again overwrites it). Returns
+    /// (inline text, S3 URL).
+    async fn merged_summary_document(
+        &self,
+        msg: &RunCompleted,
+        label: &str,
+        summary: &Summary,
+    ) -> Result<(Option<String>, Option<String>), StoreError> {
+        let doc = MergedDocument {
+            merged_from_parts: label,
+            summary,
+        };
+        let failed = |e: String| {
+            // Retried like a failed write: the part's transaction is rolled back and the
+            // message redelivered (or the sweep runs again).
+            StoreError::Db(sqlx::Error::Io(std::io::Error::other(format!(
+                "merged summary not stored: {e}"
+            ))))
+        };
+        let mut size = ByteCount(0);
+        serde_json::to_writer(&mut size, &doc).map_err(|e| failed(e.to_string()))?;
+        let store = &self.store;
+        if size.0 <= self.prepare.inline_summary_max() {
+            let text = serde_json::to_string(&doc).map_err(|e| failed(e.to_string()))?;
+            return Ok((Some(text), None));
+        }
+        let file = tempfile::NamedTempFile::new().map_err(|e| failed(e.to_string()))?;
+        let mut out = std::io::BufWriter::new(file.as_file());
+        serde_json::to_writer(&mut out, &doc).map_err(|e| failed(e.to_string()))?;
+        std::io::Write::flush(&mut out).map_err(|e| failed(e.to_string()))?;
+        drop(out);
+        let key = store.key_for(
+            msg.organization_id,
+            msg.project_id,
+            msg.run_id,
+            MERGED_SUMMARY_NAME,
+        );
+        store
+            .upload_file(file.path(), &key, "application/json")
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        Ok((None, Some(store.uri(&key))))
     }
 
     /// A stored part's summary: inline (read by a query of its own, so one part's
@@ -522,7 +488,7 @@ impl Ingestor {
                 let Some(source) = s3_source(uri) else {
                     return Ok((None, Some(format!("summary {uri} is not an s3:// URI"))));
                 };
-                match self.fetcher.fetch_summary(uri, &source).await {
+                match self.prepare.fetcher().fetch_summary(uri, &source).await {
                     Ok(bytes) => match serde_json::from_slice(&bytes) {
                         Ok(v) => v,
                         Err(e) => return Ok((None, Some(format!("summary {uri}: {e}")))),
@@ -532,7 +498,7 @@ impl Ingestor {
             }
             (None, None) => return Ok((None, None)),
         };
-        Ok(match parse_summary_value(&doc) {
+        Ok(match parse_summary_owned(doc) {
             Ok(s) => (Some(Arc::new(s)), None),
             Err(e) => (None, Some(format!("summary: {e}"))),
         })
@@ -546,7 +512,7 @@ impl Ingestor {
         requests: &[SampleRequest],
         parts: usize,
     ) -> Result<HashMap<String, SortedSamples>, String> {
-        let settings = self.fetcher.settings();
+        let settings = self.prepare.fetcher().settings();
         let mut limits = settings.sample_limits();
         // Sorted samples a part could keep in memory stay there until the merge walk:
         // the parts share one buffer, so a merge holds no more than a whole run would.
@@ -558,7 +524,8 @@ impl Ingestor {
                 let uri = p.metrics_s3_url.as_deref().ok_or("sent no raw samples")?;
                 let source = s3_source(uri).ok_or_else(|| format!("{uri} is not an s3:// URI"))?;
                 let local = self
-                    .fetcher
+                    .prepare
+                    .fetcher()
                     .fetch_to_local(uri, &source, settings.max_artifact_bytes)
                     .await
                     .map_err(|e| format!("raw samples unavailable: {e}"))?;
@@ -595,9 +562,7 @@ impl Ingestor {
         &self,
         wait: std::time::Duration,
     ) -> Result<Vec<Uuid>, StoreError> {
-        let Some(db) = &self.db else {
-            return Ok(Vec::new());
-        };
+        let db = &self.db;
         let cutoff: DateTime<Utc> =
             Utc::now() - chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::zero());
         let mut done = Vec::new();
@@ -625,29 +590,7 @@ impl Ingestor {
                 wait.as_secs(),
                 missing.join(", ")
             );
-            let first = &state.parts[0];
-            let msg = RunCompleted {
-                schema_version: 1,
-                event_id: Uuid::now_v7(),
-                run_id,
-                job_id: id.job_id,
-                test_id: id.test_id.unwrap_or_default(),
-                organization_id: id.organization_id,
-                project_id: id.project_id,
-                location: id.location,
-                trigger: id
-                    .trigger
-                    .and_then(|t| serde_json::from_value::<Trigger>(Value::String(t)).ok()),
-                started_at: first.started_at.unwrap_or_else(Utc::now),
-                completed_at: first.completed_at,
-                exit_code: None,
-                k6_version: None,
-                artifacts: Artifacts::default(),
-                config_snapshot: None,
-                metadata: None,
-                part: None,
-                decode_warnings: Vec::new(),
-            };
+            let msg = sweep_message(run_id, id, &state.parts[0]);
             self.merge_in(db, &mut tx, &msg, &state, None, Some(why))
                 .await?;
             tx.commit().await?;
@@ -678,6 +621,47 @@ impl Ingestor {
             }
         })
     }
+}
+
+/// The message a sweep records an incomplete split run with: the ids of its `runs` row
+/// and the times of its first part.
+fn sweep_message(run_id: Uuid, id: RunIdentity, first: &StoredPart) -> RunCompleted {
+    RunCompleted {
+        schema_version: 1,
+        event_id: Uuid::now_v7(),
+        run_id,
+        job_id: id.job_id,
+        test_id: id.test_id.unwrap_or_default(),
+        organization_id: id.organization_id,
+        project_id: id.project_id,
+        location: id.location,
+        trigger: id
+            .trigger
+            .and_then(|t| serde_json::from_value::<Trigger>(Value::String(t)).ok()),
+        started_at: first.started_at.unwrap_or_else(Utc::now),
+        completed_at: first.completed_at,
+        exit_code: None,
+        k6_version: None,
+        artifacts: Artifacts::default(),
+        config_snapshot: None,
+        metadata: None,
+        part: None,
+        decode_warnings: Vec::new(),
+    }
+}
+
+/// The report's line and warnings: the merged run's line when this part completed it,
+/// and the part's own warnings after the merge's.
+fn part_view(merged: Option<&MergeOutcome>, own: Extraction) -> (RunLine, Vec<String>) {
+    let (line, mut warnings) = match merged {
+        Some(m) => (
+            RunLine::from_extraction(&m.extraction),
+            m.extraction.columns.warnings.clone(),
+        ),
+        None => (RunLine::from_extraction(&own), Vec::new()),
+    };
+    warnings.extend(own.columns.warnings);
+    (line, warnings)
 }
 
 /// `s3://bucket/key` as a fetch source (the worker's own copies, read back for a merge).

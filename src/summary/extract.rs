@@ -43,8 +43,47 @@ pub struct PerformanceColumns {
     pub exit_code: Option<i32>,
     pub summary_format: Option<&'static str>,
     /// Where derived values came from when not straight from the summary.
-    pub value_sources: BTreeMap<String, String>,
+    pub value_sources: BTreeMap<String, ValueSource>,
     pub warnings: Vec<String>,
+}
+
+/// Where a value came from when it was not read straight from the summary: the values
+/// of `k6_performance_runs.value_sources` and of a metric row's `sources`, stored as
+/// their labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    /// Computed by parsing from what the format carries (a counter's rate from its count
+    /// and the test's duration).
+    Derived,
+    /// From the run's raw samples, which reproduce every stat the summary reported.
+    Samples,
+    /// The checks' totals summed over the check tree, for lack of a `checks` metric.
+    CheckTree,
+    /// How the merge of a split run arrived at the value, in words.
+    Merge(String),
+}
+
+impl ValueSource {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Derived => "derived",
+            Self::Samples => "samples",
+            Self::CheckTree => "check_tree",
+            Self::Merge(how) => how,
+        }
+    }
+}
+
+impl Serialize for ValueSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ValueSource {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -70,7 +109,7 @@ pub struct MetricRow {
     pub p99_value: Option<i64>,
     pub percentiles: BTreeMap<String, i64>,
     pub raw_values: BTreeMap<String, Option<f64>>,
-    pub sources: BTreeMap<String, String>,
+    pub sources: BTreeMap<String, ValueSource>,
     pub warnings: Vec<String>,
 }
 
@@ -275,230 +314,37 @@ fn null_warnings(m: &Metric, warnings: &mut Vec<String>) {
 }
 
 /// Extracts everything from a summary. `samples` may fill percentiles the summary lacks.
+///
+/// The steps run in a fixed order because the warnings keep it: the metric rows' own
+/// warnings first, then the columns' in the order the table lists them.
 pub fn extract(
     summary: &Summary,
     exit_code: Option<i32>,
     samples: Option<&SampleSets>,
 ) -> Extraction {
-    let mut warnings: Vec<String> = summary.warnings.clone();
-    let mut sources = BTreeMap::new();
+    let mut x = Extractor {
+        summary,
+        samples,
+        warnings: summary.warnings.clone(),
+        sources: BTreeMap::new(),
+    };
+    let metrics = x.metric_rows();
+    let mut c = PerformanceColumns::empty(RunStatus::Passed, exit_code);
+    c.summary_format = Some(summary.format.as_str());
+    x.http_totals(&mut c);
+    x.response_times(&mut c);
+    let thresholds = x.threshold_rows(&mut c);
+    let checks = x.check_rows(&mut c);
+    x.execution(&mut c);
 
-    let metrics: Vec<MetricRow> = summary
-        .metrics
-        .iter()
-        .map(|m| metric_row(m, samples, summary.derived.get(&m.name)))
-        .collect();
-    for row in &metrics {
-        warnings.extend(row.warnings.iter().cloned());
-    }
-
-    // --- HTTP totals and response times ---
-    let reqs = summary.metric("http_reqs");
-    let total_requests = count_or_warn(
-        reqs.and_then(|m| m.value("count")),
-        "http_reqs count",
-        &mut warnings,
-    );
-    let request_rate = scaled_or_warn(
-        reqs.and_then(|m| m.value("rate")),
-        scale::PER_SECOND_X100,
-        "http_reqs rate",
-        &mut warnings,
-    );
-    if summary.is_derived("http_reqs", "rate") && request_rate.is_some() {
-        sources.insert("request_rate".into(), "derived".into());
-    }
-    // http_req_failed counts a failed request as a *pass* of the rate.
-    let failed_requests = count_or_warn(
-        summary
-            .metric("http_req_failed")
-            .and_then(|m| m.value("passes")),
-        "http_req_failed passes",
-        &mut warnings,
-    );
-
-    let duration = summary.metric(DURATION);
-    let mut dwarn = Vec::new();
-    let dsamples = duration.and_then(|d| trusted_samples(d, samples, &mut dwarn));
-    warnings.extend(dwarn);
-    let mut response =
-        |stat: &str, p: Option<f64>, column: &str, warnings: &mut Vec<String>| -> Option<i64> {
-            let d = duration?;
-            let from_summary = d.value(stat).or_else(|| {
-                if stat == "p(50)" {
-                    d.value("med")
-                } else {
-                    None
-                }
-            });
-            let value = match (from_summary, p, dsamples) {
-                (Some(v), _, _) => Some(v),
-                (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
-                    sources.insert(column.to_string(), "samples".to_string());
-                    s.percentile(p)
-                }
-                _ => None,
-            };
-            scaled_or_warn(value, scale::MS, &format!("{DURATION} {stat}"), warnings)
-        };
-    let avg = response("avg", None, "avg_response_time_ms", &mut warnings);
-    let p50 = response("p(50)", Some(50.0), "p50_response_time_ms", &mut warnings);
-    let p90 = response("p(90)", Some(90.0), "p90_response_time_ms", &mut warnings);
-    let p95 = response("p(95)", Some(95.0), "p95_response_time_ms", &mut warnings);
-    let p99 = response("p(99)", Some(99.0), "p99_response_time_ms", &mut warnings);
-    let min = response("min", None, "min_response_time_ms", &mut warnings);
-    let max = response("max", None, "max_response_time_ms", &mut warnings);
-
-    // --- thresholds ---
-    let thresholds: Vec<ThresholdRow> = summary
-        .metrics
-        .iter()
-        .flat_map(|m| m.thresholds.iter().map(move |t| (m, t)))
-        .map(|(m, t)| threshold_row(m, &t.expression, t.ok, samples))
-        .collect();
-    let carries_thresholds = summary.format != super::model::SummaryFormat::MachineReadable;
     let failed: Vec<&ThresholdRow> = thresholds.iter().filter(|t| !t.ok).collect();
-    let (thresholds_total, thresholds_failed, thresholds_passed) = if carries_thresholds {
-        let total = i32::try_from(thresholds.len()).unwrap_or(i32::MAX);
-        let nfailed = i32::try_from(failed.len()).unwrap_or(i32::MAX);
-        (
-            Some(total),
-            Some(nfailed),
-            (total > 0).then_some(nfailed == 0),
-        )
-    } else {
-        (None, None, None)
-    };
-
-    // --- checks: the `checks` rate equals the sum over the tree; fall back to the tree ---
-    let checks: Vec<CheckRow> = summary
-        .checks
-        .iter()
-        .enumerate()
-        .map(|(i, c)| CheckRow {
-            position: i32::try_from(i).unwrap_or(i32::MAX),
-            group_path: c.group_path.clone(),
-            path: c.path.clone(),
-            name: c.name.clone(),
-            passes: count_or_warn(
-                c.passes,
-                &format!("check {:?} passes", c.path),
-                &mut warnings,
-            ),
-            fails: count_or_warn(c.fails, &format!("check {:?} fails", c.path), &mut warnings),
-        })
-        .collect();
-    let (checks_passed, checks_failed) = match summary.metric("checks") {
-        Some(m) => (
-            count_or_warn(m.value("passes"), "checks passes", &mut warnings),
-            count_or_warn(m.value("fails"), "checks fails", &mut warnings),
-        ),
-        // The machine-readable format has no `checks` rate but two rates whose matches
-        // are the successful and the failed checks.
-        None if summary.format == super::model::SummaryFormat::MachineReadable
-            && summary.metric("checks_succeeded").is_some()
-            && summary.metric("checks_failed").is_some() =>
-        {
-            let matches = |name: &str| summary.metric(name).and_then(|m| m.value("matches"));
-            (
-                count_or_warn(
-                    matches("checks_succeeded"),
-                    "checks_succeeded matches",
-                    &mut warnings,
-                ),
-                count_or_warn(
-                    matches("checks_failed"),
-                    "checks_failed matches",
-                    &mut warnings,
-                ),
-            )
-        }
-        None if !checks.is_empty() => {
-            sources.insert("checks_total".into(), "check_tree".into());
-            (
-                checks.iter().map(|c| c.passes).sum::<Option<i64>>(),
-                checks.iter().map(|c| c.fails).sum::<Option<i64>>(),
-            )
-        }
-        None => (None, None),
-    };
-    let checks_total = checks_passed
-        .zip(checks_failed)
-        .and_then(|(p, f)| p.checked_add(f));
-
-    // --- execution ---
-    let vus_max = summary
-        .metric("vus_max")
-        .and_then(|m| m.value("value").or(m.value("max")))
-        .or_else(|| summary.metric("vus").and_then(|m| m.value("max")));
-    let vus_max = count_or_warn(vus_max, "vus_max", &mut warnings);
-    let iterations = summary.metric("iterations");
-    let iterations_total = count_or_warn(
-        iterations.and_then(|m| m.value("count")),
-        "iterations count",
-        &mut warnings,
-    );
-    let iterations_rate = scaled_or_warn(
-        iterations.and_then(|m| m.value("rate")),
-        scale::PER_SECOND_X100,
-        "iterations rate",
-        &mut warnings,
-    );
-    if summary.is_derived("iterations", "rate") && iterations_rate.is_some() {
-        sources.insert("iterations_rate".into(), "derived".into());
-    }
-    let data_received_bytes = count_or_warn(
-        summary
-            .metric("data_received")
-            .and_then(|m| m.value("count")),
-        "data_received count",
-        &mut warnings,
-    );
-    let data_sent_bytes = count_or_warn(
-        summary.metric("data_sent").and_then(|m| m.value("count")),
-        "data_sent count",
-        &mut warnings,
-    );
-    let duration_ms = count_or_warn(
-        summary.test_run_duration_ms,
-        "state.testRunDurationMs",
-        &mut warnings,
-    );
-
-    let status = status_for(!failed.is_empty(), exit_code, true);
-    let status_details = describe_status(status, exit_code, &failed);
-
-    dedup_keep_order(&mut warnings);
+    c.status = status_for(!failed.is_empty(), exit_code, true);
+    let status_details = describe_status(c.status, exit_code, &failed);
+    dedup_keep_order(&mut x.warnings);
+    c.warnings = x.warnings;
+    c.value_sources = x.sources;
     Extraction {
-        columns: PerformanceColumns {
-            status,
-            duration_ms,
-            total_requests,
-            failed_requests,
-            request_rate,
-            avg_response_time_ms: avg,
-            p50_response_time_ms: p50,
-            p90_response_time_ms: p90,
-            p95_response_time_ms: p95,
-            p99_response_time_ms: p99,
-            min_response_time_ms: min,
-            max_response_time_ms: max,
-            thresholds_passed,
-            thresholds_total,
-            thresholds_failed,
-            checks_total,
-            checks_passed,
-            checks_failed,
-            vus_max,
-            iterations_total,
-            iterations_rate,
-            data_received_bytes,
-            data_sent_bytes,
-            exit_code,
-            summary_format: Some(summary.format.as_str()),
-            value_sources: sources,
-            warnings,
-        },
+        columns: c,
         status_details,
         metrics,
         thresholds,
@@ -506,18 +352,201 @@ pub fn extract(
     }
 }
 
-/// The columns of a run that has no usable summary: status `error`, every metric NULL.
-pub fn extract_without_summary(exit_code: Option<i32>, reason: &str) -> Extraction {
-    let status = RunStatus::Error;
-    let detail = match exit_code {
-        Some(code) => format!(
-            "{reason} (k6 exit code {code}: {})",
-            exit_code_meaning(code)
-        ),
-        None => reason.to_string(),
-    };
-    Extraction {
-        columns: PerformanceColumns {
+/// What every extraction step reads (the summary, the samples) and adds to (the
+/// columns' warnings and value sources).
+struct Extractor<'a> {
+    summary: &'a Summary,
+    samples: Option<&'a SampleSets>,
+    warnings: Vec<String>,
+    sources: BTreeMap<String, ValueSource>,
+}
+
+impl Extractor<'_> {
+    fn metric(&self, name: &str) -> Option<&Metric> {
+        self.summary.metric(name)
+    }
+
+    fn stat(&self, metric: &str, stat: &str) -> Option<f64> {
+        self.metric(metric).and_then(|m| m.value(stat))
+    }
+
+    fn count(&mut self, value: Option<f64>, what: &str) -> Option<i64> {
+        count_or_warn(value, what, &mut self.warnings)
+    }
+
+    /// A per-second rate, ×100; marked `derived` when parsing computed it (the
+    /// machine-readable format reports counters without their rate).
+    fn rate(&mut self, metric: &str, column: &str) -> Option<i64> {
+        let rate = scaled_or_warn(
+            self.stat(metric, "rate"),
+            scale::PER_SECOND_X100,
+            &format!("{metric} rate"),
+            &mut self.warnings,
+        );
+        if self.summary.is_derived(metric, "rate") && rate.is_some() {
+            self.sources.insert(column.into(), ValueSource::Derived);
+        }
+        rate
+    }
+
+    fn metric_rows(&mut self) -> Vec<MetricRow> {
+        let summary = self.summary;
+        let rows: Vec<MetricRow> = summary
+            .metrics
+            .iter()
+            .map(|m| metric_row(m, self.samples, summary.derived.get(&m.name)))
+            .collect();
+        for row in &rows {
+            self.warnings.extend(row.warnings.iter().cloned());
+        }
+        rows
+    }
+
+    fn http_totals(&mut self, c: &mut PerformanceColumns) {
+        c.total_requests = self.count(self.stat("http_reqs", "count"), "http_reqs count");
+        c.request_rate = self.rate("http_reqs", "request_rate");
+        // http_req_failed counts a failed request as a *pass* of the rate.
+        c.failed_requests = self.count(
+            self.stat("http_req_failed", "passes"),
+            "http_req_failed passes",
+        );
+    }
+
+    /// The `*_response_time_ms` columns from `http_req_duration`; a percentile the
+    /// summary lacks comes from trusted raw samples, and the column says so.
+    fn response_times(&mut self, c: &mut PerformanceColumns) {
+        let Some(d) = self.summary.metric(DURATION) else {
+            return;
+        };
+        let samples = trusted_samples(d, self.samples, &mut self.warnings);
+        let mut response = |stat: &str, p: Option<f64>, column: &str| -> Option<i64> {
+            let from_summary = d
+                .value(stat)
+                .or_else(|| (stat == "p(50)").then(|| d.value("med")).flatten());
+            let value = match (from_summary, p, samples) {
+                (Some(v), _, _) => Some(v),
+                (None, Some(p), Some(s)) if !d.values.contains_key(stat) => {
+                    self.sources
+                        .insert(column.to_string(), ValueSource::Samples);
+                    s.percentile(p)
+                }
+                _ => None,
+            };
+            scaled_or_warn(
+                value,
+                scale::MS,
+                &format!("{DURATION} {stat}"),
+                &mut self.warnings,
+            )
+        };
+        c.avg_response_time_ms = response("avg", None, "avg_response_time_ms");
+        c.p50_response_time_ms = response("p(50)", Some(50.0), "p50_response_time_ms");
+        c.p90_response_time_ms = response("p(90)", Some(90.0), "p90_response_time_ms");
+        c.p95_response_time_ms = response("p(95)", Some(95.0), "p95_response_time_ms");
+        c.p99_response_time_ms = response("p(99)", Some(99.0), "p99_response_time_ms");
+        c.min_response_time_ms = response("min", None, "min_response_time_ms");
+        c.max_response_time_ms = response("max", None, "max_response_time_ms");
+    }
+
+    /// One row per threshold with k6's own verdict. The machine-readable format carries
+    /// no thresholds, so its totals stay unknown (NULL), not 0.
+    fn threshold_rows(&mut self, c: &mut PerformanceColumns) -> Vec<ThresholdRow> {
+        let samples = self.samples;
+        let rows: Vec<ThresholdRow> = self
+            .summary
+            .metrics
+            .iter()
+            .flat_map(|m| m.thresholds.iter().map(move |t| (m, t)))
+            .map(|(m, t)| threshold_row(m, &t.expression, t.ok, samples))
+            .collect();
+        if self.summary.format != super::model::SummaryFormat::MachineReadable {
+            let total = i32::try_from(rows.len()).unwrap_or(i32::MAX);
+            let failed = i32::try_from(rows.iter().filter(|t| !t.ok).count()).unwrap_or(i32::MAX);
+            c.thresholds_total = Some(total);
+            c.thresholds_failed = Some(failed);
+            c.thresholds_passed = (total > 0).then_some(failed == 0);
+        }
+        rows
+    }
+
+    fn check_rows(&mut self, c: &mut PerformanceColumns) -> Vec<CheckRow> {
+        let rows: Vec<CheckRow> = self
+            .summary
+            .checks
+            .iter()
+            .enumerate()
+            .map(|(i, ch)| CheckRow {
+                position: i32::try_from(i).unwrap_or(i32::MAX),
+                group_path: ch.group_path.clone(),
+                path: ch.path.clone(),
+                name: ch.name.clone(),
+                passes: self.count(ch.passes, &format!("check {:?} passes", ch.path)),
+                fails: self.count(ch.fails, &format!("check {:?} fails", ch.path)),
+            })
+            .collect();
+        (c.checks_passed, c.checks_failed) = self.check_totals(&rows);
+        c.checks_total = c
+            .checks_passed
+            .zip(c.checks_failed)
+            .and_then(|(p, f)| p.checked_add(f));
+        rows
+    }
+
+    /// The `checks` rate equals the sum over the check tree; the tree is the fallback.
+    fn check_totals(&mut self, rows: &[CheckRow]) -> (Option<i64>, Option<i64>) {
+        let machine_readable = self.summary.format == super::model::SummaryFormat::MachineReadable;
+        if self.metric("checks").is_some() {
+            let passes = self.count(self.stat("checks", "passes"), "checks passes");
+            let fails = self.count(self.stat("checks", "fails"), "checks fails");
+            return (passes, fails);
+        }
+        // The machine-readable format has no `checks` rate but two rates whose matches
+        // are the successful and the failed checks.
+        if machine_readable
+            && self.metric("checks_succeeded").is_some()
+            && self.metric("checks_failed").is_some()
+        {
+            let passes = self.count(
+                self.stat("checks_succeeded", "matches"),
+                "checks_succeeded matches",
+            );
+            let fails = self.count(
+                self.stat("checks_failed", "matches"),
+                "checks_failed matches",
+            );
+            return (passes, fails);
+        }
+        if rows.is_empty() {
+            return (None, None);
+        }
+        self.sources
+            .insert("checks_total".into(), ValueSource::CheckTree);
+        (
+            rows.iter().map(|c| c.passes).sum::<Option<i64>>(),
+            rows.iter().map(|c| c.fails).sum::<Option<i64>>(),
+        )
+    }
+
+    fn execution(&mut self, c: &mut PerformanceColumns) {
+        let vus_max = self
+            .metric("vus_max")
+            .and_then(|m| m.value("value").or(m.value("max")))
+            .or_else(|| self.stat("vus", "max"));
+        c.vus_max = self.count(vus_max, "vus_max");
+        c.iterations_total = self.count(self.stat("iterations", "count"), "iterations count");
+        c.iterations_rate = self.rate("iterations", "iterations_rate");
+        c.data_received_bytes =
+            self.count(self.stat("data_received", "count"), "data_received count");
+        c.data_sent_bytes = self.count(self.stat("data_sent", "count"), "data_sent count");
+        c.duration_ms = self.count(self.summary.test_run_duration_ms, "state.testRunDurationMs");
+    }
+}
+
+impl PerformanceColumns {
+    /// Every metric column NULL: the start of an extraction, and all of a run without
+    /// a usable summary.
+    fn empty(status: RunStatus, exit_code: Option<i32>) -> Self {
+        Self {
             status,
             duration_ms: None,
             total_requests: None,
@@ -544,8 +573,24 @@ pub fn extract_without_summary(exit_code: Option<i32>, reason: &str) -> Extracti
             exit_code,
             summary_format: None,
             value_sources: BTreeMap::new(),
-            warnings: vec![detail.clone()],
-        },
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// The columns of a run that has no usable summary: status `error`, every metric NULL.
+pub fn extract_without_summary(exit_code: Option<i32>, reason: &str) -> Extraction {
+    let detail = match exit_code {
+        Some(code) => format!(
+            "{reason} (k6 exit code {code}: {})",
+            exit_code_meaning(code)
+        ),
+        None => reason.to_string(),
+    };
+    let mut columns = PerformanceColumns::empty(RunStatus::Error, exit_code);
+    columns.warnings.push(detail.clone());
+    Extraction {
+        columns,
         status_details: Some(detail),
         metrics: Vec::new(),
         thresholds: Vec::new(),
@@ -583,15 +628,14 @@ fn metric_row(
     samples: Option<&SampleSets>,
     derived: Option<&BTreeSet<String>>,
 ) -> MetricRow {
-    let mut warnings = Vec::new();
-    null_warnings(m, &mut warnings);
     let scale_i = history_scale(m.metric_type, m.contains);
-    let factor = f64::from(scale_i);
-    let mut sources = BTreeMap::new();
-    let stat = |k: &str, w: &mut Vec<String>| {
-        scaled_or_warn(m.value(k), factor, &format!("{} {k}", m.name), w)
+    let mut b = RowBuilder {
+        m,
+        factor: f64::from(scale_i),
+        warnings: Vec::new(),
+        sources: BTreeMap::new(),
     };
-
+    null_warnings(m, &mut b.warnings);
     let mut row = MetricRow {
         metric_name: m.name.clone(),
         base_name: m.base_name.clone(),
@@ -619,78 +663,92 @@ fn metric_row(
     };
     match m.metric_type {
         Some(MetricType::Counter) => {
-            row.value = stat("count", &mut warnings);
-            row.rate = stat("rate", &mut warnings);
+            row.value = b.stat("count");
+            row.rate = b.stat("rate");
             row.rate_scale = Some(scale_i);
         }
         Some(MetricType::Gauge) => {
-            row.value = stat("value", &mut warnings);
-            row.min_value = stat("min", &mut warnings);
-            row.max_value = stat("max", &mut warnings);
+            row.value = b.stat("value");
+            row.min_value = b.stat("min");
+            row.max_value = b.stat("max");
         }
-        Some(MetricType::Rate) => {
-            row.rate = stat("rate", &mut warnings);
-            row.rate_scale = Some(scale_i);
-            row.passes = count_or_warn(
-                m.value("passes"),
-                &format!("{} passes", m.name),
-                &mut warnings,
-            );
-            row.fails = count_or_warn(
-                m.value("fails"),
-                &format!("{} fails", m.name),
-                &mut warnings,
-            );
-            row.count = row
-                .passes
-                .zip(row.fails)
-                .and_then(|(p, f)| p.checked_add(f));
-        }
-        Some(MetricType::Trend) | None => {
-            row.count = count_or_warn(
-                m.value("count"),
-                &format!("{} count", m.name),
-                &mut warnings,
-            );
-            row.min_value = stat("min", &mut warnings);
-            row.max_value = stat("max", &mut warnings);
-            row.avg_value = stat("avg", &mut warnings);
-            row.med_value = stat("med", &mut warnings);
-            for (k, v) in &m.values {
-                if percentile_of(k).is_some() {
-                    if let Some(x) =
-                        scaled_or_warn(*v, factor, &format!("{} {k}", m.name), &mut warnings)
-                    {
-                        row.percentiles.insert(k.clone(), x);
-                    }
-                }
-            }
-            let trusted = trusted_samples(m, samples, &mut warnings);
-            for (key, p) in [("p(90)", 90.0), ("p(95)", 95.0), ("p(99)", 99.0)] {
-                let v = match (m.value(key), trusted) {
-                    (Some(v), _) => Some(v),
-                    (None, Some(s)) if !m.values.contains_key(key) => {
-                        sources.insert(key.to_string(), "samples".to_string());
-                        s.percentile(p)
-                    }
-                    _ => None,
-                };
-                let scaled = scaled_or_warn(v, factor, &format!("{} {key}", m.name), &mut warnings);
-                match key {
-                    "p(90)" => row.p90_value = scaled,
-                    "p(95)" => row.p95_value = scaled,
-                    _ => row.p99_value = scaled,
-                }
-            }
-        }
+        Some(MetricType::Rate) => b.rate_stats(&mut row, scale_i),
+        Some(MetricType::Trend) | None => b.trend_stats(&mut row, samples),
     }
     for stat in derived.into_iter().flatten() {
-        sources.insert(stat.clone(), "derived".to_string());
+        b.sources.insert(stat.clone(), ValueSource::Derived);
     }
-    dedup_keep_order(&mut warnings);
-    row.sources = sources;
-    row.warnings = warnings;
+    dedup_keep_order(&mut b.warnings);
+    row.sources = b.sources;
+    row.warnings = b.warnings;
     row
+}
+
+/// One metric row's scaling, with the warnings and value sources it collects.
+struct RowBuilder<'a> {
+    m: &'a Metric,
+    factor: f64,
+    warnings: Vec<String>,
+    sources: BTreeMap<String, ValueSource>,
+}
+
+impl RowBuilder<'_> {
+    fn stat(&mut self, k: &str) -> Option<i64> {
+        let what = format!("{} {k}", self.m.name);
+        scaled_or_warn(self.m.value(k), self.factor, &what, &mut self.warnings)
+    }
+
+    fn count(&mut self, k: &str) -> Option<i64> {
+        let what = format!("{} {k}", self.m.name);
+        count_or_warn(self.m.value(k), &what, &mut self.warnings)
+    }
+
+    fn rate_stats(&mut self, row: &mut MetricRow, scale_i: i32) {
+        row.rate = self.stat("rate");
+        row.rate_scale = Some(scale_i);
+        row.passes = self.count("passes");
+        row.fails = self.count("fails");
+        row.count = row
+            .passes
+            .zip(row.fails)
+            .and_then(|(p, f)| p.checked_add(f));
+    }
+
+    /// A trend's stats, every p(N) it reports, and p(90)/p(95)/p(99) from trusted raw
+    /// samples where the summary lacks them.
+    fn trend_stats(&mut self, row: &mut MetricRow, samples: Option<&SampleSets>) {
+        let m = self.m;
+        row.count = self.count("count");
+        row.min_value = self.stat("min");
+        row.max_value = self.stat("max");
+        row.avg_value = self.stat("avg");
+        row.med_value = self.stat("med");
+        for k in m.values.keys() {
+            if percentile_of(k).is_some() {
+                if let Some(x) = self.stat(k) {
+                    row.percentiles.insert(k.clone(), x);
+                }
+            }
+        }
+        let trusted = trusted_samples(m, samples, &mut self.warnings);
+        for (key, p) in [("p(90)", 90.0), ("p(95)", 95.0), ("p(99)", 99.0)] {
+            let v = match (m.value(key), trusted) {
+                (Some(v), _) => Some(v),
+                (None, Some(s)) if !m.values.contains_key(key) => {
+                    self.sources.insert(key.to_string(), ValueSource::Samples);
+                    s.percentile(p)
+                }
+                _ => None,
+            };
+            let what = format!("{} {key}", m.name);
+            let scaled = scaled_or_warn(v, self.factor, &what, &mut self.warnings);
+            match key {
+                "p(90)" => row.p90_value = scaled,
+                "p(95)" => row.p95_value = scaled,
+                _ => row.p99_value = scaled,
+            }
+        }
+    }
 }
 
 /// The value a threshold was judged on, where the summary (or the samples) has it.

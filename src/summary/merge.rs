@@ -18,14 +18,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::ops::Range;
 
 use super::limits::SummaryLimits;
 use super::model::{Check, Contains, Metric, MetricType, Summary, SummaryFormat, Threshold};
 use super::samples::{SampleSets, SampleStats};
-use super::selector::percentile_of;
+use super::selector::{parse_metric_key, percentile_of};
 use super::sink::SortedSamples;
 use super::threshold::parse_threshold;
-use super::wanted_samples;
+use super::{ValueSource, wanted_samples};
 
 /// One part as the merge sees it.
 #[derive(Debug, Default)]
@@ -55,7 +56,7 @@ pub struct Merged {
     pub error: Option<String>,
     pub warnings: Vec<String>,
     /// Where merged values came from, for `value_sources`.
-    pub sources: BTreeMap<String, String>,
+    pub sources: BTreeMap<String, ValueSource>,
 }
 
 /// How bad a non-zero exit code of a part is for the whole run: error over timeout over
@@ -111,47 +112,274 @@ pub fn merge_parts(mut parts: Vec<PartInput>) -> io::Result<Merged> {
 
 /// One metric as merged so far: what the first part with it said about its kind, and
 /// per stat the running sum, minimum and maximum of the parts' values.
+///
+/// Kept small, as the accumulator holds one per metric of the union (up to
+/// `ingest.max_metrics`): its name and stats are ranges of the [`MetricTable`]'s flat
+/// buffers, base name and tags are derived from the name again at the end (every
+/// format derives them so), and stat names are ids into [`StatNames`].
 #[derive(Debug)]
 struct MetricAcc {
-    base_name: String,
-    tags: BTreeMap<String, String>,
+    name: Range<usize>,
+    /// Every stat a part gave, `null` ones included.
+    stats: Range<usize>,
+    /// Base name and tags when the first part gave others than its name says.
+    key: Option<Box<(String, BTreeMap<String, String>)>>,
     metric_type: Option<MetricType>,
     contains: Option<Contains>,
     /// Parts that have this metric.
-    parts: usize,
-    stat_keys: BTreeSet<String>,
-    /// Per stat: (sum, min, max) of the non-null values and how many parts gave one.
-    stats: BTreeMap<String, StatAcc>,
+    parts: u32,
     /// Σ avg × count over the parts that gave both, and how many did.
-    weighted_avg: (Option<f64>, usize),
+    weighted_avg: (Option<f64>, u32),
     /// Expressions in first-seen order, each with whether it held on every part.
     thresholds: Vec<(String, bool)>,
 }
 
-#[derive(Debug)]
+/// (sum, min, max) of one stat's non-null values and how many parts gave one; `n == 0`
+/// for a stat the parts gave only as `null`.
+#[derive(Debug, Clone, Copy)]
 struct StatAcc {
+    id: u32,
+    n: u32,
     sum: f64,
     min: f64,
     max: f64,
-    n: usize,
+}
+
+impl StatAcc {
+    fn empty(id: u32) -> Self {
+        StatAcc {
+            id,
+            n: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
 }
 
 impl MetricAcc {
+    /// The base name and tags of the metric `name`.
+    fn key_of(&self, name: &str) -> (String, BTreeMap<String, String>) {
+        match &self.key {
+            Some(k) => (k.0.clone(), k.1.clone()),
+            None => parse_metric_key(name),
+        }
+    }
+
+    /// Folds one part's metric in; every stat of `m` has its slot in `stats` already.
+    fn fold(&mut self, stats: &mut [StatAcc], m: &Metric, names: &StatNames) -> usize {
+        self.parts += 1;
+        for (k, v) in &m.values {
+            let Some(v) = *v else { continue };
+            let id = names.id(k);
+            let Some(s) = stats.iter_mut().find(|s| Some(s.id) == id) else {
+                continue;
+            };
+            s.sum = if s.n == 0 { v } else { s.sum + v };
+            s.min = if s.n == 0 { v } else { s.min.min(v) };
+            s.max = if s.n == 0 { v } else { s.max.max(v) };
+            s.n += 1;
+        }
+        if let (Some(a), Some(c)) = (m.value("avg"), m.value("count")) {
+            self.weighted_avg = (
+                Some(fold_sum(self.weighted_avg.0, a * c)),
+                self.weighted_avg.1 + 1,
+            );
+        }
+        let mut new_thresholds = 0;
+        for t in &m.thresholds {
+            match self.thresholds.iter_mut().find(|(e, _)| *e == t.expression) {
+                Some((_, every)) => *every &= t.ok,
+                None => {
+                    self.thresholds.push((t.expression.clone(), t.ok));
+                    new_thresholds += 1;
+                }
+            }
+        }
+        new_thresholds
+    }
+}
+
+/// The accumulator's metrics, sorted by name, in three flat buffers (names, entries,
+/// stats) instead of a few small allocations per metric: a part's parse, freed before
+/// the next, then leaves no page of the heap pinned by the accumulator's pieces.
+/// A part that brings no new metric or stat is folded in place; one that does rebuilds
+/// the table (a sorted merge), usually only the first.
+#[derive(Debug, Default)]
+struct MetricTable {
+    names: String,
+    entries: Vec<MetricAcc>,
+    stats: Vec<StatAcc>,
+}
+
+impl MetricTable {
+    fn find(&self, name: &str) -> Option<usize> {
+        self.entries
+            .binary_search_by(|e| self.names[e.name.clone()].cmp(name))
+            .ok()
+    }
+
+    /// Folds a part's metrics (sorted by name); returns how many new thresholds it
+    /// brought.
+    fn add(&mut self, part: &[&Metric], names: &mut StatNames) -> usize {
+        for m in part {
+            for k in m.values.keys() {
+                names.intern(k);
+            }
+        }
+        let at: Option<Vec<usize>> = part
+            .iter()
+            .map(|m| {
+                let i = self.find(&m.name)?;
+                let slots = &self.stats[self.entries[i].stats.clone()];
+                m.values
+                    .keys()
+                    .all(|k| slots.iter().any(|s| Some(s.id) == names.id(k)))
+                    .then_some(i)
+            })
+            .collect();
+        let Some(at) = at else {
+            return self.rebuild(part, names);
+        };
+        let mut new_thresholds = 0;
+        for (m, i) in part.iter().zip(at) {
+            let e = &mut self.entries[i];
+            new_thresholds += e.fold(&mut self.stats[e.stats.clone()], m, names);
+        }
+        new_thresholds
+    }
+
+    /// The table merged with a part that brings new metrics or stats.
+    fn rebuild(&mut self, part: &[&Metric], names: &StatNames) -> usize {
+        let old = std::mem::take(self);
+        let values: usize = part.iter().map(|m| m.values.len()).sum();
+        let name_bytes: usize = part.iter().map(|m| m.name.len()).sum();
+        self.names.reserve(old.names.len() + name_bytes);
+        self.entries.reserve(old.entries.len() + part.len());
+        self.stats.reserve(old.stats.len() + values);
+        let mut olds = old.entries.into_iter().peekable();
+        let mut j = 0;
+        let mut new_thresholds = 0;
+        while olds.peek().is_some() || j < part.len() {
+            let take_old = match (olds.peek(), part.get(j)) {
+                (Some(e), Some(m)) => old.names[e.name.clone()] <= *m.name,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            let stats_at = self.stats.len();
+            let names_at = self.names.len();
+            let mut e = if take_old {
+                let e = olds.next().expect("peeked");
+                self.names.push_str(&old.names[e.name.clone()]);
+                self.stats.extend_from_slice(&old.stats[e.stats.clone()]);
+                e
+            } else {
+                self.names.push_str(&part[j].name);
+                new_entry(part[j])
+            };
+            e.name = names_at..self.names.len();
+            let same = part[j..]
+                .iter()
+                .take_while(|m| *m.name == self.names[e.name.clone()])
+                .count();
+            for m in &part[j..j + same] {
+                for k in m.values.keys() {
+                    let id = names.id(k).expect("interned");
+                    if !self.stats[stats_at..].iter().any(|s| s.id == id) {
+                        self.stats.push(StatAcc::empty(id));
+                    }
+                }
+            }
+            e.stats = stats_at..self.stats.len();
+            for m in &part[j..j + same] {
+                new_thresholds += e.fold(&mut self.stats[e.stats.clone()], m, names);
+            }
+            j += same;
+            self.entries.push(e);
+        }
+        self.names.shrink_to_fit();
+        self.entries.shrink_to_fit();
+        self.stats.shrink_to_fit();
+        new_thresholds
+    }
+}
+
+/// A metric first seen in `m`, with nothing folded yet.
+fn new_entry(m: &Metric) -> MetricAcc {
+    let derived = parse_metric_key(&m.name);
+    let key = (derived.0 != m.base_name || derived.1 != m.tags)
+        .then(|| Box::new((m.base_name.clone(), m.tags.clone())));
+    MetricAcc {
+        name: 0..0,
+        stats: 0..0,
+        key,
+        metric_type: m.metric_type,
+        contains: m.contains,
+        parts: 0,
+        weighted_avg: (None, 0),
+        thresholds: Vec::new(),
+    }
+}
+
+/// Looks up a metric's stats by stat name for the merged values.
+struct StatView<'a> {
+    metric: &'a MetricAcc,
+    stats: &'a [StatAcc],
+    names: &'a StatNames,
+}
+
+impl StatView<'_> {
+    fn stat(&self, k: &str) -> Option<&StatAcc> {
+        let id = self.names.id(k)?;
+        self.stats.iter().find(|s| s.id == id && s.n > 0)
+    }
+
     /// The sum of `k` over the parts with this metric; `None` when one of them has no
     /// value for it (as summing `Option`s gives).
     fn sum(&self, k: &str) -> Option<f64> {
-        self.stats
-            .get(k)
-            .filter(|s| s.n == self.parts)
+        self.stat(k)
+            .filter(|s| s.n == self.metric.parts)
             .map(|s| s.sum)
     }
 
     fn min(&self, k: &str) -> Option<f64> {
-        self.stats.get(k).map(|s| s.min)
+        self.stat(k).map(|s| s.min)
     }
 
     fn max(&self, k: &str) -> Option<f64> {
-        self.stats.get(k).map(|s| s.max)
+        self.stat(k).map(|s| s.max)
+    }
+
+    /// The stat names the parts gave for this metric, in name order.
+    fn keys(&self) -> BTreeSet<&str> {
+        self.stats.iter().map(|s| self.names.name(s.id)).collect()
+    }
+}
+
+/// The stat names of every metric (`count`, `p(95)`...), each kept once.
+#[derive(Debug, Default)]
+struct StatNames {
+    names: Vec<String>,
+    ids: HashMap<String, u32>,
+}
+
+impl StatNames {
+    fn id(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    fn intern(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.id(name) {
+            return id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(name.to_string());
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
     }
 }
 
@@ -179,7 +407,8 @@ pub struct MergeAcc {
     format: Option<SummaryFormat>,
     trend_stats: Option<Vec<String>>,
     duration_ms: Option<f64>,
-    metrics: BTreeMap<String, MetricAcc>,
+    metrics: MetricTable,
+    stat_names: StatNames,
     thresholds: usize,
     /// The trend keys of every part (first base name and tags seen), for sample reads.
     trend_keys: BTreeMap<String, (String, BTreeMap<String, String>)>,
@@ -205,7 +434,8 @@ impl MergeAcc {
             format: None,
             trend_stats: None,
             duration_ms: None,
-            metrics: BTreeMap::new(),
+            metrics: MetricTable::default(),
+            stat_names: StatNames::default(),
             thresholds: 0,
             trend_keys: BTreeMap::new(),
             checks: Vec::new(),
@@ -248,9 +478,7 @@ impl MergeAcc {
         if let Some(d) = s.test_run_duration_ms {
             self.duration_ms = Some(self.duration_ms.map_or(d, |a| a.max(d)));
         }
-        for m in &s.metrics {
-            self.add_metric(m);
-        }
+        self.add_metrics(&s.metrics);
         for c in &s.checks {
             let key = (c.group_path.clone(), c.name.clone());
             match self.check_at.get(&key) {
@@ -273,10 +501,10 @@ impl MergeAcc {
                 .or_default()
                 .extend(v.iter().cloned());
         }
-        let over = if self.metrics.len() > self.max_metrics {
+        let over = if self.metrics.entries.len() > self.max_metrics {
             Some(format!(
                 "the parts' summaries hold {} metrics together, over ingest.max_metrics ({})",
-                self.metrics.len(),
+                self.metrics.entries.len(),
                 self.max_metrics
             ))
         } else if self.checks.len() > self.max_checks {
@@ -296,7 +524,8 @@ impl MergeAcc {
         if let Some(why) = over {
             self.refused = Some(format!("merge refused: {why}"));
             // Nothing folded is used any more: give the memory back now.
-            self.metrics = BTreeMap::new();
+            self.metrics = MetricTable::default();
+            self.stat_names = StatNames::default();
             self.trend_keys = BTreeMap::new();
             self.checks = Vec::new();
             self.check_at = HashMap::new();
@@ -305,67 +534,16 @@ impl MergeAcc {
         }
     }
 
-    fn add_metric(&mut self, m: &Metric) {
-        if m.metric_type == Some(MetricType::Trend) {
-            self.trend_keys
-                .entry(m.name.clone())
-                .or_insert_with(|| (m.base_name.clone(), m.tags.clone()));
-        }
-        let acc = self
-            .metrics
-            .entry(m.name.clone())
-            .or_insert_with(|| MetricAcc {
-                base_name: m.base_name.clone(),
-                tags: m.tags.clone(),
-                metric_type: m.metric_type,
-                contains: m.contains,
-                parts: 0,
-                stat_keys: BTreeSet::new(),
-                stats: BTreeMap::new(),
-                weighted_avg: (None, 0),
-                thresholds: Vec::new(),
-            });
-        acc.parts += 1;
-        for (k, v) in &m.values {
-            if !acc.stat_keys.contains(k) {
-                acc.stat_keys.insert(k.clone());
-            }
-            let Some(v) = *v else { continue };
-            match acc.stats.get_mut(k) {
-                Some(s) => {
-                    s.sum += v;
-                    s.min = s.min.min(v);
-                    s.max = s.max.max(v);
-                    s.n += 1;
-                }
-                None => {
-                    acc.stats.insert(
-                        k.clone(),
-                        StatAcc {
-                            sum: v,
-                            min: v,
-                            max: v,
-                            n: 1,
-                        },
-                    );
-                }
+    fn add_metrics(&mut self, metrics: &[Metric]) {
+        for m in metrics {
+            if m.metric_type == Some(MetricType::Trend) && !self.trend_keys.contains_key(&m.name) {
+                self.trend_keys
+                    .insert(m.name.clone(), (m.base_name.clone(), m.tags.clone()));
             }
         }
-        if let (Some(a), Some(c)) = (m.value("avg"), m.value("count")) {
-            acc.weighted_avg = (
-                Some(fold_sum(acc.weighted_avg.0, a * c)),
-                acc.weighted_avg.1 + 1,
-            );
-        }
-        for t in &m.thresholds {
-            match acc.thresholds.iter_mut().find(|(e, _)| *e == t.expression) {
-                Some((_, every)) => *every &= t.ok,
-                None => {
-                    acc.thresholds.push((t.expression.clone(), t.ok));
-                    self.thresholds += 1;
-                }
-            }
-        }
+        let mut sorted: Vec<&Metric> = metrics.iter().collect();
+        sorted.sort_by(|a, b| a.name.cmp(&b.name));
+        self.thresholds += self.metrics.add(&sorted, &mut self.stat_names);
     }
 
     /// The trend keys whose samples the merge reads from each part: every trend of every
@@ -456,15 +634,29 @@ impl MergeAcc {
         let duration_ms = self.duration_ms;
 
         // --- metrics ---
-        let mut metrics = Vec::with_capacity(self.metrics.len());
-        for (name, ms) in self.metrics {
+        let mut metrics = Vec::with_capacity(self.metrics.entries.len());
+        let stat_names = self.stat_names;
+        let MetricTable {
+            names: metric_names,
+            entries,
+            stats: all_stats,
+        } = self.metrics;
+        for ms in entries {
+            let name = metric_names[ms.name.clone()].to_string();
+            let (base_name, tags) = ms.key_of(&name);
+            let view = StatView {
+                metric: &ms,
+                stats: &all_stats[ms.stats.clone()],
+                names: &stat_names,
+            };
+            let stat_keys: Vec<String> = view.keys().into_iter().map(String::from).collect();
             let mut values: BTreeMap<String, Option<f64>> = BTreeMap::new();
-            let sum = |k: &str| ms.sum(k);
-            let min = |k: &str| ms.min(k);
-            let max = |k: &str| ms.max(k);
+            let sum = |k: &str| view.sum(k);
+            let min = |k: &str| view.min(k);
+            let max = |k: &str| view.max(k);
             match ms.metric_type {
                 Some(MetricType::Counter) => {
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             "count" => sum("count"),
                             "rate" => sum("count").and_then(|c| {
@@ -476,7 +668,7 @@ impl MergeAcc {
                     }
                 }
                 Some(MetricType::Rate) => {
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             "passes" | "fails" | "matches" | "total" => sum(k),
                             "rate" | "value" => {
@@ -493,8 +685,8 @@ impl MergeAcc {
                     }
                 }
                 Some(MetricType::Gauge) => {
-                    let additive = matches!(ms.base_name.as_str(), "vus" | "vus_max");
-                    for k in &ms.stat_keys {
+                    let additive = matches!(base_name.as_str(), "vus" | "vus_max");
+                    for k in &stat_keys {
                         let v = match k.as_str() {
                             _ if additive => sum(k),
                             "min" => min("min"),
@@ -506,13 +698,15 @@ impl MergeAcc {
                     if !additive && ms.parts > 1 {
                         sources.insert(
                             format!("{name}.value"),
-                            "merged: the largest of the parts' last values".into(),
+                            ValueSource::Merge(
+                                "merged: the largest of the parts' last values".into(),
+                            ),
                         );
                     }
                 }
                 Some(MetricType::Trend) => match merged_sorted.get(&name) {
                     Some(sorted) => {
-                        let keys: Vec<&str> = ms.stat_keys.iter().map(String::as_str).collect();
+                        let keys: Vec<&str> = stat_keys.iter().map(String::as_str).collect();
                         let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
                         let pct = sorted.percentiles(&ps)?;
                         for ((k, p), v) in keys.iter().zip(&ps).zip(pct) {
@@ -528,11 +722,13 @@ impl MergeAcc {
                         }
                         sources.insert(
                             name.clone(),
-                            format!("merged: the union of {n} parts' raw samples"),
+                            ValueSource::Merge(format!(
+                                "merged: the union of {n} parts' raw samples"
+                            )),
                         );
                     }
                     None => {
-                        for k in &ms.stat_keys {
+                        for k in &stat_keys {
                             let v = match k.as_str() {
                                 "min" => min("min"),
                                 "max" => max("max"),
@@ -554,12 +750,15 @@ impl MergeAcc {
                         warnings.push(format!(
                             "{name}: merged percentiles not computed ({why}); never an average of percentiles"
                         ));
-                        sources.insert(name.clone(), format!("merged: percentiles NULL, {why}"));
+                        sources.insert(
+                            name.clone(),
+                            ValueSource::Merge(format!("merged: percentiles NULL, {why}")),
+                        );
                     }
                 },
                 None => {
                     warnings.push(format!("{name}: metric type unknown, not merged"));
-                    for k in &ms.stat_keys {
+                    for k in &stat_keys {
                         values.insert(k.clone(), None);
                     }
                 }
@@ -590,8 +789,8 @@ impl MergeAcc {
                 .collect();
             metrics.push(Metric {
                 name,
-                base_name: ms.base_name,
-                tags: ms.tags,
+                base_name,
+                tags,
                 metric_type: ms.metric_type,
                 contains: ms.contains,
                 values,
@@ -728,5 +927,51 @@ mod tests {
                 .as_str()
             )
         );
+    }
+
+    /// A later part that brings a new metric, or a new stat of a known one, is merged
+    /// with what was folded before it, whatever its metrics' order.
+    #[test]
+    fn a_later_part_with_new_metrics_and_stats_keeps_every_sum_exact() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!(
+            "../../fixtures/k6-split/v1.1.0/split2-merged-pass/part-0/summary.json"
+        ))
+        .unwrap();
+        let a = super::super::parse::parse_summary_value(&doc).unwrap();
+        let mut b = a.clone();
+        let mut c = a.clone();
+        let count = |s: &Summary, name: &str| s.metric(name).unwrap().value("count").unwrap();
+        let iterations = b
+            .metrics
+            .iter_mut()
+            .find(|m| m.name == "iterations")
+            .unwrap();
+        iterations.values.insert("extra".into(), Some(2.0));
+        let mut extra = iterations.clone();
+        extra.name = "aaa_first{only:b}".into();
+        extra.base_name = "aaa_first".into();
+        extra.tags = BTreeMap::from([("only".to_string(), "b".to_string())]);
+        extra.values.insert("count".into(), Some(7.0));
+        b.metrics.push(extra);
+        b.metrics.reverse();
+        c.metrics.retain(|m| m.name != "iterations");
+        let mut acc = MergeAcc::new(&SummaryLimits::default());
+        for (i, s) in [&a, &b, &c].into_iter().enumerate() {
+            acc.add_part(i as u32, Some(0), Some(s), None);
+        }
+        let merged = acc.finish().unwrap().summary.unwrap();
+        let m = merged.metric("iterations").unwrap();
+        assert_eq!(m.value("count"), Some(count(&a, "iterations") * 2.0));
+        assert_eq!(m.values.get("extra"), Some(&None), "absent from one part");
+        let m = merged.metric("aaa_first{only:b}").unwrap();
+        assert_eq!(m.value("count"), Some(7.0));
+        assert_eq!(m.base_name, "aaa_first");
+        assert_eq!(m.tags.get("only").map(String::as_str), Some("b"));
+        assert_eq!(
+            merged.metric("data_sent").unwrap().value("count"),
+            Some(count(&a, "data_sent") * 3.0)
+        );
+        assert_eq!(merged.metrics.len(), a.metrics.len() + 1);
+        assert!(merged.metrics.windows(2).all(|w| w[0].name < w[1].name));
     }
 }

@@ -23,7 +23,7 @@ pub mod sink;
 pub mod status;
 pub mod threshold;
 
-pub use extract::{Extraction, extract, extract_without_summary, wanted_samples};
+pub use extract::{Extraction, ValueSource, extract, extract_without_summary, wanted_samples};
 pub use model::{Summary, SummaryFormat};
 pub use parse::{SummaryError, parse_summary};
 pub use status::RunStatus;

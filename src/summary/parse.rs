@@ -41,6 +41,20 @@ pub fn parse_summary_value(doc: &Value) -> Result<Summary, SummaryError> {
     }
 }
 
+/// [`parse_summary_value`] consuming the document: a handleSummary document's metrics
+/// (nearly all of a large one) are converted one at a time, each one's JSON tree freed
+/// as soon as it is converted, so the document and the summary are never both whole in
+/// memory. Used where several large summaries are parsed one after another (a split
+/// run's merge). The result is the same as [`parse_summary_value`]'s.
+pub fn parse_summary_owned(doc: Value) -> Result<Summary, SummaryError> {
+    match doc {
+        Value::Object(obj) if detect(&obj)? == SummaryFormat::HandleSummary => {
+            parse_handle_summary_owned(obj)
+        }
+        doc => parse_summary_value(&doc),
+    }
+}
+
 /// Decides the format from the document's shape alone.
 pub fn detect(obj: &Map<String, Value>) -> Result<SummaryFormat, SummaryError> {
     if let Some(version) = obj.get("version") {
@@ -177,47 +191,36 @@ fn dedup_thresholds(m: &mut Metric, warnings: &mut Vec<String>) {
 
 fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
+    let metrics = metric_objects(obj, &mut warnings)
+        .into_iter()
+        .map(|(name, m)| handle_summary_metric(name, m, &mut warnings))
+        .collect();
+    Ok(handle_summary_rest(obj, metrics, warnings))
+}
+
+/// Like [`parse_handle_summary`] on a document it owns: each metric's JSON is freed as
+/// soon as it is converted, so the tree and the summary are not both whole in memory.
+fn parse_handle_summary_owned(mut obj: Map<String, Value>) -> Result<Summary, SummaryError> {
+    let mut warnings = Vec::new();
     let mut metrics = Vec::new();
-    let empty = Map::new();
-    let metric_objs = obj
-        .get("metrics")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    for (name, m) in metric_objs {
-        let Some(m) = m.as_object() else {
-            warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
-            continue;
-        };
-        let (base_name, tags, metric_type, contains) = typed_key(name, m);
-        let values = m
-            .get("values")
-            .and_then(Value::as_object)
-            .map(|v| values_map(v, &[], &mut warnings, name))
-            .unwrap_or_default();
-        let mut thresholds = Vec::new();
-        if let Some(t) = m.get("thresholds").and_then(Value::as_object) {
-            for (expr, res) in t {
-                match res.get("ok").and_then(Value::as_bool) {
-                    Some(ok) => thresholds.push(Threshold {
-                        expression: expr.clone(),
-                        ok,
-                    }),
-                    None => warnings.push(format!(
-                        "{name}: threshold {expr:?} has no boolean `ok`, skipped"
-                    )),
-                }
+    if let Some(Value::Object(objs)) = obj.remove("metrics") {
+        metrics.reserve(objs.len());
+        for (name, m) in objs {
+            match m.as_object() {
+                Some(m) => metrics.push(handle_summary_metric(&name, m, &mut warnings)),
+                None => warnings.push(format!("{name}: metric is {}, skipped", kind(&m))),
             }
         }
-        metrics.push(Metric {
-            name: name.clone(),
-            base_name,
-            tags,
-            metric_type,
-            contains,
-            values,
-            thresholds,
-        });
     }
+    Ok(handle_summary_rest(&obj, metrics, warnings))
+}
+
+/// Everything of a handleSummary document but its metrics.
+fn handle_summary_rest(
+    obj: &Map<String, Value>,
+    metrics: Vec<Metric>,
+    mut warnings: Vec<String>,
+) -> Summary {
     let duration = at(obj, &["state", "testRunDurationMs"]).and_then(number);
     let trend_stats = at(obj, &["options", "summaryTrendStats"])
         .and_then(Value::as_array)
@@ -227,18 +230,78 @@ fn parse_handle_summary(obj: &Map<String, Value>) -> Result<Summary, SummaryErro
                 .map(str::to_string)
                 .collect()
         });
-    let mut checks = Vec::new();
-    if let Some(root) = obj.get("root_group") {
-        walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
-    }
-    Ok(finish(
+    let checks = group_checks(obj, &mut warnings);
+    finish(
         metrics,
         SummaryFormat::HandleSummary,
         duration,
         trend_stats,
         checks,
         warnings,
-    ))
+    )
+}
+
+/// The `metrics` object's entries that are objects; any other is skipped with a warning.
+fn metric_objects<'a>(
+    obj: &'a Map<String, Value>,
+    warnings: &mut Vec<String>,
+) -> Vec<(&'a String, &'a Map<String, Value>)> {
+    let Some(all) = obj.get("metrics").and_then(Value::as_object) else {
+        return Vec::new();
+    };
+    all.iter()
+        .filter_map(|(name, m)| match m.as_object() {
+            Some(m) => Some((name, m)),
+            None => {
+                warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
+                None
+            }
+        })
+        .collect()
+}
+
+/// The checks of the `root_group` tree, in k6's order.
+fn group_checks(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    if let Some(root) = obj.get("root_group") {
+        walk_group(root, &mut Vec::new(), &mut checks, warnings, true);
+    }
+    checks
+}
+
+fn handle_summary_metric(name: &str, m: &Map<String, Value>, warnings: &mut Vec<String>) -> Metric {
+    let (base_name, tags, metric_type, contains) = typed_key(name, m);
+    let values = m
+        .get("values")
+        .and_then(Value::as_object)
+        .map(|v| values_map(v, &[], warnings, name))
+        .unwrap_or_default();
+    let mut thresholds = Vec::new();
+    for (expr, res) in m
+        .get("thresholds")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        match res.get("ok").and_then(Value::as_bool) {
+            Some(ok) => thresholds.push(Threshold {
+                expression: expr.clone(),
+                ok,
+            }),
+            None => warnings.push(format!(
+                "{name}: threshold {expr:?} has no boolean `ok`, skipped"
+            )),
+        }
+    }
+    Metric {
+        name: name.to_string(),
+        base_name,
+        tags,
+        metric_type,
+        contains,
+        values,
+        thresholds,
+    }
 }
 
 /// A metric's key parsed into base name and tags, with the `type` and `contains` a
@@ -361,60 +424,11 @@ fn infer_legacy_type(keys: &[&str]) -> MetricType {
 
 fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
-    let mut metrics = Vec::new();
-    let empty = Map::new();
-    let metric_objs = obj
-        .get("metrics")
-        .and_then(Value::as_object)
-        .unwrap_or(&empty);
-    for (name, m) in metric_objs {
-        let Some(m) = m.as_object() else {
-            warnings.push(format!("{name}: metric is {}, skipped", kind(m)));
-            continue;
-        };
-        let (base_name, tags) = parse_metric_key(name);
-        let keys: Vec<&str> = m
-            .keys()
-            .map(String::as_str)
-            .filter(|k| *k != "thresholds")
-            .collect();
-        let metric_type = infer_legacy_type(&keys);
-        let mut values = values_map(m, &["thresholds"], &mut warnings, name);
-        if metric_type == MetricType::Rate {
-            if let Some(v) = values.remove("value") {
-                values.insert("rate".into(), v);
-            }
-        }
-        let mut thresholds = Vec::new();
-        if let Some(t) = m.get("thresholds").and_then(Value::as_object) {
-            for (expr, failed) in t {
-                // In the export `true` means the threshold was crossed (failed).
-                match failed.as_bool() {
-                    Some(failed) => thresholds.push(Threshold {
-                        expression: expr.clone(),
-                        ok: !failed,
-                    }),
-                    None => warnings.push(format!(
-                        "{name}: threshold {expr:?} is not a boolean, skipped"
-                    )),
-                }
-            }
-        }
-        let contains = builtin_contains(&base_name);
-        metrics.push(Metric {
-            name: name.clone(),
-            base_name,
-            tags,
-            metric_type: Some(metric_type),
-            contains,
-            values,
-            thresholds,
-        });
-    }
-    let mut checks = Vec::new();
-    if let Some(root) = obj.get("root_group") {
-        walk_group(root, &mut Vec::new(), &mut checks, &mut warnings, true);
-    }
+    let metrics = metric_objects(obj, &mut warnings)
+        .into_iter()
+        .map(|(name, m)| legacy_metric(name, m, &mut warnings))
+        .collect();
+    let checks = group_checks(obj, &mut warnings);
     Ok(finish(
         metrics,
         SummaryFormat::LegacyExport,
@@ -423,6 +437,51 @@ fn parse_legacy(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
         checks,
         warnings,
     ))
+}
+
+/// The export carries no metric types: they are inferred from the stats present.
+fn legacy_metric(name: &str, m: &Map<String, Value>, warnings: &mut Vec<String>) -> Metric {
+    let (base_name, tags) = parse_metric_key(name);
+    let keys: Vec<&str> = m
+        .keys()
+        .map(String::as_str)
+        .filter(|k| *k != "thresholds")
+        .collect();
+    let metric_type = infer_legacy_type(&keys);
+    let mut values = values_map(m, &["thresholds"], warnings, name);
+    if metric_type == MetricType::Rate {
+        if let Some(v) = values.remove("value") {
+            values.insert("rate".into(), v);
+        }
+    }
+    let mut thresholds = Vec::new();
+    for (expr, failed) in m
+        .get("thresholds")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        // In the export `true` means the threshold was crossed (failed).
+        match failed.as_bool() {
+            Some(failed) => thresholds.push(Threshold {
+                expression: expr.clone(),
+                ok: !failed,
+            }),
+            None => warnings.push(format!(
+                "{name}: threshold {expr:?} is not a boolean, skipped"
+            )),
+        }
+    }
+    let contains = builtin_contains(&base_name);
+    Metric {
+        name: name.to_string(),
+        base_name,
+        tags,
+        metric_type: Some(metric_type),
+        contains,
+        values,
+        thresholds,
+    }
 }
 
 /// A machine-readable trend stat key in the handleSummary spelling: k6 writes `p90`
@@ -436,7 +495,6 @@ fn machine_readable_stat(key: &str) -> String {
 
 fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryError> {
     let mut warnings = Vec::new();
-    let mut metrics = Vec::new();
     let results = obj.get("results").and_then(Value::as_object);
     let listed = results
         .and_then(|r| r.get("metrics"))
@@ -444,98 +502,18 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
     let check_metrics = results
         .and_then(|r| at(r, &["checks", "metrics"]))
         .and_then(Value::as_array);
-    for m in listed
+    let mut metrics: Vec<Metric> = listed
         .into_iter()
         .flatten()
         .chain(check_metrics.into_iter().flatten())
-    {
-        let Some(m) = m.as_object() else { continue };
-        let Some(name) = m.get("name").and_then(Value::as_str) else {
-            warnings.push("metric without a name, skipped".into());
-            continue;
-        };
-        let (base_name, tags, metric_type, contains) = typed_key(name, m);
-        let raw = m
-            .get("values")
-            .and_then(Value::as_object)
-            .map(|v| values_map(v, &[], &mut warnings, name))
-            .unwrap_or_default();
-        let mut values = BTreeMap::new();
-        for (k, v) in raw {
-            let stat = machine_readable_stat(&k);
-            // k6 writes `p90`/`p95` as null when summaryTrendStats leaves them out: not
-            // reported, rather than a non-finite value.
-            if v.is_none() && percentile_of(&stat).is_some() {
-                warnings.push(format!(
-                    "{name}: k6 wrote {k} as null (not computed: summaryTrendStats leaves it out), treated as not reported"
-                ));
-                continue;
-            }
-            values.insert(stat, v);
-        }
-        // Version 1 rates carry matches/total; keep k6's handleSummary names as well.
-        if metric_type == Some(MetricType::Rate) {
-            if let (Some(Some(matches)), Some(Some(total))) =
-                (values.get("matches").copied(), values.get("total").copied())
-            {
-                values.insert("passes".into(), Some(matches));
-                values.insert("fails".into(), Some(total - matches));
-            }
-        }
-        metrics.push(Metric {
-            name: name.to_string(),
-            base_name,
-            tags,
-            metric_type,
-            contains,
-            values,
-            thresholds: Vec::new(),
-        });
-    }
+        .filter_map(Value::as_object)
+        .filter_map(|m| machine_readable_metric(m, &mut warnings))
+        .collect();
     let duration = at(obj, &["config", "duration"])
         .and_then(number)
         .map(|s| s * 1000.0);
-    let mut checks = Vec::new();
-    if let Some(list) = results
-        .and_then(|r| at(r, &["checks", "results"]))
-        .and_then(Value::as_array)
-    {
-        for c in list {
-            let name = c
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            // No group and no k6 path: the format lists checks flat, by name alone.
-            checks.push(Check {
-                group_path: Vec::new(),
-                path: String::new(),
-                name,
-                passes: c.get("passes").and_then(number),
-                fails: c.get("fails").and_then(number),
-            });
-        }
-        if !checks.is_empty() {
-            warnings.push(
-                "machine-readable summary v1 lists checks without their groups; k6 adds up same-named checks of different groups into one"
-                    .into(),
-            );
-        }
-    }
-    // Counters in version 1 carry only `count`; derive k6's per-second `rate`.
-    let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    if let Some(d) = duration.filter(|d| *d > 0.0) {
-        for m in &mut metrics {
-            if m.metric_type == Some(MetricType::Counter) && !m.values.contains_key("rate") {
-                let rate = m.value("count").map(|c| c / (d / 1000.0));
-                m.values.insert("rate".into(), rate);
-                derived
-                    .entry(m.name.clone())
-                    .or_default()
-                    .insert("rate".into());
-            }
-        }
-    }
+    let checks = machine_readable_checks(results, &mut warnings);
+    let derived = derive_counter_rates(&mut metrics, duration);
     warnings.push(
         "machine-readable summary v1 carries no thresholds: thresholds_passed/total/failed stored NULL, and the status follows the exit code alone"
             .into(),
@@ -559,6 +537,109 @@ fn parse_machine_readable(obj: &Map<String, Value>) -> Result<Summary, SummaryEr
     );
     summary.derived = derived;
     Ok(summary)
+}
+
+/// One entry of the machine-readable `metrics` list, its stats under k6's
+/// handleSummary names (`p(90)`, `passes`/`fails`) so extraction reads every format alike.
+fn machine_readable_metric(m: &Map<String, Value>, warnings: &mut Vec<String>) -> Option<Metric> {
+    let Some(name) = m.get("name").and_then(Value::as_str) else {
+        warnings.push("metric without a name, skipped".into());
+        return None;
+    };
+    let (base_name, tags, metric_type, contains) = typed_key(name, m);
+    let raw = m
+        .get("values")
+        .and_then(Value::as_object)
+        .map(|v| values_map(v, &[], warnings, name))
+        .unwrap_or_default();
+    let mut values = BTreeMap::new();
+    for (k, v) in raw {
+        let stat = machine_readable_stat(&k);
+        // k6 writes `p90`/`p95` as null when summaryTrendStats leaves them out: not
+        // reported, rather than a non-finite value.
+        if v.is_none() && percentile_of(&stat).is_some() {
+            warnings.push(format!(
+                "{name}: k6 wrote {k} as null (not computed: summaryTrendStats leaves it out), treated as not reported"
+            ));
+            continue;
+        }
+        values.insert(stat, v);
+    }
+    // Version 1 rates carry matches/total; keep k6's handleSummary names as well.
+    if metric_type == Some(MetricType::Rate) {
+        if let (Some(Some(matches)), Some(Some(total))) =
+            (values.get("matches").copied(), values.get("total").copied())
+        {
+            values.insert("passes".into(), Some(matches));
+            values.insert("fails".into(), Some(total - matches));
+        }
+    }
+    Some(Metric {
+        name: name.to_string(),
+        base_name,
+        tags,
+        metric_type,
+        contains,
+        values,
+        thresholds: Vec::new(),
+    })
+}
+
+/// No group and no k6 path: the format lists checks flat, by name alone.
+fn machine_readable_checks(
+    results: Option<&Map<String, Value>>,
+    warnings: &mut Vec<String>,
+) -> Vec<Check> {
+    let Some(list) = results
+        .and_then(|r| at(r, &["checks", "results"]))
+        .and_then(Value::as_array)
+    else {
+        return Vec::new();
+    };
+    let checks: Vec<Check> = list
+        .iter()
+        .map(|c| Check {
+            group_path: Vec::new(),
+            path: String::new(),
+            name: c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            passes: c.get("passes").and_then(number),
+            fails: c.get("fails").and_then(number),
+        })
+        .collect();
+    if !checks.is_empty() {
+        warnings.push(
+            "machine-readable summary v1 lists checks without their groups; k6 adds up same-named checks of different groups into one"
+                .into(),
+        );
+    }
+    checks
+}
+
+/// Counters in version 1 carry only `count`; k6's per-second `rate` is derived from the
+/// test's duration, and each derived stat is named so the row can say so.
+fn derive_counter_rates(
+    metrics: &mut [Metric],
+    duration_ms: Option<f64>,
+) -> BTreeMap<String, BTreeSet<String>> {
+    let mut derived: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let Some(d) = duration_ms.filter(|d| *d > 0.0) else {
+        return derived;
+    };
+    for m in metrics {
+        if m.metric_type == Some(MetricType::Counter) && !m.values.contains_key("rate") {
+            let rate = m.value("count").map(|c| c / (d / 1000.0));
+            m.values.insert("rate".into(), rate);
+            derived
+                .entry(m.name.clone())
+                .or_default()
+                .insert("rate".into());
+        }
+    }
+    derived
 }
 
 #[cfg(test)]
@@ -674,5 +755,50 @@ mod tests {
         let m = s.metric("c").unwrap();
         assert_eq!(m.value("count"), Some(1e20));
         assert_eq!(m.values.get("rate"), Some(&None));
+    }
+
+    /// Every JSON summary file of the fixtures (whole runs and split parts, every k6
+    /// version and format).
+    fn fixture_summaries() -> Vec<std::path::PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|x| x == "json")
+                    && path.file_name().is_some_and(|n| n != "message.json")
+                {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn parsing_a_document_it_owns_gives_the_same_summary() {
+        let mut handle_summaries = 0;
+        for path in fixture_summaries() {
+            let Ok(doc) = serde_json::from_slice::<Value>(&std::fs::read(&path).unwrap()) else {
+                continue;
+            };
+            let borrowed = parse_summary_value(&doc);
+            let owned = parse_summary_owned(doc);
+            if let Ok(s) = &borrowed {
+                handle_summaries += usize::from(s.format == SummaryFormat::HandleSummary);
+            }
+            assert_eq!(
+                format!("{owned:?}"),
+                format!("{borrowed:?}"),
+                "{}",
+                path.display()
+            );
+        }
+        assert!(handle_summaries > 10, "{handle_summaries}");
     }
 }

@@ -188,22 +188,10 @@ pub fn collect_sorted_with<R: BufRead>(
     if requests.is_empty() {
         return Ok((SampleSets::default(), Vec::new()));
     }
+    let (keys, skipped) = distinct_keys(requests);
     let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
-    let mut keys: Vec<&SampleRequest> = Vec::new();
-    let mut skipped = Vec::new();
-    for r in requests {
-        if keys.iter().any(|k| k.key == r.key) {
-            continue;
-        }
-        if keys.len() == MAX_SAMPLE_KEYS {
-            skipped.push(r.key.clone());
-            continue;
-        }
-        by_base
-            .entry(r.base_name.as_str())
-            .or_default()
-            .push(keys.len());
-        keys.push(r);
+    for (i, r) in keys.iter().enumerate() {
+        by_base.entry(r.base_name.as_str()).or_default().push(i);
     }
     // The budget is shared evenly: a key that gets no samples wastes its share, which
     // keeps the bound simple (the budget is a ceiling, not a target).
@@ -223,7 +211,39 @@ pub fn collect_sorted_with<R: BufRead>(
         kept: 0,
         max_samples: limits.max_samples,
     };
-    let max_line = limits.max_line_bytes;
+    read_lines(&mut reader, &mut state, limits.max_line_bytes)?;
+    let Collector { out, sinks, .. } = state;
+    let mut sorted = Vec::with_capacity(keys.len());
+    for (r, sink) in keys.iter().zip(sinks) {
+        sorted.push((r.key.clone(), sink.finish()?));
+    }
+    Ok((out, sorted))
+}
+
+/// The requests once per key, at most [`MAX_SAMPLE_KEYS`] of them; the keys left out
+/// are named so the warning can list them.
+fn distinct_keys(requests: &[SampleRequest]) -> (Vec<&SampleRequest>, Vec<String>) {
+    let mut keys: Vec<&SampleRequest> = Vec::new();
+    let mut skipped = Vec::new();
+    for r in requests {
+        if keys.iter().any(|k| k.key == r.key) {
+            continue;
+        }
+        if keys.len() == MAX_SAMPLE_KEYS {
+            skipped.push(r.key.clone());
+            continue;
+        }
+        keys.push(r);
+    }
+    (keys, skipped)
+}
+
+/// Feeds every line to the collector until the file ends or the collector stops.
+fn read_lines<R: BufRead>(
+    reader: &mut R,
+    state: &mut Collector<'_>,
+    max_line: usize,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
         // A whole line inside the reader's buffer is used where it lies; only a line
@@ -235,7 +255,7 @@ pub fn collect_sorted_with<R: BufRead>(
                 Err(e) => return Err(e),
             };
             if chunk.is_empty() {
-                break;
+                return Ok(());
             }
             match memchr::memchr(b'\n', chunk) {
                 Some(i) if i < max_line => Some((state.line(&chunk[..i])?, i + 1)),
@@ -247,8 +267,8 @@ pub fn collect_sorted_with<R: BufRead>(
                 reader.consume(used);
                 flow
             }
-            None => match read_bounded_line(&mut reader, &mut buf, max_line)? {
-                LineRead::Eof => break,
+            None => match read_bounded_line(reader, &mut buf, max_line)? {
+                LineRead::Eof => return Ok(()),
                 LineRead::Line => state.line(&buf)?,
                 LineRead::TooLong => {
                     // Only the first `max_line_bytes` were kept: k6 writes `metric`
@@ -260,15 +280,9 @@ pub fn collect_sorted_with<R: BufRead>(
             },
         };
         if flow == Flow::Stop {
-            break;
+            return Ok(());
         }
     }
-    let Collector { out, sinks, .. } = state;
-    let mut sorted = Vec::with_capacity(keys.len());
-    for (r, sink) in keys.iter().zip(sinks) {
-        sorted.push((r.key.clone(), sink.finish()?));
-    }
-    Ok((out, sorted))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

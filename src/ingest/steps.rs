@@ -1,0 +1,449 @@
+//! The steps before anything is written, shared by whole runs, split-run parts and the
+//! dry run: fetch the summary and the other artifacts, then extract.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::{IngestContext, IngestError, IngestReport, Outcome, RunLine, summary_expected};
+use crate::artifact::{
+    FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines_capped, redact_uri,
+};
+use crate::message::{RunCompleted, replace_nul};
+use crate::summary::limits::{SummaryLimits, check_document, check_rows};
+use crate::summary::parse::{parse_summary_owned, parse_summary_value};
+use crate::summary::samples::{SampleSets, collect_samples_with};
+use crate::summary::{
+    Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples,
+};
+
+/// What an artifact of a run is; its `as_str` is the key in `runs.artifact_paths`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactRole {
+    Summary,
+    Logs,
+    ReportHtml,
+    Metrics,
+}
+
+impl ArtifactRole {
+    /// The artifacts besides the summary, in the order they are fetched and named.
+    const FILES: [Self; 3] = [Self::Logs, Self::ReportHtml, Self::Metrics];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Summary => "summary",
+            Self::Logs => "logs",
+            Self::ReportHtml => "report_html",
+            Self::Metrics => "metrics",
+        }
+    }
+
+    fn uri(self, msg: &RunCompleted) -> Option<&str> {
+        let a = &msg.artifacts;
+        match self {
+            Self::Summary => a.summary.as_deref(),
+            Self::Logs => a.logs.as_deref(),
+            Self::ReportHtml => a.report_html.as_deref(),
+            Self::Metrics => a.metrics.as_deref(),
+        }
+    }
+}
+
+impl std::fmt::Display for ArtifactRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The summary after fetching and parsing, or why there is none.
+pub(super) enum SummaryLoad {
+    Parsed {
+        size: u64,
+        /// The document for `summary_json`, kept only when it is inlined.
+        doc: Option<Value>,
+        /// Shared with the extraction task instead of copied.
+        summary: Arc<Summary>,
+        file_name: String,
+        /// The file for S3, kept only when it is not inlined.
+        bytes: Vec<u8>,
+    },
+    Missing {
+        reason: String,
+    },
+    Unreadable {
+        reason: String,
+        bytes: Vec<u8>,
+        file_name: String,
+    },
+}
+
+/// An artifact other than the summary, in a local file.
+pub(super) struct FetchedArtifact {
+    pub role: ArtifactRole,
+    /// The URI the message gave, redacted.
+    pub source_uri: String,
+    pub file_name: String,
+    pub local: LocalArtifact,
+}
+
+/// Everything fetched for a run. Artifacts that cannot be fetched for good are left out
+/// with a warning; a fault that may pass fails the fetch instead.
+pub(super) struct Fetched {
+    pub summary: SummaryLoad,
+    pub artifacts: Vec<FetchedArtifact>,
+    pub warnings: Vec<String>,
+}
+
+impl Fetched {
+    pub fn has_summary(&self) -> bool {
+        matches!(self.summary, SummaryLoad::Parsed { .. })
+    }
+
+    pub fn metrics_file(&self) -> Option<&Path> {
+        self.artifacts
+            .iter()
+            .find(|a| a.role == ArtifactRole::Metrics)
+            .map(|a| a.local.path.as_path())
+    }
+}
+
+/// The extraction, and why the summary could not be used when it could not.
+pub(super) struct Extracted {
+    pub extraction: Extraction,
+    pub summary_reason: Option<String>,
+}
+
+impl Extracted {
+    /// A summary k6 should have written is missing or unreadable: the run is recorded as
+    /// `error` and the message is kept for a replay once the summary is fixed.
+    pub fn unusable(&self, msg: &RunCompleted) -> Option<String> {
+        self.summary_reason
+            .clone()
+            .filter(|_| summary_expected(msg.exit_code))
+    }
+}
+
+/// Fetch and extract, and nothing else: the steps every run goes through before a
+/// write, and on their own the dry run, which needs no database and no bucket.
+#[derive(Clone)]
+pub struct DryRun {
+    fetcher: Fetcher,
+    inline_summary_max: u64,
+    summary_limits: SummaryLimits,
+}
+
+impl DryRun {
+    pub fn new(fetcher: Fetcher, inline_summary_max: u64) -> Self {
+        Self {
+            fetcher,
+            inline_summary_max,
+            summary_limits: SummaryLimits::default(),
+        }
+    }
+
+    /// Caps on a summary's tree and detail rows (`Settings::summary_limits`).
+    pub fn with_summary_limits(mut self, limits: SummaryLimits) -> Self {
+        self.summary_limits = limits;
+        self
+    }
+
+    pub(super) fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
+    }
+
+    /// `s3.inline_summary_max_bytes`: a larger summary goes to S3, not into the row.
+    pub(super) fn inline_summary_max(&self) -> u64 {
+        self.inline_summary_max
+    }
+
+    pub(super) fn summary_limits(&self) -> &SummaryLimits {
+        &self.summary_limits
+    }
+
+    /// Fetches and extracts one run (or part) and reports what would be stored. A
+    /// summary that would leave the run recorded as `error` fails the dry run.
+    pub async fn run(
+        &self,
+        msg: &RunCompleted,
+        ctx: &IngestContext,
+    ) -> Result<IngestReport, IngestError> {
+        let fetched = self.fetch(msg, ctx).await?;
+        let extracted = self.extract(msg, &fetched).await?;
+        if let Some(reason) = extracted.unusable(msg) {
+            return Err(IngestError::SummaryUnusable {
+                run_id: msg.run_id,
+                reason,
+            });
+        }
+        Ok(IngestReport {
+            run_id: msg.run_id,
+            outcome: Outcome::DryRun,
+            line: RunLine::from_extraction(&extracted.extraction),
+            bytes_uploaded: 0,
+            warnings: extracted.extraction.columns.warnings,
+            reason: None,
+        })
+    }
+
+    /// The summary, then the other artifacts into local files.
+    pub(super) async fn fetch(
+        &self,
+        msg: &RunCompleted,
+        ctx: &IngestContext,
+    ) -> Result<Fetched, IngestError> {
+        let summary = self.load_summary(msg, ctx).await?;
+        let mut warnings = msg.decode_warnings.clone();
+        let tenant = Tenant::of(msg);
+        let mut artifacts = Vec::new();
+        for role in ArtifactRole::FILES {
+            let Some(uri) = role.uri(msg) else { continue };
+            match self.fetch_local(uri, ctx, &tenant).await {
+                Ok((source, local)) => artifacts.push(FetchedArtifact {
+                    role,
+                    source_uri: redact_uri(uri),
+                    file_name: source.file_name(),
+                    local,
+                }),
+                Err(e) if e.fault().is_retryable() => {
+                    return Err(IngestError::Fetch {
+                        run_id: msg.run_id,
+                        artifact: role,
+                        source: e,
+                    });
+                }
+                Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
+            }
+        }
+        Ok(Fetched {
+            summary,
+            artifacts,
+            warnings,
+        })
+    }
+
+    /// The extraction (pure, off the async threads). Raw samples are read only when
+    /// the summary lacks a value they can give and the run sent them.
+    pub(super) async fn extract(
+        &self,
+        msg: &RunCompleted,
+        fetched: &Fetched,
+    ) -> Result<Extracted, IngestError> {
+        let mut warnings = fetched.warnings.clone();
+        let (mut extraction, summary_reason) = match &fetched.summary {
+            SummaryLoad::Parsed { summary, .. } => {
+                let samples = self
+                    .read_samples(summary, fetched.metrics_file(), &mut warnings)
+                    .await;
+                let summary = Arc::clone(summary);
+                let exit_code = msg.exit_code;
+                let extraction = tokio::task::spawn_blocking(move || {
+                    extract(&summary, exit_code, samples.as_ref())
+                })
+                .await
+                .map_err(|e| IngestError::Config {
+                    run_id: msg.run_id,
+                    message: format!("extraction task failed: {e}"),
+                })?;
+                (extraction, None)
+            }
+            SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
+                extract_without_summary(msg.exit_code, reason),
+                Some(reason.clone()),
+            ),
+        };
+        extraction.columns.warnings.extend(warnings);
+        Ok(Extracted {
+            extraction,
+            summary_reason,
+        })
+    }
+
+    async fn fetch_local(
+        &self,
+        uri: &str,
+        ctx: &IngestContext,
+        tenant: &Tenant,
+    ) -> Result<(Source, LocalArtifact), FetchError> {
+        let source = self.fetcher.resolve(uri, ctx.base_dir.as_deref(), tenant)?;
+        let local = self
+            .fetcher
+            .fetch_to_local(uri, &source, self.fetcher.settings().max_artifact_bytes)
+            .await?;
+        Ok((source, local))
+    }
+
+    async fn load_summary(
+        &self,
+        msg: &RunCompleted,
+        ctx: &IngestContext,
+    ) -> Result<SummaryLoad, IngestError> {
+        let Some(uri) = msg.artifacts.summary.as_deref() else {
+            return Ok(SummaryLoad::Missing {
+                reason: "the message names no summary artifact".into(),
+            });
+        };
+        let fetched = async {
+            let source = self
+                .fetcher
+                .resolve(uri, ctx.base_dir.as_deref(), &Tenant::of(msg))?;
+            let bytes = self.fetcher.fetch_summary(uri, &source).await?;
+            Ok::<_, FetchError>((source, bytes))
+        }
+        .await;
+        let (source, bytes) = match fetched {
+            Ok(v) => v,
+            Err(e) if e.fault().is_retryable() => {
+                return Err(IngestError::Fetch {
+                    run_id: msg.run_id,
+                    artifact: ArtifactRole::Summary,
+                    source: e,
+                });
+            }
+            Err(e) => {
+                return Ok(SummaryLoad::Missing {
+                    reason: format!("summary unavailable: {e}"),
+                });
+            }
+        };
+        let file_name = source.file_name();
+        let (parsed, bytes) = self
+            .parse_summary(bytes)
+            .await
+            .map_err(|e| IngestError::Config {
+                run_id: msg.run_id,
+                message: format!("summary parser task failed: {e}"),
+            })?;
+        Ok(self.loaded(parsed, bytes, file_name, uri))
+    }
+
+    /// A parsed summary keeps only what is needed later: its document when it is
+    /// inlined, else its bytes for S3 (the other is dropped now, not after the uploads
+    /// and the transaction). An unreadable one keeps its bytes for a person to look at.
+    fn loaded(
+        &self,
+        parsed: Result<(Option<Value>, Summary), SummaryError>,
+        bytes: Vec<u8>,
+        file_name: String,
+        uri: &str,
+    ) -> SummaryLoad {
+        match parsed {
+            Ok((doc, summary)) => {
+                let size = bytes.len() as u64;
+                let inline = doc.is_some();
+                SummaryLoad::Parsed {
+                    size,
+                    doc,
+                    summary: Arc::new(summary),
+                    file_name,
+                    bytes: if inline { Vec::new() } else { bytes },
+                }
+            }
+            Err(e) => SummaryLoad::Unreadable {
+                reason: format!("summary {}: {e}", redact_uri(uri)),
+                bytes,
+                file_name,
+            },
+        }
+    }
+
+    /// The document and the summary, bounded before the tree is built and before the
+    /// rows are extracted; the bytes come back for an S3 copy.
+    async fn parse_summary(
+        &self,
+        bytes: Vec<u8>,
+    ) -> Result<(Result<(Option<Value>, Summary), SummaryError>, Vec<u8>), tokio::task::JoinError>
+    {
+        let limits = self.summary_limits;
+        // The tree is kept only when it is inlined; otherwise each metric's part of it is
+        // freed as soon as it is converted, so tree and summary are never both whole.
+        let inline = bytes.len() as u64 <= self.inline_summary_max;
+        tokio::task::spawn_blocking(move || {
+            let result = check_document(&bytes, &limits)
+                .and_then(|()| {
+                    serde_json::from_slice::<Value>(&bytes)
+                        .map_err(|e| SummaryError::Json(e.to_string()))
+                })
+                .and_then(|mut doc| {
+                    let replaced = replace_nul(&mut doc);
+                    let (doc, mut summary) = if inline {
+                        let summary = parse_summary_value(&doc)?;
+                        (Some(doc), summary)
+                    } else {
+                        (None, parse_summary_owned(doc)?)
+                    };
+                    summary.warnings.extend(replaced.warnings("summary"));
+                    check_rows(&summary, &limits)?;
+                    Ok((doc, summary))
+                });
+            (result, bytes)
+        })
+        .await
+    }
+
+    async fn read_samples(
+        &self,
+        summary: &Summary,
+        metrics_file: Option<&Path>,
+        warnings: &mut Vec<String>,
+    ) -> Option<SampleSets> {
+        let path: PathBuf = metrics_file?.to_path_buf();
+        let requests = wanted_samples(summary);
+        if requests.is_empty() {
+            return None;
+        }
+        let settings = self.fetcher.settings();
+        let limits = settings.sample_limits();
+        let max_samples = limits.max_samples;
+        let max_inflated = settings.max_samples_inflated_bytes;
+        // Every cap is enforced by the readers while the file streams: inflated bytes by
+        // `open_lines_capped` (an error: no samples are used), line length, sample count
+        // and memory by `collect_samples_with`.
+        let result = tokio::task::spawn_blocking(move || {
+            let reader = open_lines_capped(&path, max_inflated)?;
+            collect_samples_with(reader, &requests, &limits)
+        })
+        .await;
+        match result {
+            Ok(Ok(sets)) => {
+                warnings.extend(sample_warnings(&sets, max_samples));
+                Some(sets)
+            }
+            Ok(Err(e)) => {
+                warnings.push(format!(
+                    "metrics samples not used, percentiles not computed: {e}"
+                ));
+                None
+            }
+            Err(e) => {
+                warnings.push(format!("metrics samples reader failed: {e}"));
+                None
+            }
+        }
+    }
+}
+
+fn sample_warnings(sets: &SampleSets, max_samples: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    if sets.bad_lines > 0 {
+        out.push(format!(
+            "metrics samples: {} lines were not valid JSON or longer than fetch.max_line_bytes and were skipped",
+            sets.bad_lines
+        ));
+    }
+    if !sets.skipped.is_empty() {
+        out.push(format!(
+            "metrics samples: collected for the first {} keys only; percentiles not computed for {}",
+            crate::summary::samples::MAX_SAMPLE_KEYS,
+            sets.skipped.join(", ")
+        ));
+    }
+    if sets.truncated {
+        out.push(format!(
+            "metrics samples: stopped at {max_samples} samples; percentiles not computed"
+        ));
+    }
+    out
+}
