@@ -311,12 +311,15 @@ impl Db {
             .await
             .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
         if let Some(text) = summary_text {
-            self.query("UPDATE k6_performance_runs SET summary_json = $2::jsonb WHERE id = $1")
-                .bind(k6_run_id)
-                .bind(text)
-                .execute(&mut **tx)
-                .await
-                .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
+            checked!(
+                self,
+                "UPDATE k6_performance_runs SET summary_json = $2::jsonb WHERE id = $1",
+                k6_run_id,
+                _ text,
+            )
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| StoreError::from_write("k6_performance_runs", e))?;
         }
         self.insert_metrics(tx, new, k6_run_id)
             .await
