@@ -13,6 +13,35 @@ use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 use uuid::Uuid;
 
+/// Files up to this size are sent from memory. Streamed from disk, each chunk of a file
+/// is a hop to the blocking pool and back: for a typical run's few-KB logs those hops
+/// cost the worker more CPU than the bytes. Read in one blocking step instead, a run's
+/// artifacts in flight hold at most this much each.
+const IN_MEMORY_MAX: u64 = 256 * 1024;
+
+/// The file's size and, when it is at most [`IN_MEMORY_MAX`], its bytes: one blocking
+/// step (open, size, read).
+async fn read_if_small(
+    path: std::path::PathBuf,
+) -> Result<std::io::Result<(u64, Option<Vec<u8>>)>, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path)?;
+        let size = file.metadata()?.len();
+        if size > IN_MEMORY_MAX {
+            return Ok((size, None));
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        (&mut file).take(IN_MEMORY_MAX + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > IN_MEMORY_MAX {
+            // It grew since its size was read: stream it after all.
+            return Ok((file.metadata()?.len(), None));
+        }
+        Ok((bytes.len() as u64, Some(bytes)))
+    })
+    .await
+}
+
 use crate::config::{ChecksumMode, S3Settings};
 use crate::fault::{Dependency, Fault};
 
@@ -178,30 +207,35 @@ impl ArtifactStore {
         key: &str,
         content_type: &str,
     ) -> Result<u64, UploadError> {
-        let size = tokio::fs::metadata(path)
+        let local =
+            |e: String| UploadError::local(key, format!("cannot read {}: {e}", path.display()));
+        let (size, small) = read_if_small(path.to_path_buf())
             .await
-            .map_err(|e| UploadError::local(key, format!("cannot read {}: {e}", path.display())))?
-            .len();
-        if size > self.multipart_threshold {
-            self.upload_multipart(path, size, key, content_type).await?;
-        } else {
-            let body = ByteStream::read_from()
+            .map_err(|e| local(e.to_string()))?
+            .map_err(|e| local(e.to_string()))?;
+        let body = match small {
+            Some(bytes) => ByteStream::from(bytes),
+            None if size > self.multipart_threshold => {
+                self.upload_multipart(path, size, key, content_type).await?;
+                return Ok(size);
+            }
+            None => ByteStream::read_from()
                 .path(path)
                 .length(Length::Exact(size))
                 .build()
                 .await
-                .map_err(|e| UploadError::local(key, e.to_string()))?;
-            self.client
-                .put_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .content_type(content_type)
-                .content_length(size as i64)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| self.sdk_error(key, &e))?;
-        }
+                .map_err(|e| UploadError::local(key, e.to_string()))?,
+        };
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .content_length(size as i64)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.sdk_error(key, &e))?;
         Ok(size)
     }
 
