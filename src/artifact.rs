@@ -371,9 +371,9 @@ impl Fetcher {
         let uri = &redact_uri(uri);
         match source {
             Source::File(path) => {
-                let meta = tokio::fs::metadata(path)
-                    .await
-                    .map_err(|e| io_error(uri, e))?;
+                // One stat of a path `resolve` has just canonicalised (itself a walk of
+                // stats on this thread): cheaper here than a hop to the blocking pool.
+                let meta = std::fs::metadata(path).map_err(|e| io_error(uri, e))?;
                 if !meta.is_file() {
                     return Err(FetchError::Refused {
                         uri: uri.into(),

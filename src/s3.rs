@@ -32,7 +32,9 @@ async fn read_if_small(
             return Ok((size, None));
         }
         let mut bytes = Vec::with_capacity(size as usize);
-        (&mut file).take(IN_MEMORY_MAX + 1).read_to_end(&mut bytes)?;
+        (&mut file)
+            .take(IN_MEMORY_MAX + 1)
+            .read_to_end(&mut bytes)?;
         if bytes.len() as u64 > IN_MEMORY_MAX {
             // It grew since its size was read: stream it after all.
             return Ok((file.metadata()?.len(), None));

@@ -126,6 +126,37 @@ impl Extracted {
     }
 }
 
+/// Summaries up to this size are parsed, and summaries of up to
+/// [`EXTRACT_IN_PLACE_METRICS`] metrics extracted, on the async thread: a hop to the
+/// blocking pool and back costs more CPU than the work itself at these sizes.
+const PARSE_IN_PLACE_MAX: usize = 64 * 1024;
+const EXTRACT_IN_PLACE_METRICS: usize = 200;
+
+/// A parse's outcome (the document when it is inlined, and the summary) with the bytes
+/// it was parsed from, which an S3 copy still needs.
+type Parsed = (Result<(Option<Value>, Summary), SummaryError>, Vec<u8>);
+
+/// [`check_document`], the tree, NUL replacement, the summary and [`check_rows`].
+fn parse_bounded(bytes: Vec<u8>, limits: &SummaryLimits, inline: bool) -> Parsed {
+    let result = check_document(&bytes, limits)
+        .and_then(|()| {
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| SummaryError::Json(e.to_string()))
+        })
+        .and_then(|mut doc| {
+            let replaced = replace_nul(&mut doc);
+            let (doc, mut summary) = if inline {
+                let summary = parse_summary_value(&doc)?;
+                (Some(doc), summary)
+            } else {
+                (None, parse_summary_owned(doc)?)
+            };
+            summary.warnings.extend(replaced.warnings("summary"));
+            check_rows(&summary, limits)?;
+            Ok((doc, summary))
+        });
+    (result, bytes)
+}
+
 /// Fetch and extract, and nothing else: the steps every run goes through before a
 /// write, and on their own the dry run, which needs no database and no bucket.
 #[derive(Clone)]
@@ -237,17 +268,21 @@ impl DryRun {
                 let samples = self
                     .read_samples(summary, fetched.metrics_file(), &mut warnings)
                     .await;
-                let summary = Arc::clone(summary);
                 let exit_code = msg.exit_code;
-                let extraction = tokio::task::spawn_blocking(move || {
-                    extract(&summary, exit_code, samples.as_ref())
-                })
-                .await
-                .map_err(|e| IngestError::Config {
-                    run_id: msg.run_id,
-                    message: format!("extraction task failed: {e}"),
-                })?;
-                (extraction, None)
+                if summary.metrics.len() <= EXTRACT_IN_PLACE_METRICS {
+                    (extract(summary, exit_code, samples.as_ref()), None)
+                } else {
+                    let summary = Arc::clone(summary);
+                    let extraction = tokio::task::spawn_blocking(move || {
+                        extract(&summary, exit_code, samples.as_ref())
+                    })
+                    .await
+                    .map_err(|e| IngestError::Config {
+                        run_id: msg.run_id,
+                        message: format!("extraction task failed: {e}"),
+                    })?;
+                    (extraction, None)
+                }
             }
             SummaryLoad::Missing { reason } | SummaryLoad::Unreadable { reason, .. } => (
                 extract_without_summary(msg.exit_code, reason),
@@ -350,37 +385,18 @@ impl DryRun {
     }
 
     /// The document and the summary, bounded before the tree is built and before the
-    /// rows are extracted; the bytes come back for an S3 copy.
-    async fn parse_summary(
-        &self,
-        bytes: Vec<u8>,
-    ) -> Result<(Result<(Option<Value>, Summary), SummaryError>, Vec<u8>), tokio::task::JoinError>
-    {
+    /// rows are extracted; the bytes come back for an S3 copy. A summary of a typical
+    /// size is parsed where it is (a fraction of a millisecond); a larger one on the
+    /// blocking pool, so it never holds up the other runs' tasks.
+    async fn parse_summary(&self, bytes: Vec<u8>) -> Result<Parsed, tokio::task::JoinError> {
         let limits = self.summary_limits;
         // The tree is kept only when it is inlined; otherwise each metric's part of it is
         // freed as soon as it is converted, so tree and summary are never both whole.
         let inline = bytes.len() as u64 <= self.inline_summary_max;
-        tokio::task::spawn_blocking(move || {
-            let result = check_document(&bytes, &limits)
-                .and_then(|()| {
-                    serde_json::from_slice::<Value>(&bytes)
-                        .map_err(|e| SummaryError::Json(e.to_string()))
-                })
-                .and_then(|mut doc| {
-                    let replaced = replace_nul(&mut doc);
-                    let (doc, mut summary) = if inline {
-                        let summary = parse_summary_value(&doc)?;
-                        (Some(doc), summary)
-                    } else {
-                        (None, parse_summary_owned(doc)?)
-                    };
-                    summary.warnings.extend(replaced.warnings("summary"));
-                    check_rows(&summary, &limits)?;
-                    Ok((doc, summary))
-                });
-            (result, bytes)
-        })
-        .await
+        if bytes.len() <= PARSE_IN_PLACE_MAX {
+            return Ok(parse_bounded(bytes, &limits, inline));
+        }
+        tokio::task::spawn_blocking(move || parse_bounded(bytes, &limits, inline)).await
     }
 
     async fn read_samples(
