@@ -87,7 +87,7 @@ impl Metrics {
         let ingest_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register_with_unit(
             "ingest_duration",
-            "Time spent in ingest_one per delivery, whatever the outcome",
+            "Time spent ingesting one delivery (every step of its run), whatever the outcome",
             Unit::Seconds,
             ingest_duration.clone(),
         );

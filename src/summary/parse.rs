@@ -271,11 +271,7 @@ fn group_checks(obj: &Map<String, Value>, warnings: &mut Vec<String>) -> Vec<Che
 
 fn handle_summary_metric(name: &str, m: &Map<String, Value>, warnings: &mut Vec<String>) -> Metric {
     let (base_name, tags, metric_type, contains) = typed_key(name, m);
-    let values = m
-        .get("values")
-        .and_then(Value::as_object)
-        .map(|v| values_map(v, &[], warnings, name))
-        .unwrap_or_default();
+    let values = stat_values(name, m, warnings);
     let mut thresholds = Vec::new();
     for (expr, res) in m
         .get("thresholds")
@@ -302,6 +298,19 @@ fn handle_summary_metric(name: &str, m: &Map<String, Value>, warnings: &mut Vec<
         values,
         thresholds,
     }
+}
+
+/// A metric object's `values` (handleSummary and the machine-readable format both keep
+/// the stats there).
+fn stat_values(
+    name: &str,
+    m: &Map<String, Value>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, Option<f64>> {
+    m.get("values")
+        .and_then(Value::as_object)
+        .map(|v| values_map(v, &[], warnings, name))
+        .unwrap_or_default()
 }
 
 /// A metric's key parsed into base name and tags, with the `type` and `contains` a
@@ -547,11 +556,7 @@ fn machine_readable_metric(m: &Map<String, Value>, warnings: &mut Vec<String>) -
         return None;
     };
     let (base_name, tags, metric_type, contains) = typed_key(name, m);
-    let raw = m
-        .get("values")
-        .and_then(Value::as_object)
-        .map(|v| values_map(v, &[], warnings, name))
-        .unwrap_or_default();
+    let raw = stat_values(name, m, warnings);
     let mut values = BTreeMap::new();
     for (k, v) in raw {
         let stat = machine_readable_stat(&k);
