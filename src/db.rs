@@ -449,15 +449,7 @@ impl Db {
     async fn store_run_once(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
         let mut tx = self.pool.begin().await?;
         let msg = new.msg;
-        let c = &new.extraction.columns;
-        let run = RunValues {
-            status: c.status.as_str(),
-            duration_ms: new.duration_ms,
-            artifact_paths: &new.artifact_paths,
-            logs_s3_url: new.logs_s3_url.as_deref(),
-            error_details: new.extraction.status_details.as_deref(),
-            metadata: true,
-        };
+        let run = RunValues::of(new);
         let Some(lock) = self.lock_run(&mut tx, msg, &run, new.has_summary).await? else {
             tx.rollback().await?;
             return Ok(Stored::AlreadyPresent);
@@ -705,6 +697,20 @@ struct RunValues<'a> {
     /// Merge the message's metadata (an error record leaves it out: it may be what
     /// was refused).
     metadata: bool,
+}
+
+impl<'a> RunValues<'a> {
+    /// A run's values as its extraction and uploads give them, metadata merged.
+    fn of(new: &'a NewRun<'_>) -> Self {
+        Self {
+            status: new.extraction.columns.status.as_str(),
+            duration_ms: new.duration_ms,
+            artifact_paths: &new.artifact_paths,
+            logs_s3_url: new.logs_s3_url.as_deref(),
+            error_details: new.extraction.status_details.as_deref(),
+            metadata: true,
+        }
+    }
 }
 
 impl Db {

@@ -294,14 +294,7 @@ async fn export_to_file(
 
 /// Reads an object back: (bytes, sha256 of the object, rows after gunzip).
 async fn read_back(store: &ArtifactStore, key: &str) -> anyhow::Result<(u64, String, u64)> {
-    let out = store
-        .client()
-        .get_object()
-        .bucket(store.bucket())
-        .key(key)
-        .send()
-        .await
-        .map_err(|e| anyhow!("GetObject {key}: {}", crate::s3::describe_sdk_error(&e)))?;
+    let out = get_object(store, key).await?;
     let mut body = out.body;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
@@ -556,15 +549,22 @@ async fn read_back_raw_or_gz(
     Ok((bytes.len() as u64, hex::encode(Sha256::digest(&bytes)), 0))
 }
 
-async fn get_small(store: &ArtifactStore, key: &str) -> anyhow::Result<Vec<u8>> {
-    let out = store
+async fn get_object(
+    store: &ArtifactStore,
+    key: &str,
+) -> anyhow::Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+    store
         .client()
         .get_object()
         .bucket(store.bucket())
         .key(key)
         .send()
         .await
-        .map_err(|e| anyhow!("GetObject {key}: {}", crate::s3::describe_sdk_error(&e)))?;
+        .map_err(|e| anyhow!("GetObject {key}: {}", crate::s3::describe_sdk_error(&e)))
+}
+
+async fn get_small(store: &ArtifactStore, key: &str) -> anyhow::Result<Vec<u8>> {
+    let out = get_object(store, key).await?;
     Ok(out
         .body
         .collect()

@@ -294,15 +294,7 @@ impl Db {
         )
         .fetch_optional(&mut **tx)
         .await?;
-        let c = &new.extraction.columns;
-        let run = RunValues {
-            status: c.status.as_str(),
-            duration_ms: new.duration_ms,
-            artifact_paths: &new.artifact_paths,
-            logs_s3_url: new.logs_s3_url.as_deref(),
-            error_details: new.extraction.status_details.as_deref(),
-            metadata: true,
-        };
+        let run = RunValues::of(new);
         self.upsert_run(tx, new.msg, &run)
             .await
             .map_err(|e| StoreError::from_write("runs", e))?;

@@ -895,13 +895,18 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_union_of_parts_above_a_cap_refuses_the_merge_naming_the_cap() {
+    /// Part 0 of the real 2-part split fixture, parsed.
+    fn split_part_summary() -> Summary {
         let doc: serde_json::Value = serde_json::from_str(include_str!(
             "../../fixtures/k6-split/v1.1.0/split2-merged-pass/part-0/summary.json"
         ))
         .unwrap();
-        let a = super::super::parse::parse_summary_value(&doc).unwrap();
+        super::super::parse::parse_summary_value(&doc).unwrap()
+    }
+
+    #[test]
+    fn a_union_of_parts_above_a_cap_refuses_the_merge_naming_the_cap() {
+        let a = split_part_summary();
         let mut b = a.clone();
         let mut extra = b.metrics[0].clone();
         extra.name = format!("{}{{only:b}}", extra.base_name);
@@ -933,11 +938,7 @@ mod tests {
     /// with what was folded before it, whatever its metrics' order.
     #[test]
     fn a_later_part_with_new_metrics_and_stats_keeps_every_sum_exact() {
-        let doc: serde_json::Value = serde_json::from_str(include_str!(
-            "../../fixtures/k6-split/v1.1.0/split2-merged-pass/part-0/summary.json"
-        ))
-        .unwrap();
-        let a = super::super::parse::parse_summary_value(&doc).unwrap();
+        let a = split_part_summary();
         let mut b = a.clone();
         let mut c = a.clone();
         let count = |s: &Summary, name: &str| s.metric(name).unwrap().value("count").unwrap();
