@@ -479,7 +479,24 @@ impl MergeAcc {
             self.duration_ms = Some(self.duration_ms.map_or(d, |a| a.max(d)));
         }
         self.add_metrics(&s.metrics);
-        for c in &s.checks {
+        self.add_checks(&s.checks);
+        self.part_warnings
+            .extend(s.warnings.iter().map(|w| format!("part {index}: {w}")));
+        for (k, v) in &s.derived {
+            self.derived
+                .entry(k.clone())
+                .or_default()
+                .extend(v.iter().cloned());
+        }
+        if let Some(why) = self.over_a_cap() {
+            self.refuse(why);
+        }
+    }
+
+    /// Sums each check (by group path and name) into the one first seen, in first-seen
+    /// order.
+    fn add_checks(&mut self, checks: &[Check]) {
+        for c in checks {
             let key = (c.group_path.clone(), c.name.clone());
             match self.check_at.get(&key) {
                 Some(&i) => {
@@ -493,15 +510,11 @@ impl MergeAcc {
                 }
             }
         }
-        self.part_warnings
-            .extend(s.warnings.iter().map(|w| format!("part {index}: {w}")));
-        for (k, v) in &s.derived {
-            self.derived
-                .entry(k.clone())
-                .or_default()
-                .extend(v.iter().cloned());
-        }
-        let over = if self.metrics.entries.len() > self.max_metrics {
+    }
+
+    /// The first cap the union of the parts folded so far is over, in words.
+    fn over_a_cap(&self) -> Option<String> {
+        if self.metrics.entries.len() > self.max_metrics {
             Some(format!(
                 "the parts' summaries hold {} metrics together, over ingest.max_metrics ({})",
                 self.metrics.entries.len(),
@@ -520,18 +533,19 @@ impl MergeAcc {
             ))
         } else {
             None
-        };
-        if let Some(why) = over {
-            self.refused = Some(format!("merge refused: {why}"));
-            // Nothing folded is used any more: give the memory back now.
-            self.metrics = MetricTable::default();
-            self.stat_names = StatNames::default();
-            self.trend_keys = BTreeMap::new();
-            self.checks = Vec::new();
-            self.check_at = HashMap::new();
-            self.derived = BTreeMap::new();
-            self.part_warnings = Vec::new();
         }
+    }
+
+    /// Refuses the merge: nothing folded is used any more, so the memory goes back now.
+    fn refuse(&mut self, why: String) {
+        self.refused = Some(format!("merge refused: {why}"));
+        self.metrics = MetricTable::default();
+        self.stat_names = StatNames::default();
+        self.trend_keys = BTreeMap::new();
+        self.checks = Vec::new();
+        self.check_at = HashMap::new();
+        self.derived = BTreeMap::new();
+        self.part_warnings = Vec::new();
     }
 
     fn add_metrics(&mut self, metrics: &[Metric]) {
@@ -584,245 +598,45 @@ impl MergeAcc {
 
     /// The merged run.
     pub fn finish(self) -> io::Result<Merged> {
-        let count = self.exit_codes.len();
-        let mut warnings = Vec::new();
-        let mut sources = BTreeMap::new();
         let exit_code = merged_exit_code(&self.exit_codes);
-        let mut error = self
-            .no_summary
-            .iter()
-            .map(|(index, reason)| {
-                format!(
-                    "part {index} of {count}: {}",
-                    reason.as_deref().unwrap_or("no summary")
-                )
-            })
-            .reduce(|a, b| format!("{a}; {b}"));
+        let error = self.parts_without_summary();
         if let Some(why) = self.refused {
-            error = Some(match error {
+            let error = Some(match error {
                 Some(e) => format!("{why}; {e}"),
                 None => why,
             });
-            return Ok(Merged {
-                summary: None,
-                exit_code,
-                samples: None,
-                error,
-                warnings,
-                sources,
-            });
+            return Ok(Merged::without_summary(exit_code, error));
         }
         let Some(format) = self.format else {
-            return Ok(Merged {
-                summary: None,
-                exit_code,
-                samples: None,
-                error,
-                warnings,
-                sources,
-            });
+            return Ok(Merged::without_summary(exit_code, error));
         };
-        let n = self.with_summary;
-        let missing_samples = self.missing_samples;
-        // A key some part could not give completely has no exact union.
-        let merged_sorted: HashMap<String, SortedSamples> = self
-            .samples
-            .into_iter()
-            .filter(|(_, (_, from))| *from == n)
-            .map(|(k, (s, _))| (k, s))
-            .collect();
-        let duration_ms = self.duration_ms;
-
-        // --- metrics ---
-        let mut metrics = Vec::with_capacity(self.metrics.entries.len());
-        let stat_names = self.stat_names;
-        let MetricTable {
-            names: metric_names,
-            entries,
-            stats: all_stats,
-        } = self.metrics;
-        for ms in entries {
-            let name = metric_names[ms.name.clone()].to_string();
-            let (base_name, tags) = ms.key_of(&name);
-            let view = StatView {
-                metric: &ms,
-                stats: &all_stats[ms.stats.clone()],
-                names: &stat_names,
-            };
-            let stat_keys: Vec<String> = view.keys().into_iter().map(String::from).collect();
-            let mut values: BTreeMap<String, Option<f64>> = BTreeMap::new();
-            let sum = |k: &str| view.sum(k);
-            let min = |k: &str| view.min(k);
-            let max = |k: &str| view.max(k);
-            match ms.metric_type {
-                Some(MetricType::Counter) => {
-                    for k in &stat_keys {
-                        let v = match k.as_str() {
-                            "count" => sum("count"),
-                            "rate" => sum("count").and_then(|c| {
-                                duration_ms.map(|d| if d > 0.0 { c / (d / 1000.0) } else { 0.0 })
-                            }),
-                            _ => None,
-                        };
-                        values.insert(k.clone(), v);
-                    }
-                }
-                Some(MetricType::Rate) => {
-                    for k in &stat_keys {
-                        let v = match k.as_str() {
-                            "passes" | "fails" | "matches" | "total" => sum(k),
-                            "rate" | "value" => {
-                                let hit = sum("passes").or_else(|| sum("matches"));
-                                let all = sum("passes")
-                                    .zip(sum("fails"))
-                                    .map(|(p, f)| p + f)
-                                    .or_else(|| sum("total"));
-                                hit.zip(all).map(|(h, a)| if a > 0.0 { h / a } else { 0.0 })
-                            }
-                            _ => None,
-                        };
-                        values.insert(k.clone(), v);
-                    }
-                }
-                Some(MetricType::Gauge) => {
-                    let additive = matches!(base_name.as_str(), "vus" | "vus_max");
-                    for k in &stat_keys {
-                        let v = match k.as_str() {
-                            _ if additive => sum(k),
-                            "min" => min("min"),
-                            "max" | "value" => max(k),
-                            _ => None,
-                        };
-                        values.insert(k.clone(), v);
-                    }
-                    if !additive && ms.parts > 1 {
-                        sources.insert(
-                            format!("{name}.value"),
-                            ValueSource::Merge(
-                                "merged: the largest of the parts' last values".into(),
-                            ),
-                        );
-                    }
-                }
-                Some(MetricType::Trend) => match merged_sorted.get(&name) {
-                    Some(sorted) => {
-                        let keys: Vec<&str> = stat_keys.iter().map(String::as_str).collect();
-                        let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
-                        let pct = sorted.percentiles(&ps)?;
-                        for ((k, p), v) in keys.iter().zip(&ps).zip(pct) {
-                            let v = match *k {
-                                "avg" => sorted.mean().or(Some(0.0)).filter(|a| a.is_finite()),
-                                "min" => Some(sorted.min().unwrap_or(0.0)),
-                                "max" => Some(sorted.max().unwrap_or(0.0)),
-                                "count" => Some(sorted.count() as f64),
-                                _ if p.is_nan() => None,
-                                _ => Some(v),
-                            };
-                            values.insert((*k).to_string(), v);
-                        }
-                        sources.insert(
-                            name.clone(),
-                            ValueSource::Merge(format!(
-                                "merged: the union of {n} parts' raw samples"
-                            )),
-                        );
-                    }
-                    None => {
-                        for k in &stat_keys {
-                            let v = match k.as_str() {
-                                "min" => min("min"),
-                                "max" => max("max"),
-                                "count" => sum("count"),
-                                "avg" => sum("count").and_then(|n| {
-                                    let total =
-                                        ms.weighted_avg.0.filter(|_| ms.weighted_avg.1 == ms.parts);
-                                    total.map(|t| if n > 0.0 { t / n } else { 0.0 })
-                                }),
-                                _ => None,
-                            };
-                            values.insert(k.clone(), v);
-                        }
-                        let why = if missing_samples.is_empty() {
-                            "its raw samples were not collected".to_string()
-                        } else {
-                            format!("no raw samples from {}", missing_samples.join(", "))
-                        };
-                        warnings.push(format!(
-                            "{name}: merged percentiles not computed ({why}); never an average of percentiles"
-                        ));
-                        sources.insert(
-                            name.clone(),
-                            ValueSource::Merge(format!("merged: percentiles NULL, {why}")),
-                        );
-                    }
-                },
-                None => {
-                    warnings.push(format!("{name}: metric type unknown, not merged"));
-                    for k in &stat_keys {
-                        values.insert(k.clone(), None);
-                    }
-                }
-            }
-            // --- thresholds, judged again on the merged values ---
-            let thresholds = ms
-                .thresholds
-                .into_iter()
-                .map(|(expr, every)| {
-                    let judged = ms.metric_type.ok_or_else(|| "metric type unknown".to_string()).and_then(|t| {
-                        parse_threshold(&expr)
-                            .and_then(|p| p.evaluate(t, &values))
-                            .map_err(|e| e.to_string())
-                    });
-                    let ok = match judged {
-                        Ok(ok) => ok,
-                        Err(e) => {
-                            // Not judgeable on the merged values: it holds only if it held
-                            // on every part.
-                            warnings.push(format!(
-                                "{name}: threshold {expr:?} not judged on the merged values ({e}); ok only if it held on every part: {every}"
-                            ));
-                            every
-                        }
-                    };
-                    Threshold { expression: expr, ok }
-                })
-                .collect();
-            metrics.push(Metric {
-                name,
-                base_name,
-                tags,
-                metric_type: ms.metric_type,
-                contains: ms.contains,
-                values,
-                thresholds,
-            });
-        }
+        let unions = complete_unions(self.samples, self.with_summary);
+        let mut merge = MetricMerge {
+            stat_names: &self.stat_names,
+            duration_ms: self.duration_ms,
+            parts: self.with_summary,
+            unions: &unions,
+            missing_samples: &self.missing_samples,
+            warnings: Vec::new(),
+            sources: BTreeMap::new(),
+        };
+        let metrics = merge.metrics(self.metrics)?;
+        let MetricMerge {
+            mut warnings,
+            sources,
+            ..
+        } = merge;
         warnings.extend(self.part_warnings);
         let summary = Summary {
             format,
-            test_run_duration_ms: duration_ms,
+            test_run_duration_ms: self.duration_ms,
             trend_stats: self.trend_stats,
             metrics,
             checks: self.checks,
             warnings: Vec::new(),
             derived: self.derived,
         };
-
-        // --- statistics for the keys extraction fills from samples ---
-        let samples = if merged_sorted.is_empty() {
-            None
-        } else {
-            let mut sets = SampleSets::default();
-            for r in wanted_samples(&summary) {
-                if let Some(sorted) = merged_sorted.get(&r.key) {
-                    sets.sets.insert(
-                        r.key.clone(),
-                        SampleStats::of_sorted(sorted, &r.percentiles)?,
-                    );
-                }
-            }
-            Some(sets)
-        };
+        let samples = sample_sets(&summary, &unions)?;
         Ok(Merged {
             summary: Some(summary),
             exit_code,
@@ -832,6 +646,306 @@ impl MergeAcc {
             sources,
         })
     }
+
+    /// `part 1 of 4: why; ...` for the parts without a summary, if any.
+    fn parts_without_summary(&self) -> Option<String> {
+        let count = self.exit_codes.len();
+        self.no_summary
+            .iter()
+            .map(|(index, reason)| {
+                format!(
+                    "part {index} of {count}: {}",
+                    reason.as_deref().unwrap_or("no summary")
+                )
+            })
+            .reduce(|a, b| format!("{a}; {b}"))
+    }
+}
+
+impl Merged {
+    /// A merged run with no summary: `error` says why.
+    fn without_summary(exit_code: Option<i32>, error: Option<String>) -> Self {
+        Merged {
+            summary: None,
+            exit_code,
+            samples: None,
+            error,
+            warnings: Vec::new(),
+            sources: BTreeMap::new(),
+        }
+    }
+}
+
+/// The union of each trend key's samples, kept only for the keys every one of the
+/// `parts` with a summary gave: a key some part could not give completely has no exact
+/// union.
+fn complete_unions(
+    samples: HashMap<String, (SortedSamples, usize)>,
+    parts: usize,
+) -> HashMap<String, SortedSamples> {
+    samples
+        .into_iter()
+        .filter(|(_, (_, from))| *from == parts)
+        .map(|(k, (s, _))| (k, s))
+        .collect()
+}
+
+/// Statistics from the merged samples for the keys extraction fills from samples.
+fn sample_sets(
+    summary: &Summary,
+    unions: &HashMap<String, SortedSamples>,
+) -> io::Result<Option<SampleSets>> {
+    if unions.is_empty() {
+        return Ok(None);
+    }
+    let mut sets = SampleSets::default();
+    for r in wanted_samples(summary) {
+        if let Some(sorted) = unions.get(&r.key) {
+            sets.sets.insert(
+                r.key.clone(),
+                SampleStats::of_sorted(sorted, &r.percentiles)?,
+            );
+        }
+    }
+    Ok(Some(sets))
+}
+
+/// A metric's merged stats, by stat name.
+type Values = BTreeMap<String, Option<f64>>;
+
+/// Turns each metric of the accumulator into the merged one, and collects what the
+/// run's record says about them: warnings, and where merged values came from.
+struct MetricMerge<'a> {
+    stat_names: &'a StatNames,
+    /// The longest part's duration (the parts run concurrently).
+    duration_ms: Option<f64>,
+    /// How many parts have a summary.
+    parts: usize,
+    /// The union of every part's samples, per trend key every part gave completely.
+    unions: &'a HashMap<String, SortedSamples>,
+    /// The parts whose samples are missing, with why.
+    missing_samples: &'a [String],
+    warnings: Vec<String>,
+    sources: BTreeMap<String, ValueSource>,
+}
+
+impl MetricMerge<'_> {
+    /// Every metric of the table, in its (name) order.
+    fn metrics(&mut self, table: MetricTable) -> io::Result<Vec<Metric>> {
+        let MetricTable {
+            names,
+            entries,
+            stats,
+        } = table;
+        let mut metrics = Vec::with_capacity(entries.len());
+        for ms in entries {
+            let name = names[ms.name.clone()].to_string();
+            let stats = &stats[ms.stats.clone()];
+            metrics.push(self.metric(ms, name, stats)?);
+        }
+        Ok(metrics)
+    }
+
+    /// One merged metric: its values by its type, its thresholds judged again on them.
+    fn metric(&mut self, ms: MetricAcc, name: String, stats: &[StatAcc]) -> io::Result<Metric> {
+        let (base_name, tags) = ms.key_of(&name);
+        let view = StatView {
+            metric: &ms,
+            stats,
+            names: self.stat_names,
+        };
+        let keys: Vec<String> = view.keys().into_iter().map(String::from).collect();
+        let values = match ms.metric_type {
+            Some(MetricType::Counter) => counter_values(&view, &keys, self.duration_ms),
+            Some(MetricType::Rate) => rate_values(&view, &keys),
+            Some(MetricType::Gauge) => self.gauge_values(&view, &keys, &name, &base_name),
+            Some(MetricType::Trend) => self.trend_values(&view, &keys, &name)?,
+            None => {
+                self.warnings
+                    .push(format!("{name}: metric type unknown, not merged"));
+                each_stat(&keys, |_| None)
+            }
+        };
+        let thresholds = self.judge(&name, ms.metric_type, ms.thresholds, &values);
+        Ok(Metric {
+            name,
+            base_name,
+            tags,
+            metric_type: ms.metric_type,
+            contains: ms.contains,
+            values,
+            thresholds,
+        })
+    }
+
+    /// A gauge's values: `vus` and `vus_max` summed (each runner's VUs run at once), any
+    /// other the smallest `min` and the largest `max` and `value`.
+    fn gauge_values(
+        &mut self,
+        view: &StatView<'_>,
+        keys: &[String],
+        name: &str,
+        base_name: &str,
+    ) -> Values {
+        let additive = matches!(base_name, "vus" | "vus_max");
+        let values = each_stat(keys, |k| match k {
+            _ if additive => view.sum(k),
+            "min" => view.min("min"),
+            "max" | "value" => view.max(k),
+            _ => None,
+        });
+        if !additive && view.metric.parts > 1 {
+            self.sources.insert(
+                format!("{name}.value"),
+                ValueSource::Merge("merged: the largest of the parts' last values".into()),
+            );
+        }
+        values
+    }
+
+    /// A trend's values from the union of every part's samples, or, without it, only
+    /// those the parts' summaries give exactly (with a warning saying why).
+    fn trend_values(
+        &mut self,
+        view: &StatView<'_>,
+        keys: &[String],
+        name: &str,
+    ) -> io::Result<Values> {
+        let unions = self.unions;
+        if let Some(sorted) = unions.get(name) {
+            let values = trend_of_samples(sorted, keys)?;
+            self.sources.insert(
+                name.to_string(),
+                ValueSource::Merge(format!(
+                    "merged: the union of {} parts' raw samples",
+                    self.parts
+                )),
+            );
+            return Ok(values);
+        }
+        let values = trend_of_summaries(view, keys);
+        let why = if self.missing_samples.is_empty() {
+            "its raw samples were not collected".to_string()
+        } else {
+            format!("no raw samples from {}", self.missing_samples.join(", "))
+        };
+        self.warnings.push(format!(
+            "{name}: merged percentiles not computed ({why}); never an average of percentiles"
+        ));
+        self.sources.insert(
+            name.to_string(),
+            ValueSource::Merge(format!("merged: percentiles NULL, {why}")),
+        );
+        Ok(values)
+    }
+
+    /// The metric's thresholds judged on its merged values. One that cannot be judged
+    /// there holds only if it held on every part (and a warning says so).
+    fn judge(
+        &mut self,
+        name: &str,
+        metric_type: Option<MetricType>,
+        thresholds: Vec<(String, bool)>,
+        values: &Values,
+    ) -> Vec<Threshold> {
+        thresholds
+            .into_iter()
+            .map(|(expr, every)| {
+                let judged = metric_type
+                    .ok_or_else(|| "metric type unknown".to_string())
+                    .and_then(|t| {
+                        parse_threshold(&expr)
+                            .and_then(|p| p.evaluate(t, values))
+                            .map_err(|e| e.to_string())
+                    });
+                let ok = judged.unwrap_or_else(|e| {
+                    self.warnings.push(format!(
+                        "{name}: threshold {expr:?} not judged on the merged values ({e}); ok only if it held on every part: {every}"
+                    ));
+                    every
+                });
+                Threshold {
+                    expression: expr,
+                    ok,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Each stat the parts gave, with the merged value `value` gives it.
+fn each_stat(keys: &[String], mut value: impl FnMut(&str) -> Option<f64>) -> Values {
+    keys.iter().map(|k| (k.clone(), value(k))).collect()
+}
+
+/// A counter's values: `count` summed, `rate` that sum over the longest part's duration
+/// (the parts run concurrently).
+fn counter_values(view: &StatView<'_>, keys: &[String], duration_ms: Option<f64>) -> Values {
+    each_stat(keys, |k| match k {
+        "count" => view.sum("count"),
+        "rate" => view
+            .sum("count")
+            .and_then(|c| duration_ms.map(|d| if d > 0.0 { c / (d / 1000.0) } else { 0.0 })),
+        _ => None,
+    })
+}
+
+/// A rate's values: passes and fails (or matches and total) summed, the rate their
+/// quotient.
+fn rate_values(view: &StatView<'_>, keys: &[String]) -> Values {
+    each_stat(keys, |k| match k {
+        "passes" | "fails" | "matches" | "total" => view.sum(k),
+        "rate" | "value" => {
+            let hit = view.sum("passes").or_else(|| view.sum("matches"));
+            let all = view
+                .sum("passes")
+                .zip(view.sum("fails"))
+                .map(|(p, f)| p + f)
+                .or_else(|| view.sum("total"));
+            hit.zip(all).map(|(h, a)| if a > 0.0 { h / a } else { 0.0 })
+        }
+        _ => None,
+    })
+}
+
+/// A trend's values over the union of every part's samples: `avg`, `med` and every
+/// `p(N)` exact, never an average of the parts' percentiles.
+fn trend_of_samples(sorted: &SortedSamples, keys: &[String]) -> io::Result<Values> {
+    let ps: Vec<f64> = keys.iter().map(|k| trend_percentile(k)).collect();
+    let pct = sorted.percentiles(&ps)?;
+    Ok(keys
+        .iter()
+        .zip(&ps)
+        .zip(pct)
+        .map(|((k, p), v)| {
+            let v = match k.as_str() {
+                "avg" => sorted.mean().or(Some(0.0)).filter(|a| a.is_finite()),
+                "min" => Some(sorted.min().unwrap_or(0.0)),
+                "max" => Some(sorted.max().unwrap_or(0.0)),
+                "count" => Some(sorted.count() as f64),
+                _ if p.is_nan() => None,
+                _ => Some(v),
+            };
+            (k.clone(), v)
+        })
+        .collect())
+}
+
+/// A trend's values without the union of samples: only what the parts' summaries give
+/// exactly (`min`, `max`, `count`, and `avg` when every part gave its `avg` and
+/// `count`); percentiles `null`.
+fn trend_of_summaries(view: &StatView<'_>, keys: &[String]) -> Values {
+    let ms = view.metric;
+    each_stat(keys, |k| match k {
+        "min" => view.min("min"),
+        "max" => view.max("max"),
+        "count" => view.sum("count"),
+        "avg" => view.sum("count").and_then(|n| {
+            let total = ms.weighted_avg.0.filter(|_| ms.weighted_avg.1 == ms.parts);
+            total.map(|t| if n > 0.0 { t / n } else { 0.0 })
+        }),
+        _ => None,
+    })
 }
 
 /// The percentile a trend stat stands for (`med` is p(50)); NaN for `avg`, `min`,
