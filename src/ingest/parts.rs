@@ -37,7 +37,7 @@ use crate::db::parts::{
 use crate::db::{Db, NewRun, StoreError, Stored};
 use crate::fault::ReasonClass;
 use crate::message::{Artifacts, Part, RunCompleted, Trigger};
-use crate::summary::merge::MergeAcc;
+use crate::summary::merge::{MergeAcc, Merged};
 use crate::summary::parse::parse_summary_owned;
 use crate::summary::samples::{SampleRequest, collect_sorted_with};
 use crate::summary::sink::SortedSamples;
@@ -168,22 +168,14 @@ impl Ingestor {
                 return Err(IngestError::store(run_id, e));
             }
         };
-        let (line, warnings) = part_view(merged.as_ref(), extraction);
-        let (outcome, reason) = match unusable {
-            Some(reason) => (
-                Outcome::StoredAsError(ReasonClass::SummaryUnusable),
-                Some(reason),
-            ),
-            None => (outcome, None),
-        };
-        Ok(IngestReport {
+        Ok(part_report(
             run_id,
             outcome,
-            line,
-            bytes_uploaded: objects.bytes,
-            warnings,
-            reason,
-        })
+            merged.as_ref(),
+            extraction,
+            unusable,
+            objects.bytes,
+        ))
     }
 
     /// A part already stored: merge if that is still due (it is not, unless the merge
@@ -279,13 +271,57 @@ impl Ingestor {
         incomplete: Option<String>,
     ) -> Result<MergeOutcome, StoreError> {
         let count = state.parts.first().map_or(1, |p| p.count);
-        // One part's summary at a time: loaded (its own query, or its S3 copy), folded
-        // into the accumulator and dropped before the next is read.
+        let label = merged_label(state.parts.len() as u32, count);
+        let (mut acc, with_summary) = self.fold_summaries(db, tx, msg.run_id, state).await?;
+        self.fold_samples(&mut acc, &with_summary, state.parts.len(), current.as_ref())
+            .await;
+        let merged = tokio::task::spawn_blocking(move || acc.finish())
+            .await
+            .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merge task failed: {e}"))))?
+            .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+        let run_msg = merged_run_message(msg, state, merged.exit_code);
+        let (extraction, summary) = merged_extraction(merged, incomplete, &label);
+        let has_summary = summary.is_some();
+        let (summary_text, summary_s3_url) = match &summary {
+            Some(s) => self.merged_summary_document(msg, &label, s).await?,
+            None => (None, None),
+        };
+        // The write needs only the document (or its URL) and the extraction.
+        drop(summary);
+        release_freed_memory();
+        let duration_ms = extraction
+            .columns
+            .duration_ms
+            .or_else(|| run_msg.wall_duration_ms());
+        let new = NewRun {
+            msg: &run_msg,
+            extraction: &extraction,
+            has_summary,
+            duration_ms,
+            artifact_paths: parts_paths(state),
+            logs_s3_url: None,
+            summary_json: None,
+            summary_s3_url,
+        };
+        let stored = db.write_merged(tx, &new, summary_text.as_deref()).await?;
+        Ok(MergeOutcome { extraction, stored })
+    }
+
+    /// Folds the stored parts' summaries, one at a time: each is loaded (its own query,
+    /// or its S3 copy), folded into the accumulator and dropped before the next is
+    /// read. Returns the accumulator and the parts that had a summary.
+    async fn fold_summaries<'s>(
+        &self,
+        db: &Db,
+        tx: &mut Transaction<'_, Postgres>,
+        run_id: Uuid,
+        state: &'s PartState,
+    ) -> Result<(MergeAcc, Vec<&'s StoredPart>), StoreError> {
         release_freed_memory();
         let mut acc = MergeAcc::new(self.prepare.summary_limits());
         let mut with_summary = Vec::with_capacity(state.parts.len());
         for p in &state.parts {
-            let (summary, reason) = self.stored_summary(db, tx, msg.run_id, p).await?;
+            let (summary, reason) = self.stored_summary(db, tx, run_id, p).await?;
             if summary.is_some() {
                 with_summary.push(p);
             }
@@ -298,6 +334,18 @@ impl Ingestor {
             drop(summary);
             release_freed_memory();
         }
+        Ok((acc, with_summary))
+    }
+
+    /// Adds the raw samples of each part with a summary (the arriving part's from its
+    /// local file, the others' from the worker's S3 copies), or why it has none.
+    async fn fold_samples(
+        &self,
+        acc: &mut MergeAcc,
+        with_summary: &[&StoredPart],
+        parts: usize,
+        current: Option<&Current>,
+    ) {
         let requests: Vec<SampleRequest> = acc
             .sample_keys()
             .into_iter()
@@ -313,110 +361,12 @@ impl Ingestor {
                 acc.add_samples(p.index, Err("no raw samples".into()));
                 continue;
             }
-            let own = current.as_ref().filter(|c| c.index == p.index);
+            let own = current.filter(|c| c.index == p.index);
             let samples = self
-                .part_samples(
-                    p,
-                    own.and_then(|c| c.metrics.clone()),
-                    &requests,
-                    state.parts.len(),
-                )
+                .part_samples(p, own.and_then(|c| c.metrics.clone()), &requests, parts)
                 .await;
             acc.add_samples(p.index, samples);
         }
-        let merged = tokio::task::spawn_blocking(move || acc.finish())
-            .await
-            .map_err(|e| StoreError::Db(sqlx::Error::Protocol(format!("merge task failed: {e}"))))?
-            .map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
-
-        let have = state.parts.len() as u32;
-        let mut extraction = match &merged.summary {
-            Some(s) => extract(s, merged.exit_code, merged.samples.as_ref()),
-            None => extract_without_summary(
-                merged.exit_code,
-                merged.error.as_deref().unwrap_or("no part has a summary"),
-            ),
-        };
-        if let Some(e) = &merged.error {
-            extraction.columns.status = RunStatus::Error;
-            extraction.status_details = Some(e.clone());
-        }
-        if let Some(why) = &incomplete {
-            extraction.columns.status = RunStatus::Error;
-            extraction.status_details = Some(why.clone());
-            extraction.columns.warnings.push(why.clone());
-        }
-        extraction.columns.warnings.extend(merged.warnings);
-        extraction.columns.value_sources.extend(merged.sources);
-        extraction.columns.value_sources.insert(
-            MERGED_PARTS_KEY.into(),
-            ValueSource::Merge(merged_label(have, count)),
-        );
-
-        let started_at = state
-            .parts
-            .iter()
-            .filter_map(|p| p.started_at)
-            .min()
-            .unwrap_or(msg.started_at);
-        let completed_at = state.parts.iter().filter_map(|p| p.completed_at).max();
-        // Whatever arrived last, the merged run describes itself as its lowest part does.
-        let first = &state.parts[0];
-        let run_msg = RunCompleted {
-            started_at,
-            completed_at: completed_at.or(msg.completed_at),
-            exit_code: merged.exit_code,
-            artifacts: Artifacts::default(),
-            location: first.location.clone().or_else(|| msg.location.clone()),
-            k6_version: first.k6_version.clone().or_else(|| msg.k6_version.clone()),
-            config_snapshot: first.config_snapshot.clone(),
-            metadata: first.metadata.clone(),
-            part: None,
-            ..msg.clone()
-        };
-        let parts_paths: serde_json::Map<String, Value> = state
-            .parts
-            .iter()
-            .map(|p| {
-                (
-                    p.index.to_string(),
-                    json!({
-                        "runner": p.runner,
-                        "execution_segment": p.execution_segment,
-                        "exit_code": p.exit_code,
-                        "status": p.status,
-                        "artifacts": p.artifact_paths,
-                    }),
-                )
-            })
-            .collect();
-        let has_summary = merged.summary.is_some();
-        let (summary_text, summary_s3_url) = match &merged.summary {
-            Some(s) => {
-                self.merged_summary_document(msg, &merged_label(have, count), s)
-                    .await?
-            }
-            None => (None, None),
-        };
-        // The write needs only the document (or its URL) and the extraction.
-        drop(merged.summary);
-        release_freed_memory();
-        let duration_ms = extraction
-            .columns
-            .duration_ms
-            .or_else(|| run_msg.wall_duration_ms());
-        let new = NewRun {
-            msg: &run_msg,
-            extraction: &extraction,
-            has_summary,
-            duration_ms,
-            artifact_paths: json!({ "parts": parts_paths }),
-            logs_s3_url: None,
-            summary_json: None,
-            summary_s3_url,
-        };
-        let stored = db.write_merged(tx, &new, summary_text.as_deref()).await?;
-        Ok(MergeOutcome { extraction, stored })
     }
 
     /// The merged summary's document, `{"merged_from_parts": "4 of 4", "summary": ...}`,
@@ -647,6 +597,117 @@ fn sweep_message(run_id: Uuid, id: RunIdentity, first: &StoredPart) -> RunComple
         metadata: None,
         part: None,
         decode_warnings: Vec::new(),
+    }
+}
+
+/// The merged run's extraction, its status `error` when the merge says why or parts
+/// are missing (`incomplete`), and the merged summary the run's document is made of.
+fn merged_extraction(
+    merged: Merged,
+    incomplete: Option<String>,
+    label: &str,
+) -> (Extraction, Option<Summary>) {
+    let mut extraction = match &merged.summary {
+        Some(s) => extract(s, merged.exit_code, merged.samples.as_ref()),
+        None => extract_without_summary(
+            merged.exit_code,
+            merged.error.as_deref().unwrap_or("no part has a summary"),
+        ),
+    };
+    if let Some(e) = &merged.error {
+        extraction.columns.status = RunStatus::Error;
+        extraction.status_details = Some(e.clone());
+    }
+    if let Some(why) = incomplete {
+        extraction.columns.status = RunStatus::Error;
+        extraction.status_details = Some(why.clone());
+        extraction.columns.warnings.push(why);
+    }
+    extraction.columns.warnings.extend(merged.warnings);
+    extraction.columns.value_sources.extend(merged.sources);
+    extraction.columns.value_sources.insert(
+        MERGED_PARTS_KEY.into(),
+        ValueSource::Merge(label.to_string()),
+    );
+    (extraction, merged.summary)
+}
+
+/// The message the merged run is written with: the parts' earliest start and latest
+/// completion and, whatever arrived last, the lowest part's description of the run.
+fn merged_run_message(
+    msg: &RunCompleted,
+    state: &PartState,
+    exit_code: Option<i32>,
+) -> RunCompleted {
+    let started_at = state
+        .parts
+        .iter()
+        .filter_map(|p| p.started_at)
+        .min()
+        .unwrap_or(msg.started_at);
+    let completed_at = state.parts.iter().filter_map(|p| p.completed_at).max();
+    let first = &state.parts[0];
+    RunCompleted {
+        started_at,
+        completed_at: completed_at.or(msg.completed_at),
+        exit_code,
+        artifacts: Artifacts::default(),
+        location: first.location.clone().or_else(|| msg.location.clone()),
+        k6_version: first.k6_version.clone().or_else(|| msg.k6_version.clone()),
+        config_snapshot: first.config_snapshot.clone(),
+        metadata: first.metadata.clone(),
+        part: None,
+        ..msg.clone()
+    }
+}
+
+/// The merged run's `artifact_paths`: each part's runner, segment, exit code, status
+/// and artifacts, by index.
+fn parts_paths(state: &PartState) -> Value {
+    let parts: serde_json::Map<String, Value> = state
+        .parts
+        .iter()
+        .map(|p| {
+            (
+                p.index.to_string(),
+                json!({
+                    "runner": p.runner,
+                    "execution_segment": p.execution_segment,
+                    "exit_code": p.exit_code,
+                    "status": p.status,
+                    "artifacts": p.artifact_paths,
+                }),
+            )
+        })
+        .collect();
+    json!({ "parts": parts })
+}
+
+/// The report of a stored part: `stored_as_error` when its summary is unusable
+/// (`unusable` says why), else the store's `outcome`.
+fn part_report(
+    run_id: Uuid,
+    outcome: Outcome,
+    merged: Option<&MergeOutcome>,
+    own: Extraction,
+    unusable: Option<String>,
+    bytes_uploaded: u64,
+) -> IngestReport {
+    let (line, warnings) = part_view(merged, own);
+    let (outcome, reason) = match unusable {
+        Some(reason) => (
+            Outcome::StoredAsError(ReasonClass::SummaryUnusable),
+            Some(reason),
+        ),
+        None => (outcome, None),
+    };
+    IngestReport {
+        run_id,
+        outcome,
+        line,
+        bytes_uploaded,
+        warnings,
+        reason,
     }
 }
 
