@@ -85,6 +85,15 @@ struct Draining {
     _consumer: lapin::Consumer,
 }
 
+/// A session's connection, consuming the queue under `tag`.
+struct Session {
+    conn: Connection,
+    consume_ch: Channel,
+    publish_ch: Channel,
+    consumer: lapin::Consumer,
+    tag: String,
+}
+
 /// How a consuming session ended, when it did not end with shutdown.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
@@ -230,29 +239,22 @@ impl Worker {
         connected: &mut bool,
     ) -> Result<Draining, SessionError> {
         let s = &self.inner;
+        let session = self.open_session().await?;
+        *connected = true;
+        s.health.set_amqp(true);
+        s.metrics.amqp_connected(true);
+        tracing::info!(queue = %s.topology.queue, prefetch = s.settings.prefetch, concurrency = s.slots.available_permits(), "consuming");
+        self.dispatch(session, tracker, shutdown).await
+    }
+
+    /// Connects, settles the topology, and starts consuming the queue.
+    async fn open_session(&self) -> Result<Session, SessionError> {
+        let s = &self.inner;
         let lost = |e: lapin::Error| SessionError::Lost(e.into());
         let conn = amqp::connect(&s.url, "k6-ingest consume")
             .await
             .map_err(lost)?;
-        let setup = conn.create_channel().await.map_err(lost)?;
-        let topology = if s.settings.declare {
-            s.topology.declare(&setup).await
-        } else {
-            s.topology.verify(&conn).await
-        };
-        if topology.is_ok() {
-            let _ = setup.close(200, "declared".into()).await;
-        }
-        if let Err(e) = topology {
-            // A channel error on a live connection is the broker refusing the topology.
-            let fatal = conn.status().connected();
-            let _ = conn.close(200, "topology refused".into()).await;
-            return Err(if fatal {
-                SessionError::Fatal(e)
-            } else {
-                SessionError::Lost(e)
-            });
-        }
+        self.settle_topology(&conn).await?;
         let consume_ch = conn.create_channel().await.map_err(lost)?;
         consume_ch
             .basic_qos(s.settings.prefetch, BasicQosOptions::default())
@@ -260,7 +262,7 @@ impl Worker {
             .map_err(lost)?;
         let publish_ch = amqp::confirm_channel(&conn).await.map_err(lost)?;
         let tag = format!("k6-ingest-{}", uuid::Uuid::now_v7());
-        let mut consumer = consume_ch
+        let consumer = consume_ch
             .basic_consume(
                 s.topology.queue.as_str().into(),
                 tag.as_str().into(),
@@ -274,11 +276,60 @@ impl Worker {
                     s.topology.queue
                 ))
             })?;
-        *connected = true;
-        s.health.set_amqp(true);
-        s.metrics.amqp_connected(true);
-        tracing::info!(queue = %s.topology.queue, prefetch = s.settings.prefetch, concurrency = s.slots.available_permits(), "consuming");
+        Ok(Session {
+            conn,
+            consume_ch,
+            publish_ch,
+            consumer,
+            tag,
+        })
+    }
 
+    /// Declares the topology (`amqp.declare`) or verifies it. A channel error on a live
+    /// connection is the broker refusing the topology: fatal, and the connection closed.
+    async fn settle_topology(&self, conn: &Connection) -> Result<(), SessionError> {
+        let s = &self.inner;
+        let setup = conn
+            .create_channel()
+            .await
+            .map_err(|e| SessionError::Lost(e.into()))?;
+        let topology = if s.settings.declare {
+            s.topology.declare(&setup).await
+        } else {
+            s.topology.verify(conn).await
+        };
+        match topology {
+            Ok(()) => {
+                let _ = setup.close(200, "declared".into()).await;
+                Ok(())
+            }
+            Err(e) => {
+                let fatal = conn.status().connected();
+                let _ = conn.close(200, "topology refused".into()).await;
+                Err(if fatal {
+                    SessionError::Fatal(e)
+                } else {
+                    SessionError::Lost(e)
+                })
+            }
+        }
+    }
+
+    /// Hands each delivery to a task of its own until shutdown (the session is kept for
+    /// the drain) or until the session is lost (its connection closed).
+    async fn dispatch(
+        &self,
+        session: Session,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Result<Draining, SessionError> {
+        let Session {
+            conn,
+            consume_ch,
+            publish_ch,
+            mut consumer,
+            tag,
+        } = session;
         // Set by a delivery task whose publish failed: the channel is in doubt, start over.
         let broken = CancellationToken::new();
         // Ends the waits of held deliveries when the session ends: on shutdown they are
