@@ -147,6 +147,22 @@ pub async fn probe(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("SELECT 1").execute(pool).await.map(|_| ())
 }
 
+/// A connection of its own and `SELECT 1`, for the breaker: the pool keeps retrying a
+/// refused connect until its acquire timeout, which would only delay the verdict, and a
+/// new connection is what the pool needs to recover.
+pub async fn probe_new_connection(options: &PgConnectOptions) -> bool {
+    use sqlx::{Connection as _, Executor as _};
+    let Ok(mut conn) = sqlx::PgConnection::connect_with(options).await else {
+        return false;
+    };
+    // SQL text without arguments goes as a simple query, as `raw_sql` would (no prepared
+    // statement, so it works through a transaction pooler); `raw_sql` itself does not
+    // compile into the breaker's spawned probe loops.
+    let ok = conn.execute("SELECT 1").await.is_ok();
+    let _ = conn.close().await;
+    ok
+}
+
 /// Applies the migrations over `migrate_url` if set (a direct connection: the migrator's
 /// session-level advisory lock must not go through a transaction pooler), else `url`.
 pub async fn migrate(s: &DatabaseSettings) -> anyhow::Result<Vec<i64>> {
