@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # sqlx-prepare.sh — regenerates `.sqlx/`, the query data sqlx's `query!` macros check the
-# SQL of src/db.rs and src/db/parts.rs against when building offline (SQLX_OFFLINE=true,
+# SQL of src/db.rs and src/db/*.rs against when building offline (SQLX_OFFLINE=true,
 # set in .cargo/config.toml), so builds need no database. Run it after changing a
 # checked query or a migration, and commit `.sqlx/`.
 #

@@ -268,7 +268,9 @@ impl Breakers {
         let timeout = Duration::from_millis(self.inner.settings.probe_timeout_ms);
         let probe = async {
             match &b.probe {
-                Probe::Database(pool) => probe_database(pool.connect_options()).await,
+                Probe::Database(pool) => {
+                    crate::db::probe_new_connection(&pool.connect_options()).await
+                }
                 Probe::Store { client, bucket } => {
                     // One try: the SDK's own retries would only delay the verdict, and
                     // the breaker probes again anyway.
@@ -331,22 +333,6 @@ impl Breakers {
         }
         changed
     }
-}
-
-/// A connection of its own and `SELECT 1`: the pool keeps retrying a refused connect
-/// until its acquire timeout, which would only delay the verdict, and a new connection is
-/// what the pool needs to recover.
-async fn probe_database(options: Arc<sqlx::postgres::PgConnectOptions>) -> bool {
-    use sqlx::{Connection as _, Executor as _};
-    let Ok(mut conn) = sqlx::PgConnection::connect_with(&options).await else {
-        return false;
-    };
-    // SQL text without arguments goes as a simple query, as `raw_sql` would (no prepared
-    // statement, so it works through a transaction pooler); `raw_sql` itself does not
-    // compile into the spawned probe loops.
-    let ok = conn.execute("SELECT 1").await.is_ok();
-    let _ = conn.close().await;
-    ok
 }
 
 async fn wait_up(b: &Breaker, cancel: &CancellationToken) -> bool {

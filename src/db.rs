@@ -1,10 +1,11 @@
 //! Migrations and the one write path: everything a run produces is stored in one
 //! transaction, keyed by `run_id`, so a run is written once however often it arrives.
 //!
-//! Every statement here and in [`parts`] is checked at compile time against the schema
-//! (see `checked!` and `scripts/sqlx-prepare.sh`), except `applied_versions` (sqlx's
-//! own table) and the parameterless `SELECT 1` probe. The partition DDL and archive
-//! queries of `history` are built at run time from table and month names.
+//! Every statement of the worker is here, in [`parts`] and in [`history`] (the
+//! maintenance commands'). The static ones are checked at compile time against the schema
+//! (see `checked!` and `scripts/sqlx-prepare.sh`), except `applied_versions` (sqlx's own
+//! table) and the parameterless `SELECT 1` probes. The partition DDL and archive
+//! statements of [`history`] are built at run time from table and month names.
 
 use std::time::Duration;
 
@@ -23,11 +24,11 @@ use crate::message::RunCompleted;
 use crate::summary::Extraction;
 use crate::summary::extract::MetricRow;
 
-/// `Db::query(SQL)` with the arguments bound, the SQL and the arguments' types checked
-/// at compile time by `sqlx::query!` against the query data in `.sqlx/`
-/// (`scripts/sqlx-prepare.sh`). An argument written `_ expr` is bound as is but not
-/// type-checked (a `Json` wrapper or an array of them, which the macro knows only as
-/// `serde_json::Value`).
+/// `Db::query(SQL)` (or the `query` of another statement maker, see `history`) with the
+/// arguments bound, the SQL and the arguments' types checked at compile time by
+/// `sqlx::query!` against the query data in `.sqlx/` (`scripts/sqlx-prepare.sh`). An
+/// argument written `_ expr` is bound as is but not type-checked (a `Json` wrapper or an
+/// array of them, which the macro knows only as `serde_json::Value`).
 ///
 /// Why the macro only checks: the statement `sqlx::query!` builds for a query with
 /// rows cannot be made unnamed (`Map` has no `persistent`), and behind a transaction
@@ -52,6 +53,7 @@ macro_rules! checked {
     };
 }
 
+pub mod history;
 pub mod parts;
 
 /// The embedded migrations (`migrations/`); `build.rs` makes new files trigger a rebuild.
@@ -145,6 +147,22 @@ fn is_missing_partition(e: &StoreError) -> bool {
 /// `SELECT 1` over the simple query protocol: works directly and through any pooler.
 pub async fn probe(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("SELECT 1").execute(pool).await.map(|_| ())
+}
+
+/// A connection of its own and `SELECT 1`, for the breaker: the pool keeps retrying a
+/// refused connect until its acquire timeout, which would only delay the verdict, and a
+/// new connection is what the pool needs to recover.
+pub async fn probe_new_connection(options: &PgConnectOptions) -> bool {
+    use sqlx::{Connection as _, Executor as _};
+    let Ok(mut conn) = sqlx::PgConnection::connect_with(options).await else {
+        return false;
+    };
+    // SQL text without arguments goes as a simple query, as `raw_sql` would (no prepared
+    // statement, so it works through a transaction pooler); `raw_sql` itself does not
+    // compile into the breaker's spawned probe loops.
+    let ok = conn.execute("SELECT 1").await.is_ok();
+    let _ = conn.close().await;
+    ok
 }
 
 /// Applies the migrations over `migrate_url` if set (a direct connection: the migrator's

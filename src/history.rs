@@ -27,9 +27,12 @@
 //! Archived runs keep their `runs` row (the anchor of "stored once" and of tenancy),
 //! marked with `runs.k6_archived_month`: a redelivered message of such a run is
 //! "already present" and never written into a dropped month.
+//!
+//! The statements are in [`crate::db::history`]; this module holds the steps, the files
+//! and S3.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use chrono::{Datelike, Months, NaiveDate, Utc};
@@ -38,17 +41,11 @@ use flate2::write::{GzDecoder, GzEncoder};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{PgConnection, PgPool};
 
+use crate::db::history as sql;
+pub use crate::db::history::{PARTITIONED, partition_name};
 use crate::s3::ArtifactStore;
-
-/// The partitioned tables, the referenced one first (creation and restore order).
-pub const PARTITIONED: [&str; 4] = [
-    "k6_performance_runs",
-    "k6_metrics_history",
-    "k6_threshold_results",
-    "k6_check_results",
-];
 
 /// Test hook: `K6_INGEST_TEST_ABORT_AFTER=<step>` aborts the process right after that
 /// step of an archive (exported, uploaded, verified, marked, dropped), as a crash or
@@ -60,11 +57,6 @@ fn checkpoint(step: &str) {
         eprintln!("k6-ingest: aborting after step {step} ({ABORT_AFTER_ENV})");
         std::process::abort();
     }
-}
-
-/// The name of a month's partition of `table`: `<table>_yYYYYmMM`.
-pub fn partition_name(table: &str, month: NaiveDate) -> String {
-    format!("{table}_y{:04}m{:02}", month.year(), month.month())
 }
 
 /// `YYYY-MM` as the first day of that month.
@@ -109,11 +101,7 @@ pub async fn ensure_ahead(pool: &PgPool, ahead: u32) -> anyhow::Result<Vec<Naive
             .checked_add_months(Months::new(i))
             .ok_or_else(|| anyhow!("month out of range"))?;
         let mut tx = pool.begin().await?;
-        let made: i32 = sqlx::query_scalar("SELECT k6_ensure_month($1)")
-            .persistent(false)
-            .bind(month)
-            .fetch_one(&mut *tx)
-            .await?;
+        let made = sql::ensure_month(&mut tx, month).await?;
         tx.commit().await?;
         if made > 0 {
             created.push(month);
@@ -127,23 +115,8 @@ pub async fn partitioned_months(pool: &PgPool) -> anyhow::Result<Vec<NaiveDate>>
     // In a transaction, as every statement is: an unnamed statement outside one may be
     // split across server connections by a transaction pooler.
     let mut tx = pool.begin().await?;
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         WHERE i.inhparent = 'k6_performance_runs'::regclass",
-    )
-    .persistent(false)
-    .fetch_all(&mut *tx)
-    .await?;
+    let months = sql::partitioned_months(&mut tx).await?;
     tx.commit().await?;
-    let mut months: Vec<NaiveDate> = names
-        .iter()
-        .filter_map(|n| {
-            let rest = n.strip_prefix("k6_performance_runs_y")?;
-            let (y, m) = rest.split_once('m')?;
-            NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)
-        })
-        .collect();
-    months.sort();
     Ok(months)
 }
 
@@ -217,33 +190,6 @@ pub async fn archive_before(
     Ok(out)
 }
 
-/// The non-generated columns of `table`, in order.
-async fn columns(conn: &mut PgConnection, table: &str) -> anyhow::Result<Vec<String>> {
-    let cols: Vec<String> = sqlx::query_scalar(
-        "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 \
-         AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-    )
-    .persistent(false)
-    .bind(table)
-    .fetch_all(&mut *conn)
-    .await?;
-    if cols.is_empty() {
-        bail!("table {table} not found");
-    }
-    Ok(cols)
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-fn column_list(cols: &[String]) -> String {
-    cols.iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// A writer that hashes and counts what passes through it.
 struct Hashing<W> {
     inner: W,
@@ -264,10 +210,11 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// Streams `COPY ... TO STDOUT` through gzip into `path`: (rows, bytes, sha256).
+/// Streams an export's `COPY ... TO STDOUT` through gzip into `path`: (rows, bytes,
+/// sha256).
 async fn export_to_file(
     conn: &mut PgConnection,
-    copy_sql: &str,
+    export: &sql::Export,
     path: &Path,
 ) -> anyhow::Result<(u64, u64, String)> {
     let file =
@@ -279,7 +226,7 @@ async fn export_to_file(
     };
     let mut gz = GzEncoder::new(sink, Compression::default());
     let mut rows = 0u64;
-    let mut stream = conn.copy_out_raw(copy_sql).await?;
+    let mut stream = sql::copy_out(conn, export).await?;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         // COPY's text format escapes newlines inside values: one row, one line.
@@ -328,31 +275,6 @@ impl Write for LineCounter {
     }
 }
 
-async fn schema_version(conn: &mut PgConnection) -> anyhow::Result<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations WHERE success")
-            .persistent(false)
-            .fetch_one(&mut *conn)
-            .await?,
-    )
-}
-
-async fn archived_row(
-    conn: &mut PgConnection,
-    month: NaiveDate,
-) -> anyhow::Result<Option<(String, String)>> {
-    Ok(
-        sqlx::query(
-            "SELECT manifest_uri, manifest_sha256 FROM k6_archived_months WHERE month = $1",
-        )
-        .persistent(false)
-        .bind(month)
-        .fetch_optional(&mut *conn)
-        .await?
-        .map(|r| (r.get(0), r.get(1))),
-    )
-}
-
 /// Archives one month; see the module documentation for the steps and guarantees.
 pub async fn archive_month(
     pool: &PgPool,
@@ -360,85 +282,91 @@ pub async fn archive_month(
     prefix: &str,
     month: NaiveDate,
 ) -> anyhow::Result<MonthOutcome> {
-    let label = month_label(month);
     let mut tx = pool.begin().await?;
-    let perf_part = partition_name("k6_performance_runs", month);
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .persistent(false)
-        .bind(&perf_part)
-        .fetch_one(&mut *tx)
-        .await?;
-    let already = archived_row(&mut tx, month).await?;
-    match (exists, already) {
-        (false, Some(_)) => return Ok(MonthOutcome::AlreadyArchived),
+    if !claim_month(&mut tx, month).await? {
+        return Ok(MonthOutcome::AlreadyArchived);
+    }
+    let dir = archive_dir(prefix, month);
+    let tmp = tempfile::tempdir()?;
+    let files = export_month(&mut tx, month, &dir, tmp.path()).await?;
+    checkpoint("exported");
+    let up = upload_month(&mut tx, store, month, &dir, &files).await?;
+    checkpoint("uploaded");
+    verify_upload(store, &up).await?;
+    checkpoint("verified");
+    mark_archived(&mut tx, store, month, &up).await?;
+    checkpoint("marked");
+    sql::drop_month(&mut tx, month).await?;
+    checkpoint("dropped");
+    tx.commit().await?;
+    Ok(MonthOutcome::Archived {
+        rows: up.manifest.files.iter().map(|f| f.rows).sum(),
+        bytes: up.manifest.files.iter().map(|f| f.bytes).sum(),
+        manifest_key: up.manifest_key,
+    })
+}
+
+/// Checks that the month is to be archived and locks its partitions against writes;
+/// false if it was archived already.
+async fn claim_month(conn: &mut PgConnection, month: NaiveDate) -> anyhow::Result<bool> {
+    let label = month_label(month);
+    let exists = sql::month_is_partitioned(conn, month).await?;
+    match (exists, sql::archived_month(conn, month).await?) {
+        (false, Some(_)) => return Ok(false),
         (false, None) => bail!("month {label} has no partitions"),
-        (true, Some((uri, _))) => bail!(
-            "month {label} was archived to {uri} and has rows again (runs stored since): \
-             restore it first (`k6-ingest restore {label}`), then archive it"
+        (true, Some(archived)) => bail!(
+            "month {label} was archived to {} and has rows again (runs stored since): \
+             restore it first (`k6-ingest restore {label}`), then archive it",
+            archived.manifest_uri
         ),
         (true, None) => {}
     }
-    // Writes into this month wait until the archive commits or fails; readers do not.
-    sqlx::raw_sql("SET LOCAL lock_timeout = '60s'")
-        .execute(&mut *tx)
-        .await?;
-    let parts: Vec<String> = PARTITIONED
-        .iter()
-        .map(|t| partition_name(t, month))
-        .collect();
-    sqlx::raw_sql(&format!(
-        "LOCK TABLE {} IN SHARE MODE",
-        parts
-            .iter()
-            .map(|p| quote_ident(p))
-            .collect::<Vec<_>>()
-            .join(", ")
-    ))
-    .execute(&mut *tx)
-    .await?;
+    sql::lock_month_for_archive(conn, month).await?;
+    Ok(true)
+}
 
-    let dir = archive_dir(prefix, month);
-    let tmp = tempfile::tempdir()?;
+/// Writes the month's files into `tmp`, each with what the manifest will say of it.
+async fn export_month(
+    conn: &mut PgConnection,
+    month: NaiveDate,
+    dir: &str,
+    tmp: &Path,
+) -> anyhow::Result<Vec<(PathBuf, ArchivedFile)>> {
     let mut files = Vec::new();
-    // The runs rows of the month's runs (kept in the database too; archived so that the
-    // archive is complete on its own).
-    let run_cols = columns(&mut tx, "runs").await?;
-    let mut exports = vec![(
-        "runs".to_string(),
-        run_cols.clone(),
-        format!(
-            "COPY (SELECT {} FROM runs WHERE id IN (SELECT run_id FROM {})) TO STDOUT",
-            column_list(&run_cols),
-            quote_ident(&perf_part)
-        ),
-    )];
-    for (table, part) in PARTITIONED.iter().zip(&parts) {
-        let cols = columns(&mut tx, table).await?;
-        let sql = format!(
-            "COPY {} ({}) TO STDOUT",
-            quote_ident(part),
-            column_list(&cols)
-        );
-        exports.push((table.to_string(), cols, sql));
-    }
-    for (table, cols, sql) in exports {
-        let path = tmp.path().join(format!("{table}.tsv.gz"));
-        let (rows, bytes, sha256) = export_to_file(&mut tx, &sql, &path).await?;
+    for export in sql::month_exports(conn, month).await? {
+        let path = tmp.join(format!("{}.tsv.gz", export.table));
+        let (rows, bytes, sha256) = export_to_file(conn, &export, &path).await?;
         files.push((
             path,
             ArchivedFile {
-                key: format!("{dir}{table}.tsv.gz"),
-                table,
-                columns: cols,
+                key: format!("{dir}{}.tsv.gz", export.table),
+                table: export.table,
+                columns: export.columns,
                 rows,
                 bytes,
                 sha256,
             },
         ));
     }
-    checkpoint("exported");
+    Ok(files)
+}
 
-    for (path, f) in &files {
+/// A month's archive once in S3: its manifest, where that is, and its SHA-256.
+struct Uploaded {
+    manifest: Manifest,
+    manifest_key: String,
+    manifest_sha: String,
+}
+
+/// Uploads the month's files, then their manifest.
+async fn upload_month(
+    conn: &mut PgConnection,
+    store: &ArtifactStore,
+    month: NaiveDate,
+    dir: &str,
+    files: &[(PathBuf, ArchivedFile)],
+) -> anyhow::Result<Uploaded> {
+    for (path, f) in files {
         store
             .upload_file(path, &f.key, "application/gzip")
             .await
@@ -446,8 +374,8 @@ pub async fn archive_month(
     }
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
-        month: label.clone(),
-        schema_version: schema_version(&mut tx).await?,
+        month: month_label(month),
+        schema_version: sql::schema_version(conn).await?,
         created_at: Utc::now(),
         files: files.iter().map(|(_, f)| f.clone()).collect(),
     };
@@ -458,10 +386,16 @@ pub async fn archive_month(
         .upload_bytes(manifest_bytes, &manifest_key, "application/json")
         .await
         .map_err(|e| anyhow!("{e}"))?;
-    checkpoint("uploaded");
+    Ok(Uploaded {
+        manifest,
+        manifest_key,
+        manifest_sha,
+    })
+}
 
-    // Read everything back before anything is dropped.
-    for (_, f) in &files {
+/// Reads everything back before anything is dropped.
+async fn verify_upload(store: &ArtifactStore, up: &Uploaded) -> anyhow::Result<()> {
+    for f in &up.manifest.files {
         let (bytes, sha, rows) = read_back_raw_or_gz(store, &f.key, true).await?;
         if bytes != f.bytes || sha != f.sha256 || rows != f.rows {
             bail!(
@@ -474,67 +408,38 @@ pub async fn archive_month(
             );
         }
     }
-    let (_, sha, _) = read_back_raw_or_gz(store, &manifest_key, false).await?;
-    if sha != manifest_sha {
-        bail!("verification of {manifest_key} failed: sha256 {sha}, wrote {manifest_sha}");
+    let key = &up.manifest_key;
+    let (_, sha, _) = read_back_raw_or_gz(store, key, false).await?;
+    if sha != up.manifest_sha {
+        bail!(
+            "verification of {key} failed: sha256 {sha}, wrote {}",
+            up.manifest_sha
+        );
     }
-    checkpoint("verified");
+    Ok(())
+}
 
-    sqlx::query(&format!(
-        "UPDATE runs SET k6_archived_month = $1 WHERE id IN (SELECT run_id FROM {})",
-        quote_ident(&perf_part)
-    ))
-    .persistent(false)
-    .bind(month)
-    .execute(&mut *tx)
-    .await?;
-    let counts: serde_json::Map<String, serde_json::Value> = manifest
+/// Marks the month's runs and records the month as archived.
+async fn mark_archived(
+    conn: &mut PgConnection,
+    store: &ArtifactStore,
+    month: NaiveDate,
+    up: &Uploaded,
+) -> anyhow::Result<()> {
+    let row_counts: serde_json::Map<String, serde_json::Value> = up
+        .manifest
         .files
         .iter()
         .map(|f| (f.table.clone(), f.rows.into()))
         .collect();
-    sqlx::query(
-        "INSERT INTO k6_archived_months (month, manifest_uri, manifest_sha256, row_counts, schema_version) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .persistent(false)
-    .bind(month)
-    .bind(store.uri(&manifest_key))
-    .bind(&manifest_sha)
-    .bind(sqlx::types::Json(&counts))
-    .bind(manifest.schema_version)
-    .execute(&mut *tx)
-    .await?;
-    checkpoint("marked");
-
-    // Detaching locks the parents (and, through the foreign keys, `runs`): take those
-    // locks in the order a run's write takes them, so writes in flight finish first
-    // instead of deadlocking with the archive. Readers wait only for the drop itself.
-    sqlx::raw_sql(
-        "LOCK TABLE runs IN SHARE ROW EXCLUSIVE MODE; \
-         LOCK TABLE k6_performance_runs, k6_metrics_history, k6_threshold_results, \
-         k6_check_results IN ACCESS EXCLUSIVE MODE",
-    )
-    .execute(&mut *tx)
-    .await?;
-    // Detail partitions first: their foreign keys point at the runs partition.
-    for (table, part) in PARTITIONED.iter().zip(&parts).rev() {
-        sqlx::raw_sql(&format!(
-            "ALTER TABLE {} DETACH PARTITION {}; DROP TABLE {}",
-            quote_ident(table),
-            quote_ident(part),
-            quote_ident(part)
-        ))
-        .execute(&mut *tx)
-        .await?;
-    }
-    checkpoint("dropped");
-    tx.commit().await?;
-    Ok(MonthOutcome::Archived {
-        manifest_key,
-        rows: manifest.files.iter().map(|f| f.rows).sum(),
-        bytes: manifest.files.iter().map(|f| f.bytes).sum(),
-    })
+    let record = sql::ArchiveRecord {
+        manifest_uri: &store.uri(&up.manifest_key),
+        manifest_sha256: &up.manifest_sha,
+        row_counts: &row_counts,
+        schema_version: up.manifest.schema_version,
+    };
+    sql::mark_archived(conn, month, &record).await?;
+    Ok(())
 }
 
 async fn read_back_raw_or_gz(
@@ -589,18 +494,35 @@ pub async fn restore_month(
 ) -> anyhow::Result<Restored> {
     let label = month_label(month);
     let mut tx = pool.begin().await?;
-    let Some((uri, manifest_sha)) = archived_row(&mut tx, month).await? else {
+    let Some(archived) = sql::archived_month(&mut tx, month).await? else {
         bail!("month {label} is not archived (no row in k6_archived_months)");
     };
+    let manifest = read_manifest(store, &archived, &label).await?;
+    sql::ensure_month(&mut tx, month).await?;
+    let rows = load_month(&mut tx, store, &manifest, &archived.manifest_uri).await?;
+    sql::forget_archived(&mut tx, month).await?;
+    tx.commit().await?;
+    Ok(Restored { rows })
+}
+
+/// Reads an archived month's manifest, checked against the SHA-256 recorded at archive
+/// time and against the month it is for.
+async fn read_manifest(
+    store: &ArtifactStore,
+    archived: &sql::ArchivedMonth,
+    label: &str,
+) -> anyhow::Result<Manifest> {
+    let uri = &archived.manifest_uri;
     let key = store
-        .key_of(&uri)
+        .key_of(uri)
         .ok_or_else(|| anyhow!("archive {uri} is not in bucket {}", store.bucket()))?
         .to_string();
     let bytes = get_small(store, &key).await?;
     let sha = hex::encode(Sha256::digest(&bytes));
-    if sha != manifest_sha {
+    if sha != archived.manifest_sha256 {
         bail!(
-            "manifest {uri} changed since it was archived: sha256 {sha}, recorded {manifest_sha}"
+            "manifest {uri} changed since it was archived: sha256 {sha}, recorded {}",
+            archived.manifest_sha256
         );
     }
     let manifest: Manifest =
@@ -612,50 +534,36 @@ pub async fn restore_month(
             manifest.month
         );
     }
-    sqlx::query("SELECT k6_ensure_month($1)")
-        .persistent(false)
-        .bind(month)
-        .execute(&mut *tx)
-        .await?;
+    Ok(manifest)
+}
+
+/// Loads every file of the manifest; rows per table, `runs` counting only the rows that
+/// were missing.
+async fn load_month(
+    conn: &mut PgConnection,
+    store: &ArtifactStore,
+    manifest: &Manifest,
+    uri: &str,
+) -> anyhow::Result<Vec<(String, u64)>> {
     let mut rows = Vec::new();
     // runs first (only rows that are missing: the rest stayed), then the referenced
     // k6_performance_runs, then the details.
-    let order = std::iter::once("runs").chain(PARTITIONED);
-    for table in order {
+    for table in std::iter::once("runs").chain(PARTITIONED) {
         let f = manifest
             .files
             .iter()
             .find(|f| f.table == table)
             .ok_or_else(|| anyhow!("manifest {uri} lists no file for {table}"))?;
         let n = if table == "runs" {
-            sqlx::raw_sql("CREATE TEMPORARY TABLE k6_restore_runs (LIKE runs) ON COMMIT DROP")
-                .execute(&mut *tx)
-                .await?;
-            load_file(&mut tx, store, f, "k6_restore_runs").await?;
-            let cols = column_list(&f.columns);
-            sqlx::raw_sql(&format!(
-                "INSERT INTO runs ({cols}) SELECT {cols} FROM k6_restore_runs ON CONFLICT (id) DO NOTHING"
-            ))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            let staging = sql::create_restore_runs(conn).await?;
+            load_file(conn, store, f, staging).await?;
+            sql::insert_missing_runs(conn, &f.columns).await?
         } else {
-            load_file(&mut tx, store, f, table).await?
+            load_file(conn, store, f, table).await?
         };
         rows.push((table.to_string(), n));
     }
-    sqlx::query("UPDATE runs SET k6_archived_month = NULL WHERE k6_archived_month = $1")
-        .persistent(false)
-        .bind(month)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM k6_archived_months WHERE month = $1")
-        .persistent(false)
-        .bind(month)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(Restored { rows })
+    Ok(rows)
 }
 
 /// Loads one archived file into `COPY target FROM STDIN`, checking its SHA-256 and row
@@ -663,19 +571,13 @@ pub async fn restore_month(
 /// checked BEFORE the COPY starts: nothing is loaded from a changed file, and no COPY is
 /// aborted halfway for it (an aborted COPY leaves its connection for the pool to clean up).
 async fn load_file(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     store: &ArtifactStore,
     f: &ArchivedFile,
     target: &str,
 ) -> anyhow::Result<u64> {
     let staged = stage_verified(store, f).await?;
-    let mut copy = tx
-        .copy_in_raw(&format!(
-            "COPY {} ({}) FROM STDIN",
-            quote_ident(target),
-            column_list(&f.columns)
-        ))
-        .await?;
+    let mut copy = sql::copy_in(conn, target, &f.columns).await?;
     if let Err(e) = feed_copy(&staged, &mut copy).await {
         copy.abort(e.to_string()).await.ok();
         return Err(e);
