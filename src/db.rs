@@ -15,7 +15,7 @@ use serde_json::Value;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::types::Json;
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Connection, PgPool, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::config::DatabaseSettings;
@@ -53,6 +53,7 @@ macro_rules! checked {
     };
 }
 
+mod fresh;
 pub mod history;
 pub mod parts;
 
@@ -67,9 +68,27 @@ pub async fn connect(s: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(s.max_connections)
         .acquire_timeout(Duration::from_secs(s.acquire_timeout_secs))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_IF_IDLE_FOR {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options.application_name("k6-ingest"));
     Ok(pool)
 }
+
+/// A pooled connection idle at least this long is pinged before it is handed out;
+/// one used more recently is not. sqlx pings every connection it takes back (a round
+/// trip), so pinging again on every acquire spends a second round trip per statement
+/// batch on a connection that answered a moment ago: under load that was two of a run's
+/// twelve round trips. After an outage connections sit idle while deliveries are held,
+/// so they are pinged (and a dead one replaced) before a run uses them; one that broke
+/// within this window fails its statement, which is a database fault like any other.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// Every statement the worker sends goes through this: it knows whether named prepared
 /// statements may be used (`database.prepared_statements`).
@@ -465,6 +484,9 @@ impl Db {
     }
 
     async fn store_run_once(&self, new: &NewRun<'_>) -> Result<Stored, StoreError> {
+        if let Some(stored) = self.store_fresh(new).await? {
+            return Ok(stored);
+        }
         let mut tx = self.pool.begin().await?;
         let msg = new.msg;
         let run = RunValues::of(new);
@@ -729,6 +751,14 @@ impl<'a> RunValues<'a> {
             metadata: true,
         }
     }
+
+    /// The metadata the `runs` row merges: the message's object, or `{}`.
+    fn metadata_of(&self, msg: &RunCompleted) -> Value {
+        msg.metadata
+            .clone()
+            .filter(|m| self.metadata && m.is_object())
+            .unwrap_or_else(|| Value::Object(Default::default()))
+    }
 }
 
 impl Db {
@@ -765,11 +795,7 @@ impl Db {
         run: &RunValues<'_>,
         on_conflict: OnConflict,
     ) -> Result<bool, sqlx::Error> {
-        let metadata = msg
-            .metadata
-            .clone()
-            .filter(|m| run.metadata && m.is_object())
-            .unwrap_or_else(|| Value::Object(Default::default()));
+        let metadata = run.metadata_of(msg);
         let trigger = msg.trigger.map(|t| t.as_str());
         macro_rules! runs_row {
             ($sql:literal) => {

@@ -7,10 +7,11 @@
 
 use std::path::Path;
 
-use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, endpoint};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use futures_util::FutureExt;
 use uuid::Uuid;
 
 /// Files up to this size are sent from memory. Streamed from disk, each chunk of a file
@@ -84,12 +85,87 @@ pub async fn build_client(s: &S3Settings) -> aws_sdk_s3::Client {
     if let Some(endpoint) = &s.endpoint {
         b = b.endpoint_url(endpoint);
     }
+    b = b.endpoint_resolver(CachedEndpoints::default());
     if s.checksum == ChecksumMode::WhenRequired {
         b = b
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
     aws_sdk_s3::Client::from_conf(b.build())
+}
+
+/// The SDK's endpoint rules, remembered per bucket and setting. The rules run for every
+/// request (URL parsing, bucket-name checks with regular expressions, partition lookup):
+/// a few percent of the worker's CPU per run, for the same answer each time, since
+/// nothing they read changes between the requests of one client but the object key, and
+/// the rules do not read the key.
+#[derive(Debug)]
+struct CachedEndpoints {
+    rules: aws_sdk_s3::config::endpoint::DefaultResolver,
+    known: std::sync::Mutex<Vec<(endpoint::Params, endpoint::Endpoint)>>,
+}
+
+/// Buckets remembered at most: the upload bucket and the source buckets a deployment
+/// reads from are few; past this the rules simply run each time.
+const CACHED_ENDPOINTS_MAX: usize = 16;
+
+impl Default for CachedEndpoints {
+    /// `DefaultResolver::new`, not its `Default`: that one has no partitions and
+    /// resolves nothing.
+    fn default() -> Self {
+        Self {
+            rules: endpoint::DefaultResolver::new(),
+            known: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl CachedEndpoints {
+    /// The parameters the rules read: all but the key, prefix and copy source, which
+    /// differ on every request and are not used by them.
+    fn scope(p: &endpoint::Params) -> Option<endpoint::Params> {
+        endpoint::Params::builder()
+            .set_bucket(p.bucket().map(Into::into))
+            .set_region(p.region().map(Into::into))
+            .set_use_fips(p.use_fips())
+            .set_use_dual_stack(p.use_dual_stack())
+            .set_endpoint(p.endpoint().map(Into::into))
+            .set_force_path_style(p.force_path_style())
+            .set_accelerate(p.accelerate())
+            .set_use_global_endpoint(p.use_global_endpoint())
+            .set_use_object_lambda_endpoint(p.use_object_lambda_endpoint())
+            .set_disable_access_points(p.disable_access_points())
+            .set_disable_multi_region_access_points(p.disable_multi_region_access_points())
+            .set_use_arn_region(p.use_arn_region())
+            .set_use_s3_express_control_endpoint(p.use_s3_express_control_endpoint())
+            .set_disable_s3_express_session_auth(p.disable_s3_express_session_auth())
+            .build()
+            .ok()
+    }
+}
+
+impl endpoint::ResolveEndpoint for CachedEndpoints {
+    fn resolve_endpoint<'a>(
+        &'a self,
+        params: &'a endpoint::Params,
+    ) -> endpoint::EndpointFuture<'a> {
+        let Some(scope) = Self::scope(params) else {
+            return endpoint::ResolveEndpoint::resolve_endpoint(&self.rules, params);
+        };
+        let lock = || self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, found)) = lock().iter().find(|(p, _)| *p == scope) {
+            return endpoint::EndpointFuture::ready(Ok(found.clone()));
+        }
+        let resolved = endpoint::ResolveEndpoint::resolve_endpoint(&self.rules, &scope);
+        let Some(Ok(found)) = resolved.now_or_never() else {
+            return endpoint::ResolveEndpoint::resolve_endpoint(&self.rules, params);
+        };
+        let mut known = lock();
+        if known.len() < CACHED_ENDPOINTS_MAX {
+            known.push((scope, found.clone()));
+        }
+        endpoint::EndpointFuture::ready(Ok(found))
+    }
 }
 
 /// Whose fault an SDK error is: throttling, 5xx, timeouts and connection failures say
