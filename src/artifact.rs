@@ -242,10 +242,14 @@ fn under_roots(uri: &str, path: &Path, roots: &[PathBuf]) -> Result<Source, Fetc
             });
         }
     };
-    let ok = roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .any(|r| real.starts_with(&r));
+    // `real` has no symlink, `.` or `..` in it, so a root it starts with as written is
+    // a real directory already: only a root written through a link or with `..` needs
+    // resolving (a walk of stats per root, per artifact, avoided in the common case).
+    let ok = roots.iter().any(|r| real.starts_with(r))
+        || roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|r| real.starts_with(&r));
     if ok {
         Ok(Source::File(real))
     } else {
@@ -679,14 +683,45 @@ pub fn open_lines_capped(
     } else {
         Box::new(file)
     };
-    Ok(Box::new(std::io::BufReader::with_capacity(
-        256 * 1024,
+    Ok(capped_lines(inner, max_bytes, 256 * 1024))
+}
+
+/// [`open_lines_capped`] over a file already read into memory (a small one, read once
+/// for both its samples and its upload).
+pub fn lines_capped(bytes: &[u8], max_bytes: u64) -> Box<dyn std::io::BufRead + Send + '_> {
+    let inner: Box<dyn Read + Send + '_> = if is_gzip(bytes) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    capped_lines(inner, max_bytes, 64 * 1024)
+}
+
+fn capped_lines<'a>(
+    inner: Box<dyn Read + Send + 'a>,
+    max_bytes: u64,
+    buffer: usize,
+) -> Box<dyn std::io::BufRead + Send + 'a> {
+    Box::new(std::io::BufReader::with_capacity(
+        buffer,
         CappedRead {
             inner,
             left: max_bytes,
             cap: max_bytes,
         },
-    )))
+    ))
+}
+
+/// A local file's bytes when it holds at most `max` (`None` when it is larger, or
+/// cannot be read: whoever needs it then reads it again and reports why).
+pub fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= max).then_some(bytes)
 }
 
 /// The error a capped reader returns once its cap is passed.

@@ -18,7 +18,7 @@ use uuid::Uuid;
 /// is a hop to the blocking pool and back: for a typical run's few-KB logs those hops
 /// cost the worker more CPU than the bytes. Read in one blocking step instead, a run's
 /// artifacts in flight hold at most this much each.
-const IN_MEMORY_MAX: u64 = 256 * 1024;
+pub const IN_MEMORY_MAX: u64 = 256 * 1024;
 
 /// The file's size and, when it is at most [`IN_MEMORY_MAX`], its bytes: one blocking
 /// step (open, size, read).

@@ -241,13 +241,13 @@ impl Ingestor {
         if prior.is_final(None) {
             return self.already_present(msg.run_id).await;
         }
-        let fetched = self.prepare.fetch(msg, ctx).await?;
+        let mut fetched = self.prepare.fetch(msg, ctx).await?;
         if prior.is_final(Some(fetched.has_summary())) {
             return self.already_present(msg.run_id).await;
         }
-        let extracted = self.prepare.extract(msg, &fetched).await?;
+        let extracted = self.prepare.extract(msg, &mut fetched).await?;
         let uploaded = self
-            .upload(msg, fetched.summary, &fetched.artifacts, "")
+            .upload(msg, fetched.summary, &mut fetched.artifacts, "")
             .await?;
         let bytes_uploaded = uploaded.objects.bytes;
         let written = self.store(msg, &extracted, uploaded).await?;

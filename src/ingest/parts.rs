@@ -104,19 +104,19 @@ impl Ingestor {
         if stored_before == Some(true) {
             return self.part_again(&self.db, msg, part).await;
         }
-        let fetched = self.prepare.fetch(msg, ctx).await?;
+        let mut fetched = self.prepare.fetch(msg, ctx).await?;
         if stored_before == Some(false) && !fetched.has_summary() {
             // stored as error before, and still without a summary: nothing new
             return self.part_again(&self.db, msg, part).await;
         }
-        let extracted = self.prepare.extract(msg, &fetched).await?;
+        let extracted = self.prepare.extract(msg, &mut fetched).await?;
         let current = Current {
             index: part.index,
             metrics: fetched.metrics_file().map(Path::to_path_buf),
         };
         let prefix = format!("part-{}-", part.index);
         let uploaded = self
-            .upload(msg, fetched.summary, &fetched.artifacts, &prefix)
+            .upload(msg, fetched.summary, &mut fetched.artifacts, &prefix)
             .await?;
         // `fetched.artifacts` (the local metrics file the merge reads) lives until here.
         self.store_and_merge(msg, part, extracted, uploaded, current)

@@ -8,9 +8,11 @@ use serde_json::Value;
 
 use super::{IngestContext, IngestError, IngestReport, Outcome, RunLine, summary_expected};
 use crate::artifact::{
-    FetchError, Fetcher, LocalArtifact, Source, Tenant, open_lines_capped, redact_uri,
+    FetchError, Fetcher, LocalArtifact, Source, Tenant, lines_capped, open_lines_capped,
+    read_small, redact_uri,
 };
 use crate::message::{RunCompleted, replace_nul};
+use crate::s3::IN_MEMORY_MAX;
 use crate::summary::limits::{SummaryLimits, check_document, check_rows};
 use crate::summary::parse::{parse_summary_owned, parse_summary_value};
 use crate::summary::samples::{SampleSets, collect_samples_with};
@@ -87,6 +89,8 @@ pub(super) struct FetchedArtifact {
     pub source_uri: String,
     pub file_name: String,
     pub local: LocalArtifact,
+    /// The file's bytes when it is small: read once, for its samples and its upload.
+    pub bytes: Option<Vec<u8>>,
 }
 
 /// Everything fetched for a run. Artifacts that cannot be fetched for good are left out
@@ -95,6 +99,9 @@ pub(super) struct Fetched {
     pub summary: SummaryLoad,
     pub artifacts: Vec<FetchedArtifact>,
     pub warnings: Vec<String>,
+    /// Raw samples, read only when the summary lacks a value they give and the run
+    /// sent them; taken by the extraction.
+    pub samples: Option<SampleSets>,
 }
 
 impl Fetched {
@@ -201,8 +208,8 @@ impl DryRun {
         msg: &RunCompleted,
         ctx: &IngestContext,
     ) -> Result<IngestReport, IngestError> {
-        let fetched = self.fetch(msg, ctx).await?;
-        let extracted = self.extract(msg, &fetched).await?;
+        let mut fetched = self.fetch(msg, ctx).await?;
+        let extracted = self.extract(msg, &mut fetched).await?;
         if let Some(reason) = extracted.unusable(msg) {
             return Err(IngestError::SummaryUnusable {
                 run_id: msg.run_id,
@@ -237,6 +244,7 @@ impl DryRun {
                     source_uri: redact_uri(uri),
                     file_name: source.file_name(),
                     local,
+                    bytes: None,
                 }),
                 Err(e) if e.fault().is_retryable() => {
                     return Err(IngestError::Fetch {
@@ -248,26 +256,28 @@ impl DryRun {
                 Err(e) => warnings.push(format!("{role} artifact not stored: {e}")),
             }
         }
+        let samples = self
+            .read_files(&summary, &mut artifacts, &mut warnings)
+            .await;
         Ok(Fetched {
             summary,
             artifacts,
             warnings,
+            samples,
         })
     }
 
-    /// The extraction (pure, off the async threads). Raw samples are read only when
-    /// the summary lacks a value they can give and the run sent them.
+    /// The extraction: pure, from the summary and the samples the fetch read; a large
+    /// summary's off the async threads.
     pub(super) async fn extract(
         &self,
         msg: &RunCompleted,
-        fetched: &Fetched,
+        fetched: &mut Fetched,
     ) -> Result<Extracted, IngestError> {
-        let mut warnings = fetched.warnings.clone();
+        let warnings = fetched.warnings.clone();
+        let samples = fetched.samples.take();
         let (mut extraction, summary_reason) = match &fetched.summary {
             SummaryLoad::Parsed { summary, .. } => {
-                let samples = self
-                    .read_samples(summary, fetched.metrics_file(), &mut warnings)
-                    .await;
                 let exit_code = msg.exit_code;
                 if summary.metrics.len() <= EXTRACT_IN_PLACE_METRICS {
                     (extract(summary, exit_code, samples.as_ref()), None)
@@ -399,42 +409,80 @@ impl DryRun {
         tokio::task::spawn_blocking(move || parse_bounded(bytes, &limits, inline)).await
     }
 
-    async fn read_samples(
+    /// One blocking step for the run's local files: the small ones read whole (the
+    /// upload sends them from memory), and the raw samples collected when the summary
+    /// lacks a value they give, from those bytes when the metrics file is one of them.
+    /// Every cap is enforced by the readers while the file streams: inflated bytes by
+    /// the capped line reader (an error: no samples are used), line length, sample
+    /// count and memory by `collect_samples_with`.
+    async fn read_files(
         &self,
-        summary: &Summary,
-        metrics_file: Option<&Path>,
+        summary: &SummaryLoad,
+        artifacts: &mut [FetchedArtifact],
         warnings: &mut Vec<String>,
     ) -> Option<SampleSets> {
-        let path: PathBuf = metrics_file?.to_path_buf();
-        let requests = wanted_samples(summary);
-        if requests.is_empty() {
+        let requests = match summary {
+            SummaryLoad::Parsed { summary, .. } => wanted_samples(summary),
+            _ => Vec::new(),
+        };
+        let metrics = artifacts
+            .iter()
+            .position(|a| a.role == ArtifactRole::Metrics)
+            .filter(|_| !requests.is_empty());
+        let small: Vec<(usize, PathBuf)> = artifacts
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.local.size <= IN_MEMORY_MAX)
+            .map(|(i, a)| (i, a.local.path.clone()))
+            .collect();
+        if small.is_empty() && metrics.is_none() {
             return None;
         }
+        let metrics_path = metrics.map(|i| artifacts[i].local.path.clone());
         let settings = self.fetcher.settings();
         let limits = settings.sample_limits();
         let max_samples = limits.max_samples;
         let max_inflated = settings.max_samples_inflated_bytes;
-        // Every cap is enforced by the readers while the file streams: inflated bytes by
-        // `open_lines_capped` (an error: no samples are used), line length, sample count
-        // and memory by `collect_samples_with`.
-        let result = tokio::task::spawn_blocking(move || {
-            let reader = open_lines_capped(&path, max_inflated)?;
-            collect_samples_with(reader, &requests, &limits)
+        let joined = tokio::task::spawn_blocking(move || {
+            let read: Vec<(usize, Option<Vec<u8>>)> = small
+                .into_iter()
+                .map(|(i, path)| (i, read_small(&path, IN_MEMORY_MAX)))
+                .collect();
+            let samples = metrics_path.map(|path| {
+                let in_memory = read
+                    .iter()
+                    .find(|(i, _)| Some(*i) == metrics)
+                    .and_then(|(_, b)| b.as_deref());
+                match in_memory {
+                    Some(bytes) => {
+                        collect_samples_with(lines_capped(bytes, max_inflated), &requests, &limits)
+                    }
+                    None => open_lines_capped(&path, max_inflated)
+                        .and_then(|reader| collect_samples_with(reader, &requests, &limits)),
+                }
+            });
+            (read, samples)
         })
         .await;
-        match result {
-            Ok(Ok(sets)) => {
+        let (read, samples) = match joined {
+            Ok(v) => v,
+            Err(e) => {
+                warnings.push(format!("metrics samples reader failed: {e}"));
+                return None;
+            }
+        };
+        for (i, bytes) in read {
+            artifacts[i].bytes = bytes;
+        }
+        match samples? {
+            Ok(sets) => {
                 warnings.extend(sample_warnings(&sets, max_samples));
                 Some(sets)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 warnings.push(format!(
                     "metrics samples not used, percentiles not computed: {e}"
                 ));
-                None
-            }
-            Err(e) => {
-                warnings.push(format!("metrics samples reader failed: {e}"));
                 None
             }
         }

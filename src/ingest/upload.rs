@@ -93,7 +93,7 @@ impl Ingestor {
         &self,
         msg: &RunCompleted,
         summary: SummaryLoad,
-        artifacts: &[FetchedArtifact],
+        artifacts: &mut [FetchedArtifact],
         prefix: &str,
     ) -> Result<Uploaded, IngestError> {
         let (puts, mut records, summary_json) = plan(msg, summary, artifacts, prefix);
@@ -189,15 +189,19 @@ impl Ingestor {
 fn plan<'a>(
     msg: &RunCompleted,
     summary: SummaryLoad,
-    artifacts: &'a [FetchedArtifact],
+    artifacts: &'a mut [FetchedArtifact],
     prefix: &str,
 ) -> (Vec<Put<'a>>, Vec<ArtifactRecord>, Option<Value>) {
     let mut taken = Vec::new();
     let mut puts: Vec<Put<'a>> = artifacts
-        .iter()
+        .iter_mut()
         .map(|a| Put {
             name: unique_name(&format!("{prefix}{}", a.file_name), a.role, &mut taken),
-            body: Body::File(&a.local),
+            // A small file the fetch read goes from memory: no second read.
+            body: match a.bytes.take() {
+                Some(bytes) => Body::Bytes(bytes),
+                None => Body::File(&a.local),
+            },
             record: record(a.role, a.source_uri.clone(), Some(a.local.size)),
         })
         .collect();
