@@ -15,7 +15,7 @@ use crate::message::{RunCompleted, replace_nul};
 use crate::s3::IN_MEMORY_MAX;
 use crate::summary::limits::{SummaryLimits, check_document, check_rows};
 use crate::summary::parse::{parse_summary_owned, parse_summary_value};
-use crate::summary::samples::{SampleSets, collect_samples_with};
+use crate::summary::samples::{SampleLimits, SampleRequest, SampleSets, collect_samples_with};
 use crate::summary::{
     Extraction, Summary, SummaryError, extract, extract_without_summary, wanted_samples,
 };
@@ -444,22 +444,14 @@ impl DryRun {
         let max_samples = limits.max_samples;
         let max_inflated = settings.max_samples_inflated_bytes;
         let joined = tokio::task::spawn_blocking(move || {
-            let read: Vec<(usize, Option<Vec<u8>>)> = small
+            let read = small
                 .into_iter()
                 .map(|(i, path)| (i, read_small(&path, IN_MEMORY_MAX)))
-                .collect();
+                .collect::<Vec<_>>();
             let samples = metrics_path.map(|path| {
-                let in_memory = read
-                    .iter()
-                    .find(|(i, _)| Some(*i) == metrics)
-                    .and_then(|(_, b)| b.as_deref());
-                match in_memory {
-                    Some(bytes) => {
-                        collect_samples_with(lines_capped(bytes, max_inflated), &requests, &limits)
-                    }
-                    None => open_lines_capped(&path, max_inflated)
-                        .and_then(|reader| collect_samples_with(reader, &requests, &limits)),
-                }
+                let in_memory = read.iter().find(|(i, _)| Some(*i) == metrics);
+                let bytes = in_memory.and_then(|(_, b)| b.as_deref());
+                collect_from(bytes, &path, &requests, &limits, max_inflated)
             });
             (read, samples)
         })
@@ -486,6 +478,22 @@ impl DryRun {
                 None
             }
         }
+    }
+}
+
+/// The raw samples, from the metrics file's bytes when the fetch read them, else from
+/// the file.
+fn collect_from(
+    bytes: Option<&[u8]>,
+    path: &Path,
+    requests: &[SampleRequest],
+    limits: &SampleLimits,
+    max_inflated: u64,
+) -> std::io::Result<SampleSets> {
+    match bytes {
+        Some(bytes) => collect_samples_with(lines_capped(bytes, max_inflated), requests, limits),
+        None => open_lines_capped(path, max_inflated)
+            .and_then(|reader| collect_samples_with(reader, requests, limits)),
     }
 }
 

@@ -211,14 +211,29 @@ fn plan<'a>(
         .as_deref()
         .map(redact_uri)
         .unwrap_or_default();
-    let mut name = |file_name: &str| {
-        unique_name(
+    let (put, inline, summary_json) = plan_summary(summary, source);
+    puts.extend(put.map(|(file_name, bytes, record)| Put {
+        name: unique_name(
             &format!("{prefix}{file_name}"),
             ArtifactRole::Summary,
             &mut taken,
-        )
-    };
-    let (put, inline, summary_json) = match summary {
+        ),
+        body: Body::Bytes(bytes),
+        record,
+    }));
+    (puts, inline, summary_json)
+}
+
+/// The summary's part of [`plan`]: its file to put (name, bytes, record) when it goes
+/// to S3, its record when it is inlined, and its document then.
+type SummaryPlan = (
+    Option<(String, Vec<u8>, ArtifactRecord)>,
+    Vec<ArtifactRecord>,
+    Option<Value>,
+);
+
+fn plan_summary(summary: SummaryLoad, source: String) -> SummaryPlan {
+    match summary {
         SummaryLoad::Parsed {
             size,
             doc: Some(doc),
@@ -236,7 +251,7 @@ fn plan<'a>(
             ..
         } => {
             let r = record(ArtifactRole::Summary, source, Some(size));
-            (Some((name(&file_name), bytes, r)), Vec::new(), None)
+            (Some((file_name, bytes, r)), Vec::new(), None)
         }
         SummaryLoad::Unreadable {
             bytes, file_name, ..
@@ -244,16 +259,10 @@ fn plan<'a>(
             // Kept where a person can look at it.
             let mut r = record(ArtifactRole::Summary, source, None);
             r.unreadable = true;
-            (Some((name(&file_name), bytes, r)), Vec::new(), None)
+            (Some((file_name, bytes, r)), Vec::new(), None)
         }
         SummaryLoad::Missing { .. } => (None, Vec::new(), None),
-    };
-    puts.extend(put.map(|(name, bytes, record)| Put {
-        name,
-        body: Body::Bytes(bytes),
-        record,
-    }));
-    (puts, inline, summary_json)
+    }
 }
 
 fn record(role: ArtifactRole, source: String, bytes: Option<u64>) -> ArtifactRecord {
