@@ -353,6 +353,16 @@ impl Fetcher {
         let uri = &redact_uri(uri);
         let limit = self.settings.max_summary_bytes;
         let local = self.fetch_to_local(uri, source, limit).await?;
+        // A small plain summary (k6 writes it uncompressed) is read where the run is:
+        // cheaper than a hop to the blocking pool. A gzip one, which may inflate to the
+        // cap, and anything that cannot be read here go through the pool.
+        let in_place = SUMMARY_IN_PLACE_MAX.min(limit);
+        if local.size <= in_place
+            && let Some(bytes) = read_small(&local.path, in_place)
+            && !is_gzip(&bytes)
+        {
+            return Ok(bytes);
+        }
         let inflate_cap = self.settings.max_inflated_bytes;
         let path = local.path.clone();
         let uri_owned = uri.to_string();
@@ -723,6 +733,9 @@ pub fn read_small(path: &Path, max: u64) -> Option<Vec<u8>> {
         .ok()?;
     (bytes.len() as u64 <= max).then_some(bytes)
 }
+
+/// A summary up to this size is read without a hop to the blocking pool.
+const SUMMARY_IN_PLACE_MAX: u64 = 64 * 1024;
 
 /// The error a capped reader returns once its cap is passed.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use super::{IngestContext, IngestError, IngestReport, Outcome, RunLine, summary_expected};
 use crate::artifact::{
-    FetchError, Fetcher, LocalArtifact, Source, Tenant, lines_capped, open_lines_capped,
-    read_small, redact_uri,
+    FetchError, Fetcher, InflatedTooLarge, LocalArtifact, Source, Tenant, lines_capped,
+    open_lines_capped, read_small, redact_uri,
 };
 use crate::message::{RunCompleted, replace_nul};
 use crate::s3::IN_MEMORY_MAX;
@@ -409,12 +409,11 @@ impl DryRun {
         tokio::task::spawn_blocking(move || parse_bounded(bytes, &limits, inline)).await
     }
 
-    /// One blocking step for the run's local files: the small ones read whole (the
-    /// upload sends them from memory), and the raw samples collected when the summary
-    /// lacks a value they give, from those bytes when the metrics file is one of them.
-    /// Every cap is enforced by the readers while the file streams: inflated bytes by
-    /// the capped line reader (an error: no samples are used), line length, sample
-    /// count and memory by `collect_samples_with`.
+    /// The run's small files read whole (the upload sends them from memory), and the
+    /// raw samples collected when the summary lacks a value they give, from those bytes
+    /// when the metrics file is one of them. Every cap is enforced by the readers while
+    /// the file streams: inflated bytes by the capped line reader (an error: no samples
+    /// are used), line length, sample count and memory by `collect_samples_with`.
     async fn read_files(
         &self,
         summary: &SummaryLoad,
@@ -425,60 +424,95 @@ impl DryRun {
             SummaryLoad::Parsed { summary, .. } => wanted_samples(summary),
             _ => Vec::new(),
         };
+        read_small_files(artifacts).await;
         let metrics = artifacts
             .iter()
-            .position(|a| a.role == ArtifactRole::Metrics)
-            .filter(|_| !requests.is_empty());
-        let small: Vec<(usize, PathBuf)> = artifacts
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.local.size <= IN_MEMORY_MAX)
-            .map(|(i, a)| (i, a.local.path.clone()))
-            .collect();
-        if small.is_empty() && metrics.is_none() {
-            return None;
-        }
-        let metrics_path = metrics.map(|i| artifacts[i].local.path.clone());
+            .find(|a| a.role == ArtifactRole::Metrics)
+            .filter(|_| !requests.is_empty())?;
         let settings = self.fetcher.settings();
         let limits = settings.sample_limits();
-        let max_samples = limits.max_samples;
         let max_inflated = settings.max_samples_inflated_bytes;
-        let joined = tokio::task::spawn_blocking(move || {
-            let read = small
-                .into_iter()
-                .map(|(i, path)| (i, read_small(&path, IN_MEMORY_MAX)))
-                .collect::<Vec<_>>();
-            let samples = metrics_path.map(|path| {
-                let in_memory = read.iter().find(|(i, _)| Some(*i) == metrics);
-                let bytes = in_memory.and_then(|(_, b)| b.as_deref());
-                collect_from(bytes, &path, &requests, &limits, max_inflated)
-            });
-            (read, samples)
-        })
-        .await;
-        let (read, samples) = match joined {
-            Ok(v) => v,
-            Err(e) => {
-                warnings.push(format!("metrics samples reader failed: {e}"));
-                return None;
-            }
-        };
-        for (i, bytes) in read {
-            artifacts[i].bytes = bytes;
-        }
-        match samples? {
-            Ok(sets) => {
-                warnings.extend(sample_warnings(&sets, max_samples));
+        match collect_samples(metrics, requests, limits, max_inflated).await {
+            Ok(Ok(sets)) => {
+                warnings.extend(sample_warnings(&sets, limits.max_samples));
                 Some(sets)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warnings.push(format!(
                     "metrics samples not used, percentiles not computed: {e}"
                 ));
                 None
             }
+            Err(e) => {
+                warnings.push(format!("metrics samples reader failed: {e}"));
+                None
+            }
         }
     }
+}
+
+/// A run's small files together up to this size are read where the run is: a few
+/// page-cache reads cost less CPU than a hop to the blocking pool and back.
+const READ_IN_PLACE_MAX: u64 = 64 * 1024;
+
+/// Raw samples are collected where the run is from a metrics file in memory while it
+/// inflates to at most this (a typical run's few hundred lines: a fraction of a
+/// millisecond); past it, the collection starts again on the blocking pool.
+const SAMPLES_IN_PLACE_MAX: u64 = 256 * 1024;
+
+/// Reads each artifact of at most [`IN_MEMORY_MAX`] into its `bytes`; one that cannot
+/// be read keeps none, and is read again (and the failure reported) by its upload.
+async fn read_small_files(artifacts: &mut [FetchedArtifact]) {
+    let small: Vec<(usize, PathBuf)> = artifacts
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| a.local.size <= IN_MEMORY_MAX)
+        .map(|(i, a)| (i, a.local.path.clone()))
+        .collect();
+    let total: u64 = small.iter().map(|(i, _)| artifacts[*i].local.size).sum();
+    let read_all = move || {
+        small
+            .into_iter()
+            .map(|(i, path)| (i, read_small(&path, IN_MEMORY_MAX)))
+            .collect::<Vec<_>>()
+    };
+    let read = if total <= READ_IN_PLACE_MAX {
+        read_all()
+    } else {
+        tokio::task::spawn_blocking(read_all)
+            .await
+            .unwrap_or_default()
+    };
+    for (i, bytes) in read {
+        artifacts[i].bytes = bytes;
+    }
+}
+
+/// The metrics file's samples: in place from its bytes when they inflate to at most
+/// [`SAMPLES_IN_PLACE_MAX`], else on the blocking pool.
+async fn collect_samples(
+    metrics: &FetchedArtifact,
+    requests: Vec<SampleRequest>,
+    limits: SampleLimits,
+    max_inflated: u64,
+) -> Result<std::io::Result<SampleSets>, tokio::task::JoinError> {
+    if let Some(bytes) = &metrics.bytes {
+        let cap = max_inflated.min(SAMPLES_IN_PLACE_MAX);
+        match collect_samples_with(lines_capped(bytes, cap), &requests, &limits) {
+            Err(e) if cap < max_inflated && is_over_cap(&e) => {}
+            done => return Ok(done),
+        }
+    }
+    let (path, bytes) = (metrics.local.path.clone(), metrics.bytes.clone());
+    tokio::task::spawn_blocking(move || {
+        collect_from(bytes.as_deref(), &path, &requests, &limits, max_inflated)
+    })
+    .await
+}
+
+fn is_over_cap(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<InflatedTooLarge>())
 }
 
 /// The raw samples, from the metrics file's bytes when the fetch read them, else from
