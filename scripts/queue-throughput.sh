@@ -18,7 +18,8 @@ export ERL_EPMD_ADDRESS=127.0.0.1
 bin="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}/k6-ingest"
 [ -x "$bin" ] || { echo "build first: cargo build ${PROFILE:+--profile $PROFILE}" >&2; exit 1; }
 
-# QT_TAG names the database, queues and S3 prefix (for a caller that cleans up after).
+# QT_TAG names the database, queues and S3 prefix (for a caller that cleans up after);
+# QT_DB_CONNECTIONS sets database.max_connections (default: PREFETCH + 2).
 tag="${QT_TAG:-bench$(date +%s%N | tail -c 9)}"
 db="k6_queue_${tag}"
 work=$(mktemp -d)
@@ -27,7 +28,7 @@ psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
 export K6_INGEST__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$db"
 export K6_INGEST__AMQP__EXCHANGE="$tag.runs" K6_INGEST__AMQP__QUEUE="$tag.work"
 export K6_INGEST__AMQP__PREFETCH="$prefetch" K6_INGEST__AMQP__CONCURRENCY="$prefetch"
-export K6_INGEST__DATABASE__MAX_CONNECTIONS=$((prefetch + 2))
+export K6_INGEST__DATABASE__MAX_CONNECTIONS="${QT_DB_CONNECTIONS:-$((prefetch + 2))}"
 export K6_INGEST__S3__PREFIX="$tag" K6_INGEST__FETCH__ALLOWED_ROOTS="$PWD/fixtures"
 export K6_INGEST__HTTP__BIND=127.0.0.1:0 K6_INGEST__LOG__LEVEL=warn
 "$bin" migrate >/dev/null
