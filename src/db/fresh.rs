@@ -20,6 +20,10 @@ impl Db {
     /// step-by-step path, which checks the tenant under a lock and names the table a
     /// refusal came from: that path's outcome is the run's, this one only saves the
     /// round trips when nothing needs deciding. Connection trouble is returned as such.
+    ///
+    /// Its arguments repeat those of `insert_performance` and the three detail inserts:
+    /// `checked!` takes a statement's arguments as one list, and those per-table
+    /// statements stay because a refusal must name the table it came from.
     pub(super) async fn store_fresh(
         &self,
         new: &NewRun<'_>,
