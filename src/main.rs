@@ -2,14 +2,6 @@ use clap::Parser;
 use k6_ingest::cli::{Cli, run};
 use k6_ingest::config::Settings;
 
-/// mimalloc instead of glibc's malloc: a run's path makes many short-lived allocations
-/// across the runtime's threads (JSON trees, request buffers, sample lines), and glibc's
-/// allocator took about a sixth of the worker's CPU (`_int_malloc`, `unlink_chunk`,
-/// `malloc_consolidate` in `perf` at prefetch 32). `no_thp`: without it mimalloc asks
-/// for transparent huge pages and the peak RSS rose by half.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
