@@ -25,16 +25,19 @@
 # measures, so every phase here meets the same S3 server, which keeps nothing on disk.
 #
 # Knobs (env): CEILING_SECS (10), E2E_RUNS (5000), E2E_RUNS_P1 (500), S3_CONCURRENCY (8),
-#   AMQP_CONCURRENCY (8), BENCH_S3_PORT (8024), BENCH_S3_DIR (/dev/shm/k6-ingest-bench-s3.*),
+#   AMQP_CONCURRENCY (8), BENCH_S3_PORT (8024), BENCH_S3_DIR (/dev/shm: where its data directory is made),
 #   SKIP_BUILD (unset). Every database, queue and S3 prefix it makes is fresh and removed at
 #   the end. The last line is the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CEILING_SECS:=10}" "${E2E_RUNS:=5000}" "${S3_CONCURRENCY:=8}" "${AMQP_CONCURRENCY:=8}"
 : "${E2E_RUNS_P1:=500}" "${BENCH_S3_PORT:=8024}"
-shm=/dev/shm
-[ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
-: "${BENCH_S3_DIR:=$(mktemp -d "$shm/k6-ingest-bench-s3.XXXXXX")}"
+if [ -z "${BENCH_S3_DIR:-}" ]; then
+    BENCH_S3_DIR=/dev/shm
+    [ -d "$BENCH_S3_DIR" ] && [ -w "$BENCH_S3_DIR" ] || BENCH_S3_DIR=${TMPDIR:-/tmp}
+fi
+# A directory of its own inside BENCH_S3_DIR: only that one is removed at the end.
+s3_data=$(mktemp -d "$BENCH_S3_DIR/k6-ingest-bench-s3.XXXXXX")
 s3s_fs=$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")
 if [ ! -x "$s3s_fs" ]; then
     scripts/services-up.sh >/dev/null # installs s3s-fs
@@ -42,14 +45,21 @@ fi
 s3_pid=
 stop_s3() {
     [ -z "$s3_pid" ] || kill "$s3_pid" 2>/dev/null || true
-    rm -rf "$BENCH_S3_DIR"
+    rm -rf "$s3_data" "$s3_data.log"
 }
 trap stop_s3 EXIT
 (exec 3<>"/dev/tcp/127.0.0.1/$BENCH_S3_PORT") 2>/dev/null &&
     { echo "port $BENCH_S3_PORT is taken: set BENCH_S3_PORT" >&2; exit 1; }
 "$s3s_fs" --host 127.0.0.1 --port "$BENCH_S3_PORT" --access-key test-access-key \
-    --secret-key test-secret-key "$BENCH_S3_DIR" >"$BENCH_S3_DIR.log" 2>&1 &
+    --secret-key test-secret-key "$s3_data" >"$s3_data.log" 2>&1 &
 s3_pid=$!
+# Listening before services-up.sh looks: finding nothing on the port, it would start an
+# s3s-fs of its own there, on disk.
+for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$BENCH_S3_PORT") 2>/dev/null && break
+    kill -0 "$s3_pid" 2>/dev/null || { cat "$s3_data.log" >&2; exit 1; }
+    sleep 0.1
+done
 # services-up.sh and queue-throughput.sh (which calls it) find it answering on S3_PORT,
 # create the bucket and export its endpoint.
 export S3_PORT=$BENCH_S3_PORT
@@ -78,7 +88,7 @@ export K6_INGEST__S3__PREFIX="$tag" K6_INGEST__LOG__LEVEL=warn
 cleanup() {
     "$driver" amqp-cleanup >/dev/null 2>&1 || true
     psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
-    rm -rf "$work" "$BENCH_S3_DIR.log"
+    rm -rf "$work"
     stop_s3
 }
 trap cleanup EXIT
