@@ -48,15 +48,15 @@ stop_s3() {
     rm -rf "$s3_data" "$s3_data.log"
 }
 trap stop_s3 EXIT
-(exec 3<>"/dev/tcp/127.0.0.1/$BENCH_S3_PORT") 2>/dev/null &&
-    { echo "port $BENCH_S3_PORT is taken: set BENCH_S3_PORT" >&2; exit 1; }
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$BENCH_S3_PORT") 2>/dev/null; }
+listening && { echo "port $BENCH_S3_PORT is taken: set BENCH_S3_PORT" >&2; exit 1; }
 "$s3s_fs" --host 127.0.0.1 --port "$BENCH_S3_PORT" --access-key test-access-key \
     --secret-key test-secret-key "$s3_data" >"$s3_data.log" 2>&1 &
 s3_pid=$!
 # Listening before services-up.sh looks: finding nothing on the port, it would start an
 # s3s-fs of its own there, on disk.
 for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$BENCH_S3_PORT") 2>/dev/null && break
+    listening && break
     kill -0 "$s3_pid" 2>/dev/null || { cat "$s3_data.log" >&2; exit 1; }
     sleep 0.1
 done
