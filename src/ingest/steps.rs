@@ -498,7 +498,7 @@ async fn collect_samples(
 ) -> Result<std::io::Result<SampleSets>, tokio::task::JoinError> {
     if let Some(bytes) = &metrics.bytes {
         let cap = max_inflated.min(SAMPLES_IN_PLACE_MAX);
-        match collect_samples_with(lines_capped(bytes, cap), &requests, &limits) {
+        match collect_from(Some(bytes), &metrics.local.path, &requests, &limits, cap) {
             Err(e) if cap < max_inflated && is_over_cap(&e) => {}
             done => return Ok(done),
         }
