@@ -11,10 +11,12 @@
 # Combined ceiling C = 1 / (uploads per run / PutObject rate + 1 / store rate +
 # 1 / publish+ack rate), with the better of the two store rates; S3's rate at concurrency
 # 32 is printed too, with the ceiling it gives.
-# End to end: scripts/queue-throughput.sh at prefetch 1, 8 and 32 (E2E_RUNS runs each; the
-# first ones open the pool's connections and prepare its statements, about 0.2 s at
-# prefetch 32, which 5,000 runs make 2 % of the time, as the ceilings' loops exclude it),
-# with the worker's CPU time per run and peak RSS at prefetch 8.
+# End to end: scripts/queue-throughput.sh at prefetch 1, 8 and 32 (E2E_RUNS runs each),
+# steady: from the first run's write to the last one's, as the ceilings' loops are timed
+# (past the pool's connecting and its statements' preparation), with the worker's CPU
+# time per run and peak RSS at prefetch 8.
+# CPU per run of each service (scripts/cpu-share.py over the middle of each phase): in
+# its ceiling's loop, and at prefetch 32 where they all share the machine with the worker.
 #
 # S3 is an s3s-fs of the bench's own, on BENCH_S3_PORT with its data in memory
 # (BENCH_S3_DIR, under /dev/shm), started and stopped here. On the ext4 data directory of
@@ -96,19 +98,38 @@ psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
 "$bin" migrate >/dev/null
 
 run() { "$@" | tee -a "$work/out"; }
-run "$driver" store 8 "$CEILING_SECS"
-run "$driver" store 32 "$CEILING_SECS"
-run "$driver" s3 "$S3_CONCURRENCY" "$CEILING_SECS"
+# Each service's CPU over the middle of a phase (scripts/cpu-share.py), written to
+# $work/cpu_<name>: `sampled NAME COMMAND...` for a ceiling's loop.
+window=$(python3 -c "print(max(1.0, $CEILING_SECS - 4))")
+sampled() {
+    local name=$1
+    shift
+    scripts/cpu-share.py 2 "$window" >"$work/cpu_$name" &
+    local sampler=$!
+    run "$@"
+    wait "$sampler"
+}
+sampled store8 "$driver" store 8 "$CEILING_SECS"
+sampled store32 "$driver" store 32 "$CEILING_SECS"
+sampled s3 "$driver" s3 "$S3_CONCURRENCY" "$CEILING_SECS"
 # S3 answers each PutObject with a latency of its own: at prefetch 32 the worker has up
 # to 32 uploads in flight, so the rate at 32 is printed beside the one the ceiling uses.
 "$driver" s3 32 "$CEILING_SECS" | sed 's/^ceiling s3_put /ceiling s3_put_c32 /' | tee -a "$work/out"
-run "$driver" amqp "$AMQP_CONCURRENCY" "$CEILING_SECS"
+sampled amqp "$driver" amqp "$AMQP_CONCURRENCY" "$CEILING_SECS"
 
 for p in 1 8 32; do
     n=$E2E_RUNS
     [ "$p" = 1 ] && n=$E2E_RUNS_P1
     qt_tag="${tag}p$p"
+    # At prefetch 32, 4 s from 2 s after the worker starts (5,000 runs keep it busy
+    # for about 13 s).
+    sampler=
+    if [ "$p" = 32 ]; then
+        scripts/cpu-share.py --after "$bin consume" 2 4 >"$work/cpu_e2e32" &
+        sampler=$!
+    fi
     QT_TAG="$qt_tag" PROFILE=release scripts/queue-throughput.sh "$p" "$n" | tee "$work/e2e$p"
+    [ -z "$sampler" ] || wait "$sampler"
     K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
         K6_INGEST__S3__PREFIX="$qt_tag" "$driver" amqp-cleanup >/dev/null
     K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
@@ -125,7 +146,7 @@ for line in open(f"{w}/out"):
         c[k] = float(v)
 def e2e(p):
     text = open(f"{w}/e2e{p}").read()
-    n, s = re.search(r"(\d+) runs in ([\d.]+) s", text).groups()
+    n, s = re.search(r"steady (\d+) runs in ([\d.]+) s", text).groups()
     cpu, rss = re.search(r"= ([\d.]+) ms/run; peak RSS ([\d.]+) MiB", text).groups()
     return int(n) / float(s), float(cpu), float(rss)
 store = max(c["store_c8"], c["store_c32"])
@@ -139,6 +160,26 @@ print(f"with S3 at concurrency 32 the combined ceiling is {C32:.0f} runs/s: "
       f"e2e prefetch 32 = {100 * r[32][0] / C32:.0f}% of it")
 for p, (rate, cpu, rss) in r.items():
     print(f"e2e prefetch {p}: {rate:.1f} runs/s = {100 * rate / C:.0f}% of the ceiling; worker CPU {cpu:.2f} ms/run; peak RSS {rss:.0f} MiB")
+def cpu(name):
+    return {l.split()[1]: float(l.split()[2]) for l in open(f"{w}/cpu_{name}") if l.startswith("cpu ")}
+# CPU per run (ms) of each service: in its ceiling's loop (the store ceiling whose rate
+# is used), and at prefetch 32, where they all share the machine with the worker.
+sname = "store8" if c["store_c8"] >= c["store_c32"] else "store32"
+per_run = {
+    "postgres": 1000 * cpu(sname)["postgres"] / store,
+    "s3s-fs": 1000 * cpu("s3")["s3s-fs"] * c["uploads_per_run"] / c["s3_put"],
+    "rabbitmq": 1000 * cpu("amqp")["rabbitmq"] / c["amqp"],
+    "client": 1000 * (cpu(sname)["store_loop"] / store
+                      + cpu("s3")["store_loop"] * c["uploads_per_run"] / c["s3_put"]
+                      + cpu("amqp")["store_loop"] / c["amqp"]),
+}
+e = cpu("e2e32")
+at32 = {"postgres": e["postgres"], "s3s-fs": e["s3s-fs"], "rabbitmq": e["rabbitmq"], "client": e["k6-ingest"]}
+at32 = {k: 1000 * v / r[32][0] for k, v in at32.items()}
+print("CPU per run, in the ceilings' loops -> at e2e prefetch 32 (the client: the bench's "
+      "driver -> the worker): " + ", ".join(f"{k} {per_run[k]:.2f} -> {at32[k]:.2f} ms" for k in per_run)
+      + f"; sum {sum(per_run.values()):.2f} -> {sum(at32.values()):.2f} ms; "
+      f"other processes at prefetch 32 {1000 * e['other'] / r[32][0]:.2f} ms")
 (r8, cpu8, rss8), (r32, _, _) = r[8], r[32]
 print(f"e2e prefetch 8: {r8:.0f} runs/s = {100 * r8 / C:.0f}%, prefetch 32: {r32:.0f} runs/s = {100 * r32 / C:.0f}% "
       f"of the combined ceiling {C:.0f} runs/s; worker CPU {cpu8:.2f} ms/run; peak RSS {rss8:.0f} MiB")
