@@ -737,7 +737,10 @@ fn s3_source(uri: &str) -> Option<Source> {
 /// Hands the heap's free pages back to the kernel. A merge parses one large summary
 /// after another; glibc keeps each freed tree's pages (in whichever of its per-thread
 /// arenas the parse ran), so without this the resident set grows towards the sum of
-/// several parts' peaks although only one part is alive at a time.
+/// several parts' peaks although only one part is alive at a time. That is for the
+/// library under glibc's allocator (tests, benches); the worker's binary allocates with
+/// mimalloc, which returns freed memory at once (`src/main.rs`), and there this only
+/// trims what C code allocated from glibc.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no
