@@ -160,22 +160,18 @@ print(f"with S3 at concurrency 32 the combined ceiling is {C32:.0f} runs/s: "
       f"e2e prefetch 32 = {100 * r[32][0] / C32:.0f}% of it")
 for p, (rate, cpu, rss) in r.items():
     print(f"e2e prefetch {p}: {rate:.1f} runs/s = {100 * rate / C:.0f}% of the ceiling; worker CPU {cpu:.2f} ms/run; peak RSS {rss:.0f} MiB")
-def cpu(name):
-    return {l.split()[1]: float(l.split()[2]) for l in open(f"{w}/cpu_{name}") if l.startswith("cpu ")}
+def shares(phase):
+    return {k: float(v) for _, k, v in (l.split() for l in open(f"{w}/cpu_{phase}") if l.startswith("cpu "))}
 # CPU per run (ms) of each service: in its ceiling's loop (the store ceiling whose rate
-# is used), and at prefetch 32, where they all share the machine with the worker.
-sname = "store8" if c["store_c8"] >= c["store_c32"] else "store32"
-per_run = {
-    "postgres": 1000 * cpu(sname)["postgres"] / store,
-    "s3s-fs": 1000 * cpu("s3")["s3s-fs"] * c["uploads_per_run"] / c["s3_put"],
-    "rabbitmq": 1000 * cpu("amqp")["rabbitmq"] / c["amqp"],
-    "client": 1000 * (cpu(sname)["store_loop"] / store
-                      + cpu("s3")["store_loop"] * c["uploads_per_run"] / c["s3_put"]
-                      + cpu("amqp")["store_loop"] / c["amqp"]),
-}
-e = cpu("e2e32")
-at32 = {"postgres": e["postgres"], "s3s-fs": e["s3s-fs"], "rabbitmq": e["rabbitmq"], "client": e["k6-ingest"]}
-at32 = {k: 1000 * v / r[32][0] for k, v in at32.items()}
+# is used), each loop's cores times its cost per run, and at prefetch 32, where they all
+# share the machine with the worker.
+phase = {"store": "store8" if c["store_c8"] >= c["store_c32"] else "store32", "s3": "s3", "amqp": "amqp"}
+service = {"store": "postgres", "s3": "s3s-fs", "amqp": "rabbitmq"}
+loops = {k: shares(phase[k]) for k in cost}
+per_run = {service[k]: 1000 * loops[k][service[k]] * cost[k] for k in service}
+per_run["client"] = 1000 * sum(loops[k]["store_loop"] * cost[k] for k in cost)
+e = shares("e2e32")
+at32 = {s: 1000 * e["k6-ingest" if s == "client" else s] / r[32][0] for s in per_run}
 print("CPU per run, in the ceilings' loops -> at e2e prefetch 32 (the client: the bench's "
       "driver -> the worker): " + ", ".join(f"{k} {per_run[k]:.2f} -> {at32[k]:.2f} ms" for k in per_run)
       + f"; sum {sum(per_run.values()):.2f} -> {sum(at32.values()):.2f} ms; "
