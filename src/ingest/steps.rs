@@ -13,7 +13,7 @@ use crate::artifact::{
 };
 use crate::message::{RunCompleted, replace_nul};
 use crate::s3::IN_MEMORY_MAX;
-use crate::summary::limits::{SummaryLimits, check_document, check_rows};
+use crate::summary::limits::{SummaryLimits, check_rows, parse_document};
 use crate::summary::parse::{parse_summary_owned, parse_summary_value};
 use crate::summary::samples::{SampleLimits, SampleRequest, SampleSets, collect_samples_with};
 use crate::summary::{
@@ -143,24 +143,21 @@ const EXTRACT_IN_PLACE_METRICS: usize = 200;
 /// it was parsed from, which an S3 copy still needs.
 type Parsed = (Result<(Option<Value>, Summary), SummaryError>, Vec<u8>);
 
-/// [`check_document`], the tree, NUL replacement, the summary and [`check_rows`].
+/// The tree within its caps ([`parse_document`]), NUL replacement, the summary and
+/// [`check_rows`].
 fn parse_bounded(bytes: Vec<u8>, limits: &SummaryLimits, inline: bool) -> Parsed {
-    let result = check_document(&bytes, limits)
-        .and_then(|()| {
-            serde_json::from_slice::<Value>(&bytes).map_err(|e| SummaryError::Json(e.to_string()))
-        })
-        .and_then(|mut doc| {
-            let replaced = replace_nul(&mut doc);
-            let (doc, mut summary) = if inline {
-                let summary = parse_summary_value(&doc)?;
-                (Some(doc), summary)
-            } else {
-                (None, parse_summary_owned(doc)?)
-            };
-            summary.warnings.extend(replaced.warnings("summary"));
-            check_rows(&summary, limits)?;
-            Ok((doc, summary))
-        });
+    let result = parse_document(&bytes, limits).and_then(|mut doc| {
+        let replaced = replace_nul(&mut doc);
+        let (doc, mut summary) = if inline {
+            let summary = parse_summary_value(&doc)?;
+            (Some(doc), summary)
+        } else {
+            (None, parse_summary_owned(doc)?)
+        };
+        summary.warnings.extend(replaced.warnings("summary"));
+        check_rows(&summary, limits)?;
+        Ok((doc, summary))
+    });
     (result, bytes)
 }
 

@@ -3,9 +3,10 @@
 //! A summary is read whole (it is small for every real run: ~60 metrics, ~45 checks and
 //! thresholds), so its cost is its bytes plus the tree parsed from them. The bytes are
 //! capped by the reader (`fetch.max_summary_bytes`, `fetch.max_inflated_bytes`); the tree
-//! is capped here by counting JSON values in a pass that builds nothing
-//! ([`check_document`]), before `serde_json::Value` is built; the detail rows are capped
-//! on the normalised summary ([`check_rows`]) before any row is extracted.
+//! is capped here by counting JSON values as `serde_json::Value` is built, stopping at the
+//! first value past a cap ([`parse_document`]), so a refused document never holds more
+//! than a document at the cap would; the detail rows are capped on the normalised summary
+//! ([`check_rows`]) before any row is extracted.
 //!
 //! A summary above a cap is refused whole, as unusable: the run is recorded as `error`
 //! with the reason and the file is kept in S3, like any unreadable summary. Keeping the
@@ -18,6 +19,7 @@ use std::cell::Cell;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
 
 use super::SummaryError;
 use super::model::Summary;
@@ -46,14 +48,15 @@ impl Default for SummaryLimits {
     }
 }
 
-/// Refuses a document with more than `max_nodes` JSON values or more than `max_metrics`
-/// metrics, without building it. Metrics are the entries of the top-level `metrics`
-/// object (handleSummary data, legacy export) or of `results.metrics` (machine-readable);
-/// checks and thresholds sit deeper and are counted on the parsed summary.
+/// The document's tree, as `serde_json::from_slice::<Value>` builds it (the same values,
+/// key order and syntax errors), refused at the first value past `max_nodes` JSON values
+/// or `max_metrics` metrics. Metrics are the entries of the top-level `metrics` object
+/// (handleSummary data, legacy export) or of `results.metrics` (machine-readable); checks
+/// and thresholds sit deeper and are counted on the parsed summary.
 ///
-/// A syntax error is not reported here: parsing reports it with its usual message, and
-/// stops at the same place, having built no more values than were counted.
-pub fn check_document(bytes: &[u8], limits: &SummaryLimits) -> Result<(), SummaryError> {
+/// One pass, where a counting pass before the parse read every summary twice: a tenth of
+/// the worker's CPU per run went to the summary's tree.
+pub fn parse_document(bytes: &[u8], limits: &SummaryLimits) -> Result<Value, SummaryError> {
     let tally = Tally::default();
     let counter = Counter {
         tally: &tally,
@@ -61,7 +64,9 @@ pub fn check_document(bytes: &[u8], limits: &SummaryLimits) -> Result<(), Summar
         role: Role::Top,
     };
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let _ = counter.deserialize(&mut de);
+    let parsed = counter
+        .deserialize(&mut de)
+        .and_then(|doc| de.end().map(|()| doc));
     match tally.over.get() {
         Some(Over::Nodes) => Err(SummaryError::TooLarge(format!(
             "more than {} JSON values (fetch.max_summary_nodes)",
@@ -71,7 +76,7 @@ pub fn check_document(bytes: &[u8], limits: &SummaryLimits) -> Result<(), Summar
             "more than the {} metrics allowed (ingest.max_metrics)",
             limits.max_metrics
         ))),
-        None => Ok(()),
+        None => parsed.map_err(|e| SummaryError::Json(e.to_string())),
     }
 }
 
@@ -135,7 +140,7 @@ enum Role {
     Other,
 }
 
-/// Counts every value of a document and stops at a cap; builds nothing.
+/// Builds a document's values, counting each, and stops at a cap.
 #[derive(Clone, Copy)]
 struct Counter<'a> {
     tally: &'a Tally,
@@ -158,7 +163,8 @@ impl Counter<'_> {
         Err(E::custom("summary above a size cap"))
     }
 
-    /// The seed for a child value: `key` is its key in an object, if any.
+    /// The seed for a child value: `key` is its key in an object, if any (only the
+    /// keys of the document and of `results` change a child's role).
     fn child<E: de::Error>(&self, key: Option<&str>) -> Result<Self, E> {
         let role = match (self.role, key) {
             (Role::Top, Some("metrics")) | (Role::Results, Some("metrics")) => Role::Metrics,
@@ -168,16 +174,11 @@ impl Counter<'_> {
         };
         Ok(Self { role, ..*self })
     }
-
-    /// Whether this object's keys decide its children's roles (only near the top).
-    fn reads_keys(&self) -> bool {
-        matches!(self.role, Role::Top | Role::Results)
-    }
 }
 
 impl<'de> DeserializeSeed<'de> for Counter<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         if self.role == Role::Metric {
             // Counted here, once the value exists (a seed is made before a sequence
             // knows whether another element follows).
@@ -192,50 +193,56 @@ impl<'de> DeserializeSeed<'de> for Counter<'_> {
 }
 
 impl<'de> Visitor<'de> for Counter<'_> {
-    type Value = ();
+    type Value = Value;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        self.bump()
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Value, E> {
+        self.bump().map(|()| Value::Bool(b))
     }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        self.bump()
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Value, E> {
+        self.bump().map(|()| Value::Number(n.into()))
     }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        self.bump()
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Value, E> {
+        self.bump().map(|()| Value::Number(n.into()))
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+    fn visit_f64<E: de::Error>(self, n: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: JSON has no non-finite number, so never null here.
         self.bump()
+            .map(|()| Number::from_f64(n).map_or(Value::Null, Value::Number))
     }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        self.bump()
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Value, E> {
+        self.bump().map(|()| Value::String(s.to_owned()))
     }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        self.bump()
+    fn visit_string<E: de::Error>(self, s: String) -> Result<Value, E> {
+        self.bump().map(|()| Value::String(s))
     }
-    fn visit_none<E: de::Error>(self) -> Result<(), E> {
-        self.bump()
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        self.bump().map(|()| Value::Null)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+    fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+        self.bump().map(|()| Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         self.bump()?;
-        while seq.next_element_seed(self.child(None)?)?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        self.bump()?;
-        if self.reads_keys() {
-            while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                map.next_value_seed(self.child(Some(&key))?)?;
-            }
-        } else {
-            while map.next_key::<de::IgnoredAny>()?.is_some() {
-                map.next_value_seed(self.child(None)?)?;
-            }
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(self.child(None)?)? {
+            items.push(v);
         }
-        Ok(())
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.bump()?;
+        let mut entries = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(self.child(Some(&key))?)?;
+            // A key given twice keeps its first place and its last value, as in
+            // serde_json's own `Value`.
+            entries.insert(key, value);
+        }
+        Ok(Value::Object(entries))
     }
 }
 
@@ -245,23 +252,59 @@ mod tests {
     use crate::summary::parse_summary;
 
     #[test]
-    fn counts_values_without_building_them() {
+    fn counts_values_as_it_builds_them() {
         let nodes = |max_nodes| SummaryLimits {
             max_nodes,
             ..SummaryLimits::default()
         };
         // 1 array + 3 numbers; 1 object + 2 values.
-        assert!(check_document(b"[1,2,3]", &nodes(4)).is_ok());
+        assert!(parse_document(b"[1,2,3]", &nodes(4)).is_ok());
         assert!(matches!(
-            check_document(b"[1,2,3]", &nodes(3)),
+            parse_document(b"[1,2,3]", &nodes(3)),
             Err(SummaryError::TooLarge(_))
         ));
-        assert!(check_document(br#"{"a":{"b":null}}"#, &nodes(3)).is_ok());
-        assert!(check_document(br#"{"a":{"b":null}}"#, &nodes(2)).is_err());
-        // Syntax errors are left to the parser.
-        assert!(check_document(b"{not json", &nodes(1)).is_ok());
+        assert!(parse_document(br#"{"a":{"b":null}}"#, &nodes(3)).is_ok());
+        assert!(parse_document(br#"{"a":{"b":null}}"#, &nodes(2)).is_err());
+        // A syntax error is reported as serde_json reports it, within the caps or not.
+        let json_error = |doc: &[u8], n| match parse_document(doc, &nodes(n)) {
+            Err(SummaryError::Json(e)) => e,
+            other => panic!("{other:?}"),
+        };
+        let expected = serde_json::from_slice::<Value>(b"{not json").unwrap_err();
+        assert_eq!(json_error(b"{not json", 1), expected.to_string());
+        let expected = serde_json::from_slice::<Value>(b"[1] 2").unwrap_err();
+        assert_eq!(json_error(b"[1] 2", 10), expected.to_string());
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(check_document(deep.as_bytes(), &nodes(u64::MAX)).is_ok());
+        let expected = serde_json::from_slice::<Value>(deep.as_bytes()).unwrap_err();
+        assert_eq!(json_error(deep.as_bytes(), u64::MAX), expected.to_string());
+    }
+
+    #[test]
+    fn builds_the_tree_serde_json_builds() {
+        let docs = [
+            r#"{"b":1,"a":[true,null,-2,3.5e-7,18446744073709551615,"x\u0000y"],"b":{"c":{}}}"#,
+            r#"{"version":"1.0.0","results":{"metrics":[{"name":"a"},{"name":"b"}]}}"#,
+            "[]",
+            "0.1",
+        ];
+        for doc in docs {
+            let ours = parse_document(doc.as_bytes(), &SummaryLimits::default()).unwrap();
+            let theirs: Value = serde_json::from_str(doc).unwrap();
+            assert_eq!(ours, theirs, "{doc}");
+            // The same key order too (`preserve_order`), which `==` does not compare.
+            assert_eq!(ours.to_string(), theirs.to_string(), "{doc}");
+        }
+        for fixture in crate::summary::parse::tests::fixture_summaries() {
+            let bytes = std::fs::read(&fixture).unwrap();
+            let ours = parse_document(&bytes, &SummaryLimits::default()).unwrap();
+            let theirs: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                ours.to_string(),
+                theirs.to_string(),
+                "{}",
+                fixture.display()
+            );
+        }
     }
 
     #[test]
@@ -270,7 +313,7 @@ mod tests {
             max_metrics: 2,
             ..SummaryLimits::default()
         };
-        let ok = |doc: &str| check_document(doc.as_bytes(), &two).is_ok();
+        let ok = |doc: &str| parse_document(doc.as_bytes(), &two).is_ok();
         assert!(ok(
             r#"{"metrics":{"a":{},"b":{"metrics":{"x":1,"y":2,"z":3}}}}"#
         ));
@@ -281,7 +324,7 @@ mod tests {
         ));
         // Only the top-level `metrics` (or `results.metrics`) holds metrics.
         assert!(ok(r#"{"other":{"metrics":{"a":1,"b":2,"c":3}}}"#));
-        let err = check_document(br#"{"metrics":{"a":1,"b":2,"c":3}}"#, &two)
+        let err = parse_document(br#"{"metrics":{"a":1,"b":2,"c":3}}"#, &two)
             .unwrap_err()
             .to_string();
         assert!(err.contains("ingest.max_metrics"), "{err}");

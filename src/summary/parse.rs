@@ -648,7 +648,7 @@ fn derive_counter_rates(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -764,7 +764,7 @@ mod tests {
 
     /// Every JSON summary file of the fixtures (whole runs and split parts, every k6
     /// version and format).
-    fn fixture_summaries() -> Vec<std::path::PathBuf> {
+    pub(crate) fn fixture_summaries() -> Vec<std::path::PathBuf> {
         fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
             for e in std::fs::read_dir(dir).unwrap() {
                 let path = e.unwrap().path();

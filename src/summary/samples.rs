@@ -189,9 +189,13 @@ pub fn collect_sorted_with<R: BufRead>(
         return Ok((SampleSets::default(), Vec::new()));
     }
     let (keys, skipped) = distinct_keys(requests);
-    let mut by_base: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut by_base: Vec<(&str, Vec<usize>)> = Vec::new();
     for (i, r) in keys.iter().enumerate() {
-        by_base.entry(r.base_name.as_str()).or_default().push(i);
+        let base = r.base_name.as_str();
+        match by_base.iter_mut().find(|(b, _)| *b == base) {
+            Some((_, idx)) => idx.push(i),
+            None => by_base.push((base, vec![i])),
+        }
     }
     // The budget is shared evenly: a key that gets no samples wastes its share, which
     // keeps the bound simple (the budget is a ceiling, not a target).
@@ -203,8 +207,8 @@ pub fn collect_sorted_with<R: BufRead>(
         },
         sinks: keys.iter().map(|_| SampleSink::new(share)).collect(),
         needles: by_base
-            .keys()
-            .map(|base| (*base, format!("\"metric\":\"{base}\"")))
+            .iter()
+            .map(|(base, _)| (*base, format!("\"metric\":\"{base}\"")))
             .collect(),
         by_base: &by_base,
         keys: &keys,
@@ -298,7 +302,10 @@ struct Collector<'r> {
     sinks: Vec<SampleSink>,
     /// `"metric":"NAME"` per requested base name: a bad line naming one taints it.
     needles: Vec<(&'r str, String)>,
-    by_base: &'r HashMap<&'r str, Vec<usize>>,
+    /// The keys' indices per base name: a list, not a map, since a run asks for at most
+    /// [`MAX_SAMPLE_KEYS`] keys and every sample line looks its metric up here (hashing
+    /// the name cost more than comparing it with a few).
+    by_base: &'r [(&'r str, Vec<usize>)],
     keys: &'r [&'r SampleRequest],
     kept: usize,
     max_samples: usize,
@@ -343,7 +350,7 @@ impl Collector<'_> {
                 )
             }
         };
-        let Some(idx) = self.by_base.get(metric) else {
+        let Some((_, idx)) = self.by_base.iter().find(|(base, _)| *base == metric) else {
             return Ok(Flow::Go);
         };
         for &i in idx {
@@ -380,8 +387,9 @@ struct K6Point<'a> {
 
 fn k6_point(line: &[u8]) -> Option<K6Point<'_>> {
     // JSON allows no control character in a string, and this shape has no whitespace
-    // between tokens: none may occur anywhere.
-    if has_control(line) {
+    // between tokens: none may occur anywhere. Nor may an escape: a line with a
+    // backslash anywhere goes to the parser, so every string here ends at its next `"`.
+    if has_control(line) || memchr::memchr(b'\\', line).is_some() {
         return None;
     }
     let line = std::str::from_utf8(line).ok()?;
@@ -417,15 +425,13 @@ fn k6_point(line: &[u8]) -> Option<K6Point<'_>> {
     })
 }
 
-/// The text up to the next `"` and what follows it, if that text needs no unescaping.
-/// (The caller has checked that the line holds no control character.)
+/// The text up to the next `"` and what follows it. The caller has checked that the
+/// line holds no control character and no backslash, so the text needs no unescaping.
+/// A plain scan, not `memchr`: tag keys and values are a few bytes long, and a line has
+/// twenty of them, where `memchr`'s set-up costs more than the search.
 fn plain_string(s: &str) -> Option<(&str, &str)> {
-    let end = memchr::memchr(b'"', s.as_bytes())?;
-    let text = &s[..end];
-    if memchr::memchr(b'\\', text.as_bytes()).is_some() {
-        return None;
-    }
-    Some((text, &s[end + 1..]))
+    let end = s.bytes().position(|b| b == b'"')?;
+    Some((&s[..end], &s[end + 1..]))
 }
 
 /// Whether any byte is below 0x20, eight at a time: this runs for every string of every
