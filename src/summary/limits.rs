@@ -165,14 +165,14 @@ impl Counter<'_> {
 
     /// The seed for a child value: `key` is its key in an object, if any (only the
     /// keys of the document and of `results` change a child's role).
-    fn child<E: de::Error>(&self, key: Option<&str>) -> Result<Self, E> {
+    fn child(&self, key: Option<&str>) -> Self {
         let role = match (self.role, key) {
             (Role::Top, Some("metrics")) | (Role::Results, Some("metrics")) => Role::Metrics,
             (Role::Top, Some("results")) => Role::Results,
             (Role::Metrics, _) => Role::Metric,
             _ => Role::Other,
         };
-        Ok(Self { role, ..*self })
+        Self { role, ..*self }
     }
 }
 
@@ -228,7 +228,7 @@ impl<'de> Visitor<'de> for Counter<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         self.bump()?;
         let mut items = Vec::new();
-        while let Some(v) = seq.next_element_seed(self.child(None)?)? {
+        while let Some(v) = seq.next_element_seed(self.child(None))? {
             items.push(v);
         }
         Ok(Value::Array(items))
@@ -237,7 +237,7 @@ impl<'de> Visitor<'de> for Counter<'_> {
         self.bump()?;
         let mut entries = Map::new();
         while let Some(key) = map.next_key::<String>()? {
-            let value = map.next_value_seed(self.child(Some(&key))?)?;
+            let value = map.next_value_seed(self.child(Some(&key)))?;
             // A key given twice keeps its first place and its last value, as in
             // serde_json's own `Value`.
             entries.insert(key, value);
