@@ -389,10 +389,14 @@ fn k6_point(line: &[u8]) -> Option<K6Point<'_>> {
     // JSON allows no control character in a string, and this shape has no whitespace
     // between tokens: none may occur anywhere. Nor may an escape: a line with a
     // backslash anywhere goes to the parser, so every string here ends at its next `"`.
-    if has_control(line) || memchr::memchr(b'\\', line).is_some() {
-        return None;
-    }
-    let line = std::str::from_utf8(line).ok()?;
+    let line = match scan(line) {
+        Scan::Ascii => {
+            // SAFETY: every byte is below 0x80, and ASCII is valid UTF-8.
+            unsafe { std::str::from_utf8_unchecked(line) }
+        }
+        Scan::Wide => std::str::from_utf8(line).ok()?,
+        Scan::Unfit => return None,
+    };
     let rest = line.strip_prefix(r#"{"metric":""#)?;
     let (metric, rest) = plain_string(rest)?;
     let rest = rest.strip_prefix(r#","type":"Point","data":{"time":""#)?;
@@ -407,16 +411,8 @@ fn k6_point(line: &[u8]) -> Option<K6Point<'_>> {
     // an error there, so it is left to the parser here.
     let value: f64 = number.parse().ok().filter(|v: &f64| v.is_finite())?;
     let tags = rest.strip_prefix(r#","tags":{"#)?.strip_suffix("}}}")?;
-    let mut pairs = tags;
-    while !pairs.is_empty() {
-        let (_, rest) = plain_string(pairs.strip_prefix('"')?)?;
-        let (_, rest) = plain_string(rest.strip_prefix(":\"")?)?;
-        pairs = match rest.strip_prefix(',') {
-            Some(more) if !more.is_empty() => more,
-            Some(_) => return None,
-            None if rest.is_empty() => rest,
-            None => return None,
-        };
+    if !tag_pairs(tags) {
+        return None;
     }
     Some(K6Point {
         metric,
@@ -434,21 +430,70 @@ fn plain_string(s: &str) -> Option<(&str, &str)> {
     Some((&s[..end], &s[end + 1..]))
 }
 
-/// Whether any byte is below 0x20, eight at a time: this runs for every string of every
-/// sample line. `(x - 0x20…20) & !x & 0x80…80` is non-zero exactly when some byte of `x`
-/// is below 0x20 (a borrow can only set bits above such a byte).
-fn has_control(b: &[u8]) -> bool {
+/// Whether `"K":"V"` pairs separated by commas (or nothing) make up all of `b`, which has
+/// no backslash, so every string ends at its next quote.
+fn tag_pairs(tags: &str) -> bool {
+    let mut pairs = tags;
+    while !pairs.is_empty() {
+        let Some((_, rest)) = pairs.strip_prefix('"').and_then(plain_string) else {
+            return false;
+        };
+        let Some((_, rest)) = rest.strip_prefix(":\"").and_then(plain_string) else {
+            return false;
+        };
+        pairs = match rest.strip_prefix(',') {
+            Some(more) if !more.is_empty() => more,
+            None if rest.is_empty() => rest,
+            _ => return false,
+        };
+    }
+    true
+}
+
+/// What one pass over a sample line found.
+#[derive(Debug, PartialEq)]
+enum Scan {
+    /// Every byte is ASCII, none is a control character or a backslash.
+    Ascii,
+    /// No control character or backslash, but bytes past ASCII: UTF-8 still to check.
+    Wide,
+    /// A control character or a backslash: not k6's plain shape.
+    Unfit,
+}
+
+/// Control characters, backslashes and bytes past ASCII in one pass, eight bytes at a
+/// time: this runs for every sample line, and three separate searches (control bytes,
+/// `\\`, UTF-8 validation) each read the whole line. For a word `x`,
+/// `(x - 0x20…20) & !x & 0x80…80` is non-zero exactly when some byte is below 0x20 (a
+/// borrow can only set bits above such a byte); the same test on `x ^ 0x5c…5c` finds a
+/// backslash; `x & 0x80…80` a byte past ASCII.
+fn scan(b: &[u8]) -> Scan {
     const LOW: u64 = 0x2020_2020_2020_2020;
+    const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
+    const SLASH: u64 = 0x5c5c_5c5c_5c5c_5c5c;
     // SAFETY: every bit pattern is a valid u64; `align_to` only reinterprets the
     // aligned middle of the slice.
     let (head, words, tail) = unsafe { b.align_to::<u64>() };
+    let mut wide = 0;
     for &x in words {
-        if x.wrapping_sub(LOW) & !x & HIGH != 0 {
-            return true;
+        let y = x ^ SLASH;
+        if (x.wrapping_sub(LOW) & !x | y.wrapping_sub(ONES) & !y) & HIGH != 0 {
+            return Scan::Unfit;
         }
+        wide |= x;
     }
-    head.iter().chain(tail).any(|&c| c < 0x20)
+    for &c in head.iter().chain(tail) {
+        if c < 0x20 || c == b'\\' {
+            return Scan::Unfit;
+        }
+        wide |= u64::from(c);
+    }
+    if wide & HIGH != 0 {
+        Scan::Wide
+    } else {
+        Scan::Ascii
+    }
 }
 
 /// JSON's number grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
@@ -850,7 +895,7 @@ mod tests {
             ],
             tags in proptest::collection::vec(
                 proptest::prop_oneof![
-                    3 => ("[a-z0-9_:,{} ]{0,4}", "[a-z0-9_:,{} ]{0,4}"),
+                    3 => ("[a-z0-9_:,{} é]{0,4}", "[a-z0-9_:,{} ü€]{0,4}"),
                     1 => ("[a-z\\\\\",:{} ]{0,4}", "[a-z0-9\\\\\",:{} \\t]{0,4}"),
                 ],
                 0..3,
@@ -878,18 +923,24 @@ mod tests {
     }
 
     #[test]
-    fn control_bytes_are_found_at_any_offset() {
+    fn control_bytes_backslashes_and_wide_bytes_are_found_at_any_offset() {
         for len in 0..40 {
             for at in 0..len {
                 for c in [0u8, 0x09, 0x1f] {
                     let mut v = vec![b'a'; len];
                     v[at] = c;
-                    assert!(has_control(&v), "{len} {at} {c}");
-                    assert!(has_control(&v[at..]));
+                    assert_eq!(scan(&v), Scan::Unfit, "{len} {at} {c}");
+                    assert_eq!(scan(&v[at..]), Scan::Unfit);
                 }
                 let mut v = vec![0x20u8; len];
                 v[at] = 0xff;
-                assert!(!has_control(&v));
+                assert_eq!(scan(&v), Scan::Wide, "{len} {at}");
+                v[at] = 0x7f;
+                assert_eq!(scan(&v), Scan::Ascii, "{len} {at}");
+                v[at] = b'\\';
+                assert_eq!(scan(&v), Scan::Unfit, "{len} {at}");
+                v[at] = b']';
+                assert_eq!(scan(&v), Scan::Ascii, "{len} {at}");
             }
         }
     }
