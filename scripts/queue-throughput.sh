@@ -20,7 +20,10 @@ bin="${CARGO_TARGET_DIR:-target}/${PROFILE:-debug}/k6-ingest"
 [ -x "$bin" ] || { echo "build first: cargo build ${PROFILE:+--profile $PROFILE}" >&2; exit 1; }
 
 # QT_TAG names the database, queues and S3 prefix (for a caller that cleans up after);
-# QT_DB_CONNECTIONS sets database.max_connections (default: PREFETCH + 2).
+# QT_DB_CONNECTIONS sets database.max_connections (default: the worker's own, 10). A run
+# holds a connection only for its lookup and its store transaction; at prefetch 32 on
+# this 2-core machine, 34 connections gave 272, 303 and 275 runs/s where 10 gave 311,
+# 294 and 315 (interleaved): PostgreSQL spends more per transaction with more backends.
 tag="${QT_TAG:-bench$(date +%s%N | tail -c 9)}"
 db="k6_queue_${tag}"
 work=$(mktemp -d)
@@ -42,7 +45,7 @@ psql -h 127.0.0.1 -U postgres -qc "CREATE DATABASE $db"
 export K6_INGEST__DATABASE__URL="postgres://postgres@127.0.0.1:5432/$db"
 export K6_INGEST__AMQP__EXCHANGE="$tag.runs" K6_INGEST__AMQP__QUEUE="$tag.work"
 export K6_INGEST__AMQP__PREFETCH="$prefetch" K6_INGEST__AMQP__CONCURRENCY="$prefetch"
-export K6_INGEST__DATABASE__MAX_CONNECTIONS="${QT_DB_CONNECTIONS:-$((prefetch + 2))}"
+[ -z "${QT_DB_CONNECTIONS:-}" ] || export K6_INGEST__DATABASE__MAX_CONNECTIONS="$QT_DB_CONNECTIONS"
 export K6_INGEST__S3__PREFIX="$tag" K6_INGEST__FETCH__ALLOWED_ROOTS="$PWD/fixtures"
 export K6_INGEST__HTTP__BIND=127.0.0.1:0 K6_INGEST__LOG__LEVEL=warn
 "$bin" migrate >/dev/null
