@@ -430,8 +430,8 @@ fn plain_string(s: &str) -> Option<(&str, &str)> {
     Some((&s[..end], &s[end + 1..]))
 }
 
-/// Whether `"K":"V"` pairs separated by commas (or nothing) make up all of `b`, which has
-/// no backslash, so every string ends at its next quote.
+/// Whether `"K":"V"` pairs separated by commas (or nothing) make up all of `tags`. The
+/// line has no backslash (checked by [`scan`]), so every string ends at its next quote.
 fn tag_pairs(tags: &str) -> bool {
     let mut pairs = tags;
     while !pairs.is_empty() {
