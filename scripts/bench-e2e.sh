@@ -142,10 +142,11 @@ e2e() {
     fi
     QT_TAG="$qt_tag" PROFILE=release scripts/queue-throughput.sh "$p" "$n" | tee "$dir/e2e$p"
     [ -z "$sampler" ] || wait "$sampler"
-    K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
-        K6_INGEST__S3__PREFIX="$qt_tag" "$driver" amqp-cleanup >/dev/null
-    K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work" \
-        K6_INGEST__S3__PREFIX="$qt_tag" "$driver" s3-cleanup >&2
+    # The phase's queues and objects, named by its tag as queue-throughput.sh names them.
+    local names=(K6_INGEST__AMQP__EXCHANGE="$qt_tag.runs" K6_INGEST__AMQP__QUEUE="$qt_tag.work"
+        K6_INGEST__S3__PREFIX="$qt_tag")
+    env "${names[@]}" "$driver" amqp-cleanup >/dev/null
+    env "${names[@]}" "$driver" s3-cleanup >&2
 }
 
 # Prefetch 1 once: it has no target and is far below every ceiling.
