@@ -55,6 +55,7 @@ macro_rules! checked {
 
 mod fresh;
 pub mod history;
+mod lookup;
 pub mod parts;
 
 /// The embedded migrations (`migrations/`); `build.rs` makes new files trigger a rebuild.
@@ -102,6 +103,8 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 pub struct Db {
     pool: PgPool,
     prepared: bool,
+    /// The gathering of runs' lookups, shared by the clones of this `Db` (see [`lookup`]).
+    lookups: std::sync::Arc<lookup::Lookups>,
 }
 
 impl Db {
@@ -109,6 +112,7 @@ impl Db {
         Self {
             pool,
             prepared: prepared_statements,
+            lookups: Default::default(),
         }
     }
 
@@ -409,37 +413,6 @@ pub struct ErrorRecord<'a> {
 }
 
 impl Db {
-    /// What is stored for the run, read before any artifact is touched: one statement
-    /// (a k6_performance_runs row cannot exist without its `runs` row), in a transaction
-    /// only where a pooler needs one (see [`Db`]).
-    pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
-        let q = checked!(
-            self,
-            "SELECT r.organization_id, r.project_id, r.k6_archived_month IS NOT NULL AS archived, \
-                     (SELECT p.summary_format IS NOT NULL FROM k6_performance_runs p \
-                      WHERE p.run_id = r.id LIMIT 1) AS has_summary \
-                 FROM runs r WHERE r.id = $1",
-            run_id,
-        );
-        let row = if self.prepared {
-            q.fetch_optional(&self.pool).await?
-        } else {
-            let mut tx = self.pool.begin().await?;
-            let row = q.fetch_optional(&mut *tx).await?;
-            tx.commit().await?;
-            row
-        };
-        Ok(row.map_or_else(Existing::default, |r| Existing {
-            tenant: Some((r.get(0), r.get(1))),
-            // Archived to S3: stored, and final (its month's partitions are gone).
-            performance_has_summary: if r.get::<bool, _>(2) {
-                Some(true)
-            } else {
-                r.get(3)
-            },
-        }))
-    }
-
     /// Every `s3://` URI a committed row of the run refers to. Objects listed here are
     /// never deleted: a concurrent duplicate that committed first refers to the same
     /// deterministic keys.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use harness::*;
+use k6_ingest::db::Db;
 use k6_ingest::ingest::{Disposition, IngestError, Outcome};
 use k6_ingest::message::RunCompleted;
 use serde_json::{Value, json};
@@ -579,4 +580,55 @@ async fn a_permanently_failed_upload_leaves_none_of_the_runs_objects(pool: PgPoo
     let kept = objects_of_run(store, &msg).await;
     assert!(kept.iter().any(|k| k.ends_with("/k6.log")), "{kept:?}");
     assert_eq!(runs_of(msg.run_id).await, 0);
+}
+
+/// The lookups of runs in flight go to PostgreSQL together, one statement for those that
+/// wait: each run still gets its own answer, whatever else shares the statement; and a
+/// lookup that cannot be made is an error, never "nothing stored".
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn gathered_lookups_each_answer_their_own_run(pool: PgPool) {
+    let env = TestEnv::new(&pool).await;
+    let full = ingest_dir(&env.ing, copy_fixture("v1.1.0", "thresholds-pass").path()).await;
+    let dir = copy_fixture("v1.1.0", "thresholds-fail");
+    let path = dir.path().join("message.json");
+    let mut m = read_json(&path);
+    m["artifacts"].as_object_mut().unwrap().remove("summary");
+    write_json(&path, &m);
+    let bare = message(dir.path());
+    // Stored as `error`, with no summary.
+    let stored = env.ing.ingest_one(&bare, &ctx(dir.path())).await;
+    assert!(
+        matches!(stored, Err(IngestError::SummaryUnusable { .. })),
+        "{stored:?}"
+    );
+
+    let db = Db::new(pool.clone(), true);
+    // Unknown runs around the two stored ones, all asked at once.
+    let mut ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    ids.insert(7, full.run_id);
+    ids.insert(30, bare.run_id);
+    let answers = futures_util::future::join_all(ids.iter().map(|id| db.existing(*id))).await;
+    for (id, found) in ids.iter().zip(answers) {
+        let found = found.unwrap();
+        let expected = if *id == full.run_id {
+            (Some((full.organization_id, full.project_id)), Some(true))
+        } else if *id == bare.run_id {
+            (Some((bare.organization_id, bare.project_id)), Some(false))
+        } else {
+            (None, None)
+        };
+        assert_eq!(
+            (found.tenant, found.performance_has_summary),
+            expected,
+            "{id}"
+        );
+    }
+
+    pool.close().await;
+    let failed =
+        futures_util::future::join_all([db.existing(full.run_id), db.existing(Uuid::new_v4())])
+            .await;
+    for r in failed {
+        assert!(matches!(r, Err(sqlx::Error::PoolClosed)), "{r:?}");
+    }
 }
