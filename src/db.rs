@@ -1,7 +1,8 @@
 //! Migrations and the one write path: everything a run produces is stored in one
 //! transaction, keyed by `run_id`, so a run is written once however often it arrives.
 //!
-//! Every statement of the worker is here, in [`parts`] and in [`history`] (the
+//! Every statement of the worker is here (with its submodules `fresh`, a new run's
+//! write, and `lookup`, what is stored already), in [`parts`] and in [`history`] (the
 //! maintenance commands'). The static ones are checked at compile time against the schema
 //! (see `checked!` and `scripts/sqlx-prepare.sh`), except `applied_versions` (sqlx's own
 //! table) and the parameterless `SELECT 1` probes. The partition DDL and archive
