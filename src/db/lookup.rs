@@ -27,13 +27,15 @@ const MAX_BATCH: usize = 128;
 #[derive(Debug, Default)]
 pub(super) struct Lookups(OnceLock<mpsc::UnboundedSender<Pending>>);
 
-/// A run waiting for its lookup. `None` in the reply: the batch's statement failed, and
-/// the run looks itself up, so that the error it gets (and whether it is retried) is
-/// its own, as before.
+/// A run waiting for its lookup. The batch's failure is passed on to each of its runs
+/// where it can be rebuilt as the run's own lookup would have met it: the database
+/// unreachable (see [`again`]). `None` in the reply: the statement failed otherwise, and
+/// the run looks itself up, so that the error it gets (and whether it is retried) is its
+/// own, as before.
 #[derive(Debug)]
 struct Pending {
     run_id: Uuid,
-    reply: oneshot::Sender<Option<Existing>>,
+    reply: oneshot::Sender<Option<Result<Existing, sqlx::Error>>>,
 }
 
 impl Db {
@@ -43,15 +45,16 @@ impl Db {
     /// else as a statement of its own.
     pub async fn existing(&self, run_id: Uuid) -> Result<Existing, sqlx::Error> {
         if let Some(found) = self.gathered(run_id).await {
-            return Ok(found);
+            return found;
         }
         let found = self.existing_many(&[run_id]).await?;
         Ok(found.into_iter().next().map(|(_, e)| e).unwrap_or_default())
     }
 
     /// The run's lookup through the gathering task; `None` when there is no runtime to
-    /// start it on, the task is gone, or its statement failed.
-    async fn gathered(&self, run_id: Uuid) -> Option<Existing> {
+    /// start it on, the task is gone, or its statement failed in a way only the run's
+    /// own statement can tell.
+    async fn gathered(&self, run_id: Uuid) -> Option<Result<Existing, sqlx::Error>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let queue = self.lookups.0.get_or_init(|| {
             let (queue, waiting) = mpsc::unbounded_channel();
@@ -116,16 +119,58 @@ async fn gather(db: Db, mut waiting: mpsc::UnboundedReceiver<Pending>) {
     while waiting.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let ids: Vec<Uuid> = batch.iter().map(|p| p.run_id).collect();
         tracing::trace!(runs = ids.len(), "lookups gathered into one statement");
-        let found = db.existing_many(&ids).await.ok();
+        let found = db.existing_many(&ids).await;
         for p in batch.drain(..) {
-            let answer = found.as_ref().map(|rows| {
-                rows.iter()
+            let answer = match &found {
+                Ok(rows) => Some(Ok(rows
+                    .iter()
                     .find(|(id, _)| *id == p.run_id)
                     .map(|(_, e)| e.clone())
-                    .unwrap_or_default()
-            });
+                    .unwrap_or_default())),
+                Err(e) => again(e).map(Err),
+            };
             // A run that stopped waiting (its task was cancelled) needs no answer.
             let _ = p.reply.send(answer);
         }
+    }
+}
+
+/// The batch's failure as each of its runs' own lookup would have met it, where it can
+/// be rebuilt: the pool's timeout or closing, and the connection's failures (PostgreSQL
+/// unreachable). Passing these on spares every run a second wait of up to
+/// `database.acquire_timeout_secs` in an outage. An error the database answered with is
+/// not rebuilt: each run then asks again, and gets its own.
+fn again(e: &sqlx::Error) -> Option<sqlx::Error> {
+    Some(match e {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        sqlx::Error::Tls(tls) => sqlx::Error::Tls(tls.to_string().into()),
+        sqlx::Error::Protocol(what) => sqlx::Error::Protocol(what.clone()),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::db_fault;
+
+    /// A rebuilt failure is handled as the original would be: same fault, same words.
+    #[test]
+    fn a_rebuilt_failure_is_the_same_fault() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        for e in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::Io(refused),
+            sqlx::Error::Tls("handshake failed".into()),
+            sqlx::Error::Protocol("unexpected message".into()),
+        ] {
+            let rebuilt = again(&e).expect("rebuilt");
+            assert_eq!(db_fault(&rebuilt), db_fault(&e), "{e}");
+            assert_eq!(rebuilt.to_string(), e.to_string());
+        }
+        assert!(again(&sqlx::Error::RowNotFound).is_none());
     }
 }
