@@ -653,3 +653,31 @@ async fn replay_records_missing_parts_at_its_end_and_a_later_replay_completes_th
     assert!(!stdout.contains("parts missing"), "{stdout}");
     assert_merged(&pool, &dirs, true).await;
 }
+
+/// A split run of a month that has no partitions (a backfill from 2019) is stored: its
+/// month's partitions are made before a part's transaction opens, as a whole run's are
+/// made when its write finds none.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_split_run_of_a_month_without_partitions_is_stored(pool: PgPool) {
+    let ing = split_ingestor(&pool).await;
+    let (dirs, run) = split_run("v1.1.0", "split4-merged-fail");
+    let start: chrono::DateTime<chrono::Utc> = "2019-03-04T05:06:07Z".parse().unwrap();
+    for dir in &dirs {
+        let mut msg = message(dir);
+        let took = msg.completed_at.map(|c| c - msg.started_at);
+        msg.started_at = start;
+        msg.completed_at = took.map(|d| start + d);
+        ing.ingest_one(&msg, &ctx(dir))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+    let row = sqlx::query(
+        "SELECT extract(year FROM started_at)::int, status FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(run)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row.get::<i32, _>(0), 2019);
+    assert_ne!(row.get::<String, _>(1), "error");
+}

@@ -90,10 +90,18 @@ pub fn merged_label(have: u32, count: u32) -> String {
 impl Db {
     /// Opens a part's transaction: creates the `runs` row as `running` if the run is
     /// new, locks it, and checks the tenant.
+    ///
+    /// The month's partitions are made to exist first, in a short transaction of their
+    /// own: the part's transaction may write the merged run, and a missing partition
+    /// there would abort it after its lock and its part are in (a run's whole write is
+    /// retried instead, see [`Db::store_run`]). Creating a partition cannot wait inside
+    /// that transaction either: it needs the partitioned table to itself, which the
+    /// transaction's own reads of it would keep it from.
     pub async fn begin_part(
         &self,
         msg: &RunCompleted,
     ) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.ensure_month(msg.started_at).await?;
         let mut tx = self.pool.begin().await?;
         checked!(
             self,
