@@ -632,3 +632,67 @@ async fn gathered_lookups_each_answer_their_own_run(pool: PgPool) {
         assert!(matches!(r, Err(sqlx::Error::PoolClosed)), "{r:?}");
     }
 }
+
+/// A session reading the k6 tables in a long transaction (a dashboard's report, a
+/// backup) when a run of a month without partitions arrives: making the month gives up
+/// after its lock timeout instead of waiting for the reader, with every other user of
+/// the tables queued behind it; the run fails with a fault that is retried, a run of a
+/// month that has its partitions is stored meanwhile, and once the reader is done the
+/// first run is stored in its own month.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_long_reader_delays_a_new_month_without_stopping_the_other_runs(pool: PgPool) {
+    use std::time::{Duration, Instant};
+    let env = TestEnv::new(&pool).await;
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM k6_performance_runs")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+
+    let old_dir = copy_fixture("v1.1.0", "thresholds-pass");
+    let mut old = message(old_dir.path());
+    let start: chrono::DateTime<chrono::Utc> = "2019-03-04T05:06:07Z".parse().unwrap();
+    let took = old.completed_at.map(|c| c - old.started_at);
+    old.started_at = start;
+    old.completed_at = took.map(|d| start + d);
+    let began = Instant::now();
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        env.ing.ingest_one(&old, &ctx(old_dir.path())),
+    )
+    .await
+    .expect("the run gives up on the month's locks instead of waiting for the reader");
+    let waited = began.elapsed();
+    let err = refused.expect_err("no partitions for March 2019 while the reader holds the table");
+    assert!(err.fault().is_retryable(), "{err}");
+    assert!(err.to_string().contains("lock timeout"), "{err}");
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
+
+    // This month has its partitions: its run is stored while the reader still reads.
+    let now_dir = copy_fixture("v1.1.0", "thresholds-fail");
+    let mut current = message(now_dir.path());
+    let took = current.completed_at.map(|c| c - current.started_at);
+    current.started_at = chrono::Utc::now();
+    current.completed_at = took.map(|d| current.started_at + d);
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        env.ing.ingest_one(&current, &ctx(now_dir.path())),
+    )
+    .await
+    .expect("a run of a month with partitions is not queued behind the reader")
+    .unwrap();
+
+    reader.commit().await.unwrap();
+    env.ing
+        .ingest_one(&old, &ctx(old_dir.path()))
+        .await
+        .unwrap();
+    let year: i32 = sqlx::query_scalar(
+        "SELECT extract(year FROM started_at)::int FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(old.run_id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(year, 2019);
+}

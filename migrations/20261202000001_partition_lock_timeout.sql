@@ -1,0 +1,16 @@
+-- k6-ingest schema, version 4: creating a month's partitions waits at most 2 s for its
+-- locks.
+--
+-- `k6_ensure_month` takes ACCESS EXCLUSIVE locks on the four partitioned tables. Behind
+-- a session that reads them in a long transaction (a dashboard's report, pg_dump) the
+-- request waited without end, and every later read and write of those tables queued
+-- behind the request: one run of a month without partitions (a backfill, the first run
+-- after a month turned without `k6-ingest partitions --ahead`) stopped every worker's
+-- writes and the dashboard until the reader finished.
+--
+-- With a lock timeout the creation gives up after 2 s (SQLSTATE 55P03), the queue behind
+-- it moves again, and the worker retries that run later (a transient fault, with
+-- backoff); `k6-ingest partitions` reports the error and is run again. Creating the
+-- partitions themselves takes milliseconds, and the writes it waits for are short
+-- transactions: 2 s is only ever reached behind a long reader.
+ALTER FUNCTION k6_ensure_month(date) SET lock_timeout = '2s';
