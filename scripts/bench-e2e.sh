@@ -32,14 +32,14 @@
 # first ceiling's objects were removed. The stand-in's disk history is not what this
 # measures, so every phase here meets the same S3 server, which keeps nothing on disk.
 #
-# Knobs (env): ROUNDS (3), CEILING_SECS (10), E2E_RUNS (5000), E2E_RUNS_P1 (500), S3_CONCURRENCY (8),
+# Knobs (env): ROUNDS (5), CEILING_SECS (10), E2E_RUNS (5000), E2E_RUNS_P1 (500), S3_CONCURRENCY (8),
 #   AMQP_CONCURRENCY (8), BENCH_S3_PORT (8024), BENCH_S3_DIR (/dev/shm: where its data directory is made),
 #   SKIP_BUILD (unset). Every database, queue and S3 prefix it makes is fresh and removed at
 #   the end. The last line is the summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${CEILING_SECS:=10}" "${E2E_RUNS:=5000}" "${S3_CONCURRENCY:=8}" "${AMQP_CONCURRENCY:=8}"
-: "${E2E_RUNS_P1:=500}" "${BENCH_S3_PORT:=8024}" "${ROUNDS:=3}"
+: "${E2E_RUNS_P1:=500}" "${BENCH_S3_PORT:=8024}" "${ROUNDS:=5}"
 if [ -z "${BENCH_S3_DIR:-}" ]; then
     BENCH_S3_DIR=/dev/shm
     [ -d "$BENCH_S3_DIR" ] && [ -w "$BENCH_S3_DIR" ] || BENCH_S3_DIR=${TMPDIR:-/tmp}
