@@ -21,7 +21,9 @@
 //! and it is ingested again once the breaker closes. New deliveries wait for a slot and
 //! for PostgreSQL and S3 before they start, so during an outage at most `amqp.prefetch`
 //! deliveries are held and nothing spins. Only faults of the message (the dependency
-//! answers its probe) spend `amqp.max_attempts`. A delivery waits at most
+//! answers its probe) spend `amqp.max_attempts`. A run that needs a lock another
+//! session holds (a month's partitions behind a long transaction) is held the same way,
+//! tried again with backoff, without spending an attempt. A delivery waits at most
 //! `breaker.host_wait_secs` for an artifact host, then the failure counts as an attempt.
 //! A delivery held longer than the broker's `consumer_timeout` (30 minutes by default)
 //! makes the broker close the channel; the session reconnects and the delivery comes
@@ -410,6 +412,8 @@ impl Worker {
         let s = &self.inner;
         // When the wait for an artifact host ends; set at the first wait for one.
         let mut host_deadline: Option<Instant> = None;
+        // How many times the run found a lock it needs held by another session.
+        let mut lock_waits = 0;
         loop {
             let permit = tokio::select! {
                 biased;
@@ -431,8 +435,17 @@ impl Worker {
                 Ok(action) => return Some((action, Some(busy))),
                 Err(e) => e,
             };
-            let Fault::Dependency(dependency) = e.fault() else {
-                return Some((self.failed(&e, attempt, None), Some(busy)));
+            let dependency = match e.fault() {
+                Fault::Dependency(dependency) => dependency,
+                Fault::Contended => {
+                    drop(busy);
+                    lock_waits += 1;
+                    if !self.wait_for_lock(&e, lock_waits, session_over).await {
+                        return None;
+                    }
+                    continue;
+                }
+                _ => return Some((self.failed(&e, attempt, None), Some(busy))),
             };
             drop(busy);
             match self
@@ -484,6 +497,32 @@ impl Worker {
             _ => s.breakers.wait_up(dependency, session_over).await,
         };
         if back { Held::Resume } else { Held::Stopped }
+    }
+
+    /// A delivery whose run needs a lock another session holds (see [`Fault::Contended`]):
+    /// held without a slot for `amqp.retry_base_ms` doubling up to `amqp.retry_max_ms`,
+    /// then tried again; no attempt spent, so a report or `pg_dump` of an hour delays a
+    /// backfill instead of dead-lettering it. `false`: the session ended first.
+    async fn wait_for_lock(
+        &self,
+        error: &IngestError,
+        waits: u32,
+        session_over: &CancellationToken,
+    ) -> bool {
+        let s = &self.inner;
+        let delay = s.topology.retry_delay(waits);
+        s.metrics.held("database_lock");
+        tracing::warn!(
+            error = %error,
+            waits,
+            retry_in_ms = delay.as_millis() as u64,
+            "a lock this run needs is held by another session's transaction; held, no attempt spent"
+        );
+        tokio::select! {
+            biased;
+            () = session_over.cancelled() => false,
+            () = tokio::time::sleep(delay) => true,
+        }
     }
 
     /// Decodes and ingests; says what to do with the delivery, or how ingesting failed.

@@ -307,10 +307,10 @@ fn refusal_reason(e: &sqlx::Error) -> String {
 
 /// Connection failures, pool timeouts, `08*` (connection exception), `57P*` (server
 /// shutting down or restarting) and `53*` (out of connections or resources) say
-/// PostgreSQL is unavailable to everyone; a serialization failure, a deadlock or a lock
-/// not granted in time (`40001`, `40P01`, `55P03`: creating a month's partitions waits
-/// at most 2 s behind another session's long transaction) is this transaction's bad luck
-/// and costs an attempt; the rest is permanent.
+/// PostgreSQL is unavailable to everyone; a lock not granted in time (`55P03`: creating
+/// a month's partitions waits at most 2 s behind another session's long transaction) is
+/// contention to wait out; a serialization failure or a deadlock (`40001`, `40P01`) is
+/// this transaction's bad luck and costs an attempt; the rest is permanent.
 pub fn db_fault(e: &sqlx::Error) -> crate::fault::Fault {
     use crate::fault::{Dependency, Fault};
     match e {
@@ -322,7 +322,9 @@ pub fn db_fault(e: &sqlx::Error) -> crate::fault::Fault {
             let code = db.code().unwrap_or_default();
             if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") {
                 Fault::Dependency(Dependency::Database)
-            } else if matches!(code.as_ref(), "40001" | "40P01" | "55P03") {
+            } else if code == "55P03" {
+                Fault::Contended
+            } else if code == "40001" || code == "40P01" {
                 Fault::Transient
             } else {
                 Fault::Permanent

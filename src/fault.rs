@@ -64,12 +64,19 @@ pub enum Fault {
     Dependency(Dependency),
     /// May pass, but the dependencies answer: one attempt of the retry budget.
     Transient,
+    /// PostgreSQL answers, but a lock the run needs is held by another session's long
+    /// transaction (creating a month's partitions behind a report or `pg_dump`, which
+    /// may last an hour): waited out as an outage is, without a slot, spending no
+    /// attempt, since the run is not at fault and dead-lettering it would leave a
+    /// backfill for a person to replay.
+    Contended,
     /// Retrying cannot help: dead-letter with the reason.
     Permanent,
 }
 
 impl Fault {
-    /// Worth trying again at all (a dependency outage or a transient fault).
+    /// Worth trying again at all (a dependency outage, a lock held elsewhere or a
+    /// transient fault).
     pub fn is_retryable(&self) -> bool {
         !matches!(self, Self::Permanent)
     }

@@ -672,3 +672,74 @@ async fn a_message_fault_while_the_host_is_up_is_retried_then_dead_lettered(pool
     assert_eq!(stored(&pool, &run_ids(&msgs)).await, 0);
     worker.stop().await;
 }
+
+/// Moves a message's run to start at `start`, keeping its duration.
+fn started_at(msg: &mut Value, start: chrono::DateTime<chrono::Utc>) {
+    let at = |key: &str| {
+        msg[key]
+            .as_str()
+            .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+    };
+    let took = at("completed_at").zip(at("started_at")).map(|(c, s)| c - s);
+    msg["started_at"] = Value::String(start.to_rfc3339());
+    if let Some(took) = took {
+        msg["completed_at"] = Value::String((start + took).to_rfc3339());
+    }
+}
+
+/// A run of a month without partitions, behind a session reading the k6 tables in a long
+/// transaction (a report, `pg_dump`): making its month gives up on the lock again and
+/// again, for longer than the attempt budget lasts, and the delivery is held without
+/// spending an attempt while a run of this month is stored; once the reader ends, the
+/// held run is stored in its own month. Nothing goes to the retry or dead-letter queues.
+#[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
+async fn a_run_behind_a_long_reader_is_held_without_spending_attempts(pool: PgPool) {
+    let s = outage_settings();
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM k6_performance_runs")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
+    let m = &worker.running.metrics;
+    let mut old = case_message("thresholds-pass");
+    started_at(&mut old, "2019-03-04T05:06:07Z".parse().unwrap());
+    let mut current = case_message("thresholds-fail");
+    started_at(&mut current, chrono::Utc::now());
+    publish_bodies(&s, &bodies(&[old.clone(), current.clone()])).await;
+
+    wait_stored(
+        &pool,
+        &[current],
+        "this month's run stored beside the reader",
+    )
+    .await;
+    let waits = u64::from(s.amqp.max_attempts) + 1;
+    wait_for("more lock waits than the attempt budget", || async {
+        (m.held_count("database_lock") >= waits).then_some(())
+    })
+    .await;
+    let (conn, topo) = (connect().await, Topology::new(&s.amqp));
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    assert_eq!(m.retried_count("database"), 0, "no attempt spent");
+    assert_eq!(m.dead_lettered_count("database"), 0);
+    assert_eq!(stored(&pool, &run_ids(std::slice::from_ref(&old))).await, 0);
+
+    reader.commit().await.unwrap();
+    wait_stored(
+        &pool,
+        std::slice::from_ref(&old),
+        "the held run stored after the reader",
+    )
+    .await;
+    let year: i32 = sqlx::query_scalar(
+        "SELECT extract(year FROM started_at)::int FROM k6_performance_runs WHERE run_id = $1",
+    )
+    .bind(run_id_of(&old))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(year, 2019);
+    assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
+    worker.stop().await;
+}
