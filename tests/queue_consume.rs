@@ -695,11 +695,7 @@ fn started_at(msg: &mut Value, start: chrono::DateTime<chrono::Utc>) {
 #[sqlx::test(migrator = "k6_ingest::db::MIGRATOR")]
 async fn a_run_behind_a_long_reader_is_held_without_spending_attempts(pool: PgPool) {
     let s = outage_settings();
-    let mut reader = pool.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM k6_performance_runs")
-        .execute(&mut *reader)
-        .await
-        .unwrap();
+    let reader = reading_k6_tables(&pool).await;
     let worker = Consumer::start(&s, ingestor(&pool, &s).await).await;
     let m = &worker.running.metrics;
     let mut old = case_message("thresholds-pass");
@@ -732,14 +728,7 @@ async fn a_run_behind_a_long_reader_is_held_without_spending_attempts(pool: PgPo
         "the held run stored after the reader",
     )
     .await;
-    let year: i32 = sqlx::query_scalar(
-        "SELECT extract(year FROM started_at)::int FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(run_id_of(&old))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(year, 2019);
+    assert_eq!(started_year(&pool, run_id_of(&old)).await, 2019);
     assert_eq!(retry_and_dead(&conn, &topo).await, (0, 0));
     worker.stop().await;
 }

@@ -643,11 +643,7 @@ async fn gathered_lookups_each_answer_their_own_run(pool: PgPool) {
 async fn a_long_reader_delays_a_new_month_without_stopping_the_other_runs(pool: PgPool) {
     use std::time::{Duration, Instant};
     let env = TestEnv::new(&pool).await;
-    let mut reader = pool.begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM k6_performance_runs")
-        .execute(&mut *reader)
-        .await
-        .unwrap();
+    let reader = reading_k6_tables(&pool).await;
 
     let old_dir = copy_fixture("v1.1.0", "thresholds-pass");
     let mut old = message(old_dir.path());
@@ -687,12 +683,5 @@ async fn a_long_reader_delays_a_new_month_without_stopping_the_other_runs(pool: 
         .ingest_one(&old, &ctx(old_dir.path()))
         .await
         .unwrap();
-    let year: i32 = sqlx::query_scalar(
-        "SELECT extract(year FROM started_at)::int FROM k6_performance_runs WHERE run_id = $1",
-    )
-    .bind(old.run_id)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(year, 2019);
+    assert_eq!(started_year(&pool, old.run_id).await, 2019);
 }

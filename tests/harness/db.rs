@@ -16,6 +16,27 @@ pub const RUN_TABLES: [&str; 5] = [
     "k6_check_results",
 ];
 
+/// A session reading `k6_performance_runs` in a transaction left open, as a dashboard's
+/// report or `pg_dump` does: its lock stands until the transaction ends.
+pub async fn reading_k6_tables(pool: &PgPool) -> sqlx::Transaction<'static, Postgres> {
+    let mut reader = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM k6_performance_runs")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    reader
+}
+
+/// The year of a stored run's `started_at`: which month's partition holds it.
+pub async fn started_year(pool: &PgPool, run: Uuid) -> i32 {
+    value_of(
+        pool,
+        "SELECT extract(year FROM started_at)::int FROM k6_performance_runs WHERE run_id = $1",
+        run,
+    )
+    .await
+}
+
 /// The database URL of a `#[sqlx::test]` pool, for the binary in a child process.
 pub fn database_url(pool: &PgPool) -> String {
     let db = pool.connect_options().get_database().unwrap().to_string();
